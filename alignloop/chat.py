@@ -1,0 +1,82 @@
+"""`alignloop chat RUN_OR_MODEL_DIR`: a multi-turn conversation in the terminal, streamed token by token.
+
+For a run directory it talks to the newest policy (PPO, else SFT, else the base model) unless
+`--stage` names another. `/reset` starts over, `/quit` (or Ctrl-D) leaves.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from alignloop.errors import InputError
+
+
+def resolve_model(path: Path, stage: str | None) -> Path:
+    from alignloop.rundir import current_policy, stage_models
+    if (path / "config.json").exists():
+        return path
+    if stage:
+        models = stage_models(path)
+        if stage not in models:
+            raise InputError(f"no stage {stage!r} in this run (has: {', '.join(models) or 'none'})", file=path, field="stage")
+        return models[stage]
+    found = current_policy(path)
+    if found is None:
+        raise InputError("neither a model folder nor a run directory with a trained model", file=path)
+    return found
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="alignloop chat", description="talk to a model in the terminal")
+    p.add_argument("path", metavar="RUN_OR_MODEL_DIR")
+    p.add_argument("--stage", help="for a run directory: base, sft, ppo, round-N/ppo (default: the newest)")
+    p.add_argument("--system", default="", help="a system message to start every conversation with")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+
+    from alignloop.engine import Engine
+    from alignloop.model import load_causal_lm, pick_device
+    from alignloop.tokenizer import ChatTokenizer
+
+    model_dir = resolve_model(Path(args.path), args.stage)
+    device = pick_device(args.device)
+    engine = Engine(load_causal_lm(model_dir).to(device), ChatTokenizer.load(model_dir), device, max_batch=1)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    print(f"alignloop chat with {model_dir} — /reset to start over, /quit to leave", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/quit":
+            return
+        if text == "/reset":
+            messages = list(start)
+            print("(a new conversation)", flush=True)
+            continue
+        messages.append({"role": "user", "content": text})
+        sys.stdout.write("assistant> ")
+        sys.stdout.flush()
+
+        def stream(_, piece):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        try:
+            out = engine.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, on_token=stream)
+        except ValueError:  # the conversation outgrew the context: keep the latest turns
+            messages = start + messages[len(start) + 2:]
+            print("(the conversation no longer fits the context; the oldest turns were dropped)")
+            messages.pop()
+            continue
+        print(flush=True)
+        messages.append({"role": "assistant", "content": out.text.strip() or "…"})

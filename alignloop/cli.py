@@ -1,0 +1,83 @@
+"""The `alignloop` command line: one subcommand per stage, each with `--config`, `--preset`, `--out`.
+
+A stage module provides `Config` (a flat dataclass), `PRESETS` ({"micro"|"tiny"|"small": overrides})
+and `run(cfg, out)`; this file turns those into flags, resolves the config and reports bad input.
+A module with its own `main(argv)` (e.g. `chat`, `serve`, `label`) parses its arguments itself.
+Modules are imported only when their command runs, so `alignloop --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from alignloop import config as C
+from alignloop.errors import InputError
+
+COMMANDS = {
+    "run": ("alignloop.pipeline", "the main job: the whole recipe into one run directory (resumable)"),
+    "world": ("alignloop.world", "generate the embedded world: knowledge base, corpus, prompts, labelers"),
+    "tokenizer": ("alignloop.tokenizer", "train a byte-level BPE tokenizer with the chat format"),
+    "pretrain": ("alignloop.train.pretrain", "step 0: next-token prediction on a text corpus"),
+    "sft": ("alignloop.train.sft", "step 1: supervised fine-tuning on demonstrations"),
+    "eval": ("alignloop.evaluate", "score a policy on the held-out prompts with the simulated labelers"),
+    "sample": ("alignloop.sample", "sample K completions per prompt for ranking"),
+    "rank": ("alignloop.rank", "have the simulated labelers rank, rate, flag, correct and critique samples"),
+    "reward": ("alignloop.train.reward", "step 2: train a reward model on K-way rankings or pairs"),
+    "ppo": ("alignloop.train.ppo", "step 3: PPO against the reward model with a KL penalty"),
+    "loop": ("alignloop.pipeline", "run rounds of sample → rank → reward → PPO"),
+    "chat": ("alignloop.chat", "talk to a model in the terminal"),
+    "label": ("alignloop.feedback", "serve the labeling web app"),
+    "serve": ("alignloop.serve", "serve a chat page and an OpenAI-compatible API"),
+    "report": ("alignloop.report", "write report.html for a run directory"),
+}
+
+
+def stage_parser(name: str, module) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"alignloop {name}", description=COMMANDS[name][1])
+    p.add_argument("--config", metavar="FILE.toml", help="a TOML file, flat or with a [%s] table" % module.SECTION)
+    p.add_argument("--preset", choices=C.PRESETS, default=None, help="size preset (default: tiny)")
+    p.add_argument("--out", metavar="RUN_DIR", default="runs/default", help="the run directory (default: runs/default)")
+    if hasattr(module, "add_arguments"):
+        module.add_arguments(p)
+    C.add_arguments(p, module.Config)
+    return p
+
+
+def run_stage(name: str, argv: list[str]) -> None:
+    module = importlib.import_module(COMMANDS[name][0])
+    if hasattr(module, "main") and not hasattr(module, "Config"):
+        return module.main(argv)
+    args = stage_parser(name, module).parse_args(argv)
+    cfg = C.resolve(module.Config, module.SECTION, preset=args.preset or "tiny", presets=module.PRESETS,
+                    toml=args.config, flags=C.flags_from_args(args, module.Config))
+    return module.run(cfg, Path(args.out), args) if hasattr(module, "add_arguments") else module.run(cfg, Path(args.out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: alignloop <command> [options]   (alignloop <command> --help for each)\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<10} {help_text}")
+        sys.exit(0 if argv else 2)
+    name, rest = argv[0], argv[1:]
+    if name in ("--version", "-V"):
+        from alignloop import __version__
+        print(__version__)
+        return
+    if name not in COMMANDS:
+        print(f"alignloop: unknown command {name!r}; run `alignloop --help`", file=sys.stderr)
+        sys.exit(2)
+    if name == "loop":
+        rest = ["--loop-only", *rest]
+    try:
+        run_stage(name, rest)
+    except InputError as e:
+        print(f"alignloop {name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\nalignloop {name}: interrupted; the last complete checkpoint is kept (run again to resume)",
+              file=sys.stderr)
+        sys.exit(130)

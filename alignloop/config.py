@@ -1,0 +1,150 @@
+"""One flat configuration dataclass per stage.
+
+Every field is declared with `option(default, doc, ...)`; its doc becomes the `--help` text of the flag.
+A value is resolved in this order, later winning:  dataclass default ← size preset ← TOML file ← flag.
+The TOML file may be flat (`lr = 3e-4`) or hold one table per stage (`[pretrain] lr = 3e-4`), which is
+how `runs/<name>/config.toml` is written, so a run's config can be fed back to any stage.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+
+from alignloop.errors import InputError
+
+PRESETS = ("micro", "tiny", "small")
+
+
+def option(default, doc: str, *, min=None, max=None, choices=None):
+    """A config field: default value, one-line doc, optional numeric bounds or allowed values."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "min": min, "max": max, "choices": choices})
+
+
+def _field_type(cls, f) -> type:
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint  # `str | None` -> str
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One `--flag` per field; defaults are SUPPRESSed so we can tell a given flag from an absent one."""
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        t = _field_type(cls, f)
+        doc = f.metadata.get("doc", "")
+        help_text = f"{doc} (default: {f.default!r})"
+        if t is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=str, default=argparse.SUPPRESS,
+                               metavar=t.__name__.upper(), help=help_text)
+
+
+def _coerce(cls, f, value, source):
+    t = _field_type(cls, f)
+    if value is None:
+        return None
+    try:
+        if t is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if t is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if t is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise InputError(f"expected {t.__name__}, got {value!r}", file=source, field=f.name) from None
+
+
+def _check_range(f, value, source):
+    m = f.metadata
+    if value is None:
+        return
+    if m.get("choices") is not None and value not in m["choices"]:
+        raise InputError(f"{value!r} is not one of {', '.join(map(str, m['choices']))}", file=source, field=f.name)
+    if m.get("min") is not None and value < m["min"]:
+        raise InputError(f"{value} is below the minimum {m['min']}", file=source, field=f.name)
+    if m.get("max") is not None and value > m["max"]:
+        raise InputError(f"{value} is above the maximum {m['max']}", file=source, field=f.name)
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("config file not found", file=path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError("config file is not UTF-8 text", file=path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"not valid TOML: {e}", file=path) from None
+
+
+def resolve(cls, section: str, *, preset: str | None = None, presets: dict | None = None,
+            toml: str | Path | None = None, flags: dict | None = None):
+    """Build `cls` from defaults, then the preset, then the TOML file (flat or `[section]`), then flags."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    layers: list[tuple[dict, str]] = []
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}", field="preset")
+        layers.append(((presets or {}).get(preset, {}), f"preset {preset}"))
+    if toml is not None:
+        data = load_toml(toml)
+        table = data.get(section, None)
+        if isinstance(table, dict):
+            layers.append((table, f"{toml} [{section}]"))
+        else:  # a flat file: keep only the scalar keys; other tables belong to other stages
+            flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+            unknown = [k for k in flat if k not in names]
+            if unknown:
+                raise InputError(f"unknown option for {section}", file=toml, field=unknown[0])
+            layers.append((flat, str(toml)))
+    if flags:
+        layers.append((flags, "command line"))
+    values = {}
+    for layer, source in layers:
+        for k, v in layer.items():
+            if k not in names:
+                raise InputError(f"unknown option for {section}", file=source, field=k)
+            values[k] = _coerce(cls, names[k], v, source)
+            _check_range(names[k], values[k], source)
+    obj = cls(**values)
+    for f in dataclasses.fields(cls):  # defaults must obey the bounds too
+        _check_range(f, getattr(obj, f.name), "defaults")
+    return obj
+
+
+def flags_from_args(args: argparse.Namespace, cls) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
+def to_toml(sections: dict[str, object]) -> str:
+    """Render {section: dataclass} as TOML (None values are left out: TOML has no null)."""
+    lines = []
+    for name, cfg in sections.items():
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(cfg):
+            v = getattr(cfg, f.name)
+            if v is None:
+                continue
+            if isinstance(v, bool):
+                s = "true" if v else "false"
+            elif isinstance(v, (int, float)):
+                s = repr(v)
+            else:
+                s = '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+            lines.append(f"{f.name} = {s}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""Evaluation of a policy with the world's simulated labelers (`alignloop eval`).
+
+The policy answers every held-out prompt once, sampled at temperature 1 by default — the policy as
+PPO trains it, so that gold score, diversity and the KL to SFT are all measured on the same samples.
+The world's judge (who knows the gold truth) scores each answer. Results go into RUN/eval.json under
+`stages.<name>` in the shape DESIGN.md fixes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignloop.config import option
+from alignloop.errors import InputError
+from alignloop.io import write_json
+
+SECTION = "eval"
+
+
+@dataclass
+class Config:
+    stage: str = option("sft", "the stage's name in eval.json (base, sft, ppo, round-2/ppo, …)")
+    model: str = option("", "model folder (default: the run's folder of that stage; base → pretrain/)")
+    reference: str = option("", "model to measure the KL against (default: the run's sft/ when it exists)")
+    reward_model: str = option("", "reward model for rm_score (default: the newest round's reward/)")
+    split: str = option("heldout", "world prompt split to score", choices=("heldout", "train"))
+    max_prompts: int = option(0, "score at most this many prompts (0: all)", min=0)
+    temperature: float = option(1.0, "sampling temperature (0: greedy)", min=0.0, max=5.0)
+    max_new_tokens: int = option(48, "answer length limit in tokens", min=1)
+    batch_size: int = option(64, "prompts per generation batch", min=1)
+    seed: int = option(1234, "sampling seed")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+
+
+PRESETS = {"micro": {"max_new_tokens": 32}, "tiny": {}, "small": {"batch_size": 256}}
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def wilson_halfwidth(k: int, n: int, z: float = 1.96) -> float:
+    """Half-width of the Wilson 95% interval of a rate k/n (sane at rates near 0 or 1)."""
+    if n == 0:
+        return 0.0
+    p = k / n
+    return z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+
+
+def mean_ci(xs: list[float], z: float = 1.96) -> tuple[float, float]:
+    n = len(xs)
+    if n == 0:
+        return 0.0, 0.0
+    m = sum(xs) / n
+    var = sum((x - m) ** 2 for x in xs) / max(1, n - 1)
+    return m, z * math.sqrt(var / n)
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Unique word n-grams / all word n-grams over every answer (Li et al. 2016)."""
+    grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def summarise(judgements: list, categories: list[str]) -> dict:
+    """gold_score, helpful/truthful/harmless rates and their 95% half-widths, overall and per category."""
+    def block(js):
+        n = len(js)
+        m, ci = mean_ci([j.score for j in js])
+        out = {"gold_score": m, "n_prompts": n, "ci95": {"gold_score": ci}}
+        for crit in ("helpful", "truthful", "harmless"):
+            k = sum(bool(getattr(j, crit)) for j in js)
+            out[crit] = k / n if n else 0.0
+            out["ci95"][crit] = wilson_halfwidth(k, n)
+        return out
+    res = block(judgements)
+    res["categories"] = {c: block([j for j, jc in zip(judgements, categories) if jc == c])
+                         for c in sorted(set(categories))}
+    return res
+
+
+# ---------------------------------------------------------------- measurements
+
+
+@torch.no_grad()
+def fact_recall(model, tok, probes: list[tuple[str, str]], device=None, batch_size: int = 128) -> float:
+    """Share of facts whose encyclopedic sentence start ("The capital of X is") the model completes
+    greedily with the right value."""
+    from alignloop.engine import Engine
+    engine = Engine(model, tok, device, max_batch=batch_size)
+    prompts = [tok.bos_ids + tok.encode(prefix) for prefix, _ in probes]
+    outs = engine.generate(prompts, max_new_tokens=8, temperature=0.0)
+    ok = sum(bool(re.match(r"\s*(the\s+)?" + re.escape(v.lower()) + r"\b", o.text.lower()))
+             for (_, v), o in zip(probes, outs))
+    return ok / max(1, len(probes))
+
+
+@torch.no_grad()
+def sequence_kl(policy, reference, prompt_ids, answer_ids, device, tok, batch_size: int = 32) -> list[float]:
+    """KL(π‖π_ref) of each answer: Σ over its positions of the exact KL between the two next-token
+    distributions (as the engine samples them: padded vocabulary rows and <|pad|> excluded). Summed
+    along a trajectory sampled from π this estimates the sequence KL without bias, is never negative,
+    and has far less variance than the log-ratio of the sampled tokens alone."""
+    out = []
+    for s in range(0, len(prompt_ids), batch_size):
+        ps, ans = prompt_ids[s:s + batch_size], answer_ids[s:s + batch_size]
+        seqs = [p + a for p, a in zip(ps, ans)]
+        T = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
+        att = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, x in enumerate(seqs):
+            ids[i, :len(x)], att[i, :len(x)] = torch.tensor(x), 1
+        ids, att = ids.to(device), att.to(device)
+
+        def logp(model):
+            z = model(input_ids=ids, attention_mask=att).logits.float()
+            z[..., tok.vocab_size:] = float("-inf")
+            if tok.pad_id not in tok.stop_ids:
+                z[..., tok.pad_id] = float("-inf")
+            return torch.log_softmax(z, -1)
+        lp, lq = logp(policy), logp(reference)
+        kl = (lp.exp() * (lp - lq).nan_to_num(0.0, 0.0, 0.0)).sum(-1)                    # (B, T)
+        for i, (p, a) in enumerate(zip(ps, ans)):
+            out.append(float(kl[i, len(p) - 1: len(p) - 1 + len(a)].sum()))
+    return out
+
+
+def evaluate_policy(model, tok, world, cfg: Config, device, reference=None, reward_fn=None) -> dict:
+    """Generate on the prompts, judge with the world's gold truth, and measure KL and diversity."""
+    from alignloop.engine import Engine
+    prompts = world.prompts(cfg.split)
+    if cfg.max_prompts:
+        prompts = prompts[: cfg.max_prompts]
+    engine = Engine(model, tok, device, max_batch=cfg.batch_size)
+    prompt_ids = [tok.render_prompt(p["messages"]) for p in prompts]
+    outs = engine.generate(prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    texts = [o.text.strip() for o in outs]
+    judgements = [world.judge(p, t) for p, t in zip(prompts, texts)]
+    res = summarise(judgements, [p["category"] for p in prompts])
+    res["distinct_2"] = distinct_n(texts, 2)
+    res["mean_length"] = sum(len(o.ids) for o in outs) / len(outs)
+    res["kl_to_sft"] = None
+    if reference is not None:
+        kls = sequence_kl(model, reference, prompt_ids, [o.ids for o in outs], device, tok)
+        res["kl_to_sft"] = sum(kls) / len(kls)
+    res["rm_score"] = None
+    if reward_fn is not None:
+        scores = reward_fn([p["messages"] for p in prompts], texts)
+        res["rm_score"] = sum(scores) / len(scores)
+    res["examples"] = [{"id": p["id"], "category": p["category"], "prompt": p["messages"][-1]["content"],
+                        "context": p["messages"][:-1], "answer": t, "gold_score": j.score} for p, t, j in zip(prompts, texts, judgements)]
+    return res
+
+
+def update_eval_json(run_dir: Path, stage: str, result: dict, key: str = "stages") -> None:
+    path = Path(run_dir) / "eval.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault("stages", {})
+    data.setdefault("reward_model", {})
+    data.setdefault(key, {})[stage] = result
+    write_json(path, data)
+
+
+def stage_model_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / ("pretrain" if stage == "base" else stage)
+
+
+def run(cfg: Config, out: Path) -> dict:
+    from alignloop.model import load_causal_lm, pick_device
+    from alignloop.tokenizer import ChatTokenizer
+    from alignloop.world import load_world
+
+    world = load_world(out)
+    path = Path(cfg.model) if cfg.model else stage_model_dir(out, cfg.stage)
+    device = pick_device(cfg.device)
+    model = load_causal_lm(path).to(device)
+    tok = ChatTokenizer.load(path if (path / "tokenizer.json").exists() else out / "tokenizer")
+    ref_path = Path(cfg.reference) if cfg.reference else out / "sft"
+    reference = None
+    if cfg.stage not in ("base", "sft") and (ref_path / "config.json").exists():
+        reference = load_causal_lm(ref_path).to(device)
+    reward_fn = None
+    rm_path = Path(cfg.reward_model) if cfg.reward_model else newest_reward_model(out)
+    if rm_path is not None:
+        from alignloop.train.reward import RewardScorer
+        reward_fn = RewardScorer(rm_path, device).score_texts
+    res = evaluate_policy(model, tok, world, cfg, device, reference, reward_fn)
+    update_eval_json(out, cfg.stage, res)
+    print(format_row(cfg.stage, res))
+    return res
+
+
+def newest_reward_model(run_dir: Path) -> Path | None:
+    rounds = sorted(Path(run_dir).glob("round-*/reward/config.json"), key=lambda p: int(p.parent.parent.name[6:]))
+    return rounds[-1].parent if rounds else None
+
+
+def format_row(stage: str, m: dict) -> str:
+    ci = m["ci95"]
+    kl = f"{m['kl_to_sft']:.2f}" if m.get("kl_to_sft") is not None else "-"
+    rm = f"{m['rm_score']:+.2f}" if m.get("rm_score") is not None else "-"
+    return (f"{stage:<14} gold {m['gold_score']:.3f}±{ci['gold_score']:.3f}  helpful {m['helpful']:.2f}±{ci['helpful']:.2f}"
+            f"  truthful {m['truthful']:.2f}±{ci['truthful']:.2f}  harmless {m['harmless']:.2f}±{ci['harmless']:.2f}"
+            f"  rm {rm}  kl {kl}  distinct-2 {m['distinct_2']:.2f}  n {m['n_prompts']}")
+
+
+def format_categories(m: dict) -> str:
+    rows = []
+    for c, b in m["categories"].items():
+        rows.append(f"    {c:<13} gold {b['gold_score']:.3f}  helpful {b['helpful']:.2f}  truthful {b['truthful']:.2f}"
+                    f"  harmless {b['harmless']:.2f}  n {b['n_prompts']}")
+    return "\n".join(rows)
+
+
+def require_world(run_dir: Path):
+    from alignloop.world import load_world
+    try:
+        return load_world(run_dir)
+    except InputError:
+        raise InputError("evaluation needs the embedded world in the run directory (alignloop world)",
+                         file=Path(run_dir) / "world") from None

@@ -1,0 +1,241 @@
+"""The main job (`alignloop run`): the whole recipe into one run directory, resumable.
+
+world → tokenizer → pretrain → (eval base) → SFT → (eval sft) → rounds of
+sample → rank → reward model → PPO → (eval) → report.
+
+Each step is skipped when its output is complete, and a training stage interrupted half-way resumes
+from its last checkpoint, so running the same command again continues where it stopped. Every stage's
+config comes from the same preset and the same TOML file (one `[section]` per stage).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from alignloop import config as C
+from alignloop.config import option
+from alignloop.errors import InputError
+
+SECTION = "run"
+
+
+@dataclass
+class Config:
+    rounds: int = option(2, "rounds of sample → rank → reward → PPO after SFT", min=0, max=100)
+    labelers: str = option("simulated", "who ranks: the world's simulated labelers, or people through `alignloop label`",
+                           choices=("simulated", "human"))
+    until: str = option("", "stop after this step (world, tokenizer, pretrain, sft, reward, ppo); empty: the whole recipe")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N (passed to every stage)")
+
+
+PRESETS = {"micro": {}, "tiny": {}, "small": {}}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)
+
+
+# Fields that differ between calls of one run (round 1 vs 2, eval of base vs sft): not compared on resume.
+PER_CALL = {"resume", "round", "stage", "model", "init"}
+
+
+class Runner:
+    """Resolves stage configs from the run's preset and TOML, and runs each step once."""
+
+    def __init__(self, out: Path, preset: str, toml: str | None, device: str):
+        self.out, self.preset, self.toml, self.device = out, preset, toml, device
+        self.t0 = time.perf_counter()
+
+    def cfg(self, module, **overrides):
+        cfg = C.resolve(module.Config, module.SECTION, preset=self.preset, presets=module.PRESETS, toml=self.toml)
+        names = {f.name for f in fields(cfg)}
+        if "device" in names:
+            cfg.device = self.device
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        self._check_same(module.SECTION, cfg)
+        return cfg
+
+    def _check_same(self, section: str, cfg) -> None:
+        """Resuming a run with another configuration would mix two experiments in one folder."""
+        path = self.out / "config.toml"
+        if not path.exists():
+            return
+        saved = tomllib.loads(path.read_text(encoding="utf-8")).get(section)
+        if not saved:
+            return
+        for f in fields(cfg):
+            if f.name in PER_CALL or f.name not in saved:
+                continue
+            now = getattr(cfg, f.name)
+            if now is not None and saved[f.name] != now and not (isinstance(now, float) and abs(saved[f.name] - now) < 1e-12):
+                raise InputError(f"the run directory was made with another configuration: [{section}] {f.name} = "
+                                 f"{saved[f.name]!r} there, {now!r} now; use a new --out or the same settings",
+                                 file=path, field=f"{section}.{f.name}")
+
+    def step(self, name: str, done: bool, fn) -> None:
+        if done:
+            print(f"[{self.clock()}] {name}: already done, skipped")
+            return
+        print(f"[{self.clock()}] {name} …", flush=True)
+        fn()
+
+    def clock(self) -> str:
+        s = int(time.perf_counter() - self.t0)
+        return f"{s // 60:02d}:{s % 60:02d}"
+
+
+def run(cfg: Config, out: Path, args) -> None:
+    from alignloop import evaluate as E
+    from alignloop import tokenizer as T
+    from alignloop import world as W
+    from alignloop.rundir import save_stage_config
+    from alignloop.train import pretrain as P
+    from alignloop.train import sft as S
+
+    preset = args.preset or "tiny"
+    # The [run] section itself may change between calls (more rounds, people instead of simulated
+    # labelers); the stages' own settings may not (Runner.cfg checks each).
+    r = Runner(out, preset, args.config, cfg.device)
+    from alignloop import rank as K
+    from alignloop import sample as Sa
+    from alignloop.train import ppo as Pp
+    from alignloop.train import reward as Rw
+    for module in (W, T, P, S, E, Sa, K, Rw, Pp):  # every stage's settings checked before any work
+        r.cfg(module)
+    out.mkdir(parents=True, exist_ok=True)
+    save_stage_config(out, SECTION, cfg)
+    stop = cfg.until
+
+    r.step("world", (out / "world" / "world.json").exists(), lambda: W.run(r.cfg(W), out))
+    if stop == "world":
+        return
+    r.step("tokenizer", (out / "tokenizer" / "tokenizer.json").exists(), lambda: T.run(r.cfg(T), out))
+    if stop == "tokenizer":
+        return
+    r.step("pretrain", (out / "pretrain" / "config.json").exists(), lambda: P.run(r.cfg(P, resume=True), out))
+    evals = _load_eval(out)
+    r.step("fact recall", "fact_recall" in evals, lambda: _fact_recall(out, cfg.device))
+    r.step("eval base", "base" in evals.get("stages", {}), lambda: E.run(r.cfg(E, stage="base"), out))
+    if stop == "pretrain":
+        return _finish(r, out)
+    r.step("sft", (out / "sft" / "config.json").exists(), lambda: S.run(r.cfg(S, resume=True), out))
+    r.step("eval sft", "sft" in _load_eval(out).get("stages", {}), lambda: E.run(r.cfg(E, stage="sft"), out))
+    if stop == "sft":
+        return _finish(r, out)
+    for i in range(1, cfg.rounds + 1):
+        if not _round(r, out, i, cfg, stop):
+            return
+    if cfg.rounds:
+        r.step("reward-model scores of every stage", False, lambda: _rescore(out, cfg.device))
+    try:
+        from alignloop import report
+    except ImportError:  # pragma: no cover - the report module is optional while it is being built
+        report = None
+    if report is not None:
+        r.step("report", False, lambda: report.write_report(out))
+    _finish(r, out)
+
+
+def _round(r: Runner, out: Path, i: int, cfg: Config, stop: str) -> bool:
+    """Round i: sample from the newest policy → rank → reward model on all rankings so far → PPO."""
+    from alignloop import evaluate as E
+    from alignloop import rank as K
+    from alignloop import sample as Sa
+    from alignloop.train import ppo as Pp
+    from alignloop.train import reward as Rw
+    folder = out / f"round-{i}"
+    r.step(f"round {i}: sample", (folder / "samples.jsonl").exists(), lambda: Sa.run(r.cfg(Sa, round=i), out))
+    if cfg.labelers == "human":
+        if not (folder / "rankings.jsonl").exists():
+            print(f"round {i} waits for rankings from people:\n"
+                  f"  alignloop label {out}            # serve the labeling app; import {folder / 'samples.jsonl'}\n"
+                  f"  alignloop label export {out} --round {i}\n"
+                  f"then run this command again to continue.")
+            return False
+    else:
+        r.step(f"round {i}: rank", (folder / "rankings.jsonl").exists(), lambda: K.run(r.cfg(K, round=i), out))
+    r.step(f"round {i}: reward model", (folder / "reward" / "config.json").exists(),
+           lambda: _reward(r, out, i, Rw))
+    if stop == "reward":
+        return False
+    r.step(f"round {i}: ppo", (folder / "ppo" / "config.json").exists(),
+           lambda: Pp.run(r.cfg(Pp, round=i, resume=True), out))
+    name = f"round-{i}/ppo"
+    r.step(f"eval {name}", name in _load_eval(out).get("stages", {}),
+           lambda: E.run(r.cfg(E, stage=name, model=str(folder / "ppo"), reward_model=str(folder / "reward")), out))
+    return stop != "ppo"
+
+
+def _reward(r: Runner, out: Path, i: int, Rw) -> None:
+    from alignloop.evaluate import update_eval_json
+    stage = Rw.run(r.cfg(Rw, round=i), out)
+    import json
+    update_eval_json(out, f"round-{i}", json.loads((stage / "eval.json").read_text()), key="reward_model")
+
+
+def _rescore(out: Path, device: str) -> None:
+    """Score every stage's held-out answers with the final reward model, so rm_score compares stages."""
+    from alignloop.evaluate import newest_reward_model, update_eval_json
+    from alignloop.model import pick_device
+    from alignloop.train.reward import RewardScorer
+    from alignloop.world import load_world
+    data = _load_eval(out)
+    rm = newest_reward_model(out)
+    scorer = RewardScorer(rm, pick_device(device))
+    by_id = {p["id"]: p for p in load_world(out).prompts("heldout")}
+    for stage, m in data.get("stages", {}).items():
+        ex = [e for e in m.get("examples", []) if e["id"] in by_id]
+        if ex:
+            scores = scorer.score_texts([by_id[e["id"]]["messages"] for e in ex], [e["answer"] for e in ex])
+            m["rm_score"] = sum(scores) / len(scores)
+            m["rm_model"] = str(rm)
+            update_eval_json(out, stage, m)
+
+
+def _finish(r, out: Path) -> None:
+    print(f"[{r.clock()}] done: {out}")
+    _print_table(out)
+
+
+def _load_eval(out: Path) -> dict:
+    import json
+    path = out / "eval.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _fact_recall(out: Path, device: str) -> None:
+    from alignloop.evaluate import fact_recall
+    from alignloop.io import write_json
+    from alignloop.model import load_causal_lm, pick_device
+    from alignloop.tokenizer import ChatTokenizer
+    from alignloop.world import load_world
+    dev = pick_device(device)
+    model = load_causal_lm(out / "pretrain").to(dev)
+    tok = ChatTokenizer.load(out / "pretrain")
+    probes = load_world(out).fact_probes()
+    recall = fact_recall(model, tok, probes, dev)
+    data = _load_eval(out)
+    data["fact_recall"] = {"base": recall, "n_facts": len(probes)}
+    data.setdefault("stages", {})
+    data.setdefault("reward_model", {})
+    write_json(out / "eval.json", data)
+    print(f"fact recall of the base model: {recall:.1%} of {len(probes)} facts "
+          f"(greedy completion of \"The capital of X is\" …)")
+
+
+def _print_table(out: Path) -> None:
+    from alignloop.evaluate import format_categories, format_row
+    data = _load_eval(out)
+    if "fact_recall" in data:
+        print(f"fact recall (base): {data['fact_recall']['base']:.1%}")
+    for stage, m in data.get("stages", {}).items():
+        print(format_row(stage, m))
+        print(format_categories(m))
+    for rnd, rm in data.get("reward_model", {}).items():
+        print(f"reward model {rnd}: pair accuracy {rm['pair_accuracy']:.3f}, labeler agreement {rm['labeler_agreement']:.3f}")
+    if (out / "report.html").exists():
+        print(f"report: {(out / 'report.html').resolve()}")

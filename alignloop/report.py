@@ -1,0 +1,371 @@
+"""report.html for a run directory (`alignloop report RUN_DIR`): what RLHF did to the model.
+
+One self-contained page (inline CSS, plots as base64 PNG, no external assets), read top to bottom:
+1. summary: eval.json's per-stage table with 95% intervals, per-category rates, fact recall, reward models;
+2. training curves of every stage (each stage's metrics.jsonl);
+3. gold vs proxy (reward-model) score against KL to SFT along PPO, the over-optimisation picture of
+   Gao et al. 2022: a proxy that keeps rising while the gold score turns down is being exploited;
+4. diversity (distinct-2) against KL to SFT;
+5. the same held-out prompts answered by base / SFT / each PPO stage, side by side.
+A stage the run has not reached shows "not run yet". Text from models and files is always escaped.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import html
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+from alignloop.errors import InputError
+from alignloop.io import atomic_write_text, read_jsonl_tolerant
+
+CSS = """body{font:14px/1.45 system-ui,sans-serif;max-width:1150px;margin:1.5em auto;padding:0 1em;color:#222}
+h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin:1.2em 0 .4em}small{color:#666}
+table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
+th{background:#f4f4f4}td,th{vertical-align:top}.l{text-align:left}.ans td{font-size:13px;width:20%}
+.g{color:#666;font-size:12px}.missing{color:#999;font-style:italic}img{max-width:100%;display:block;margin:.5em 0}
+.note{background:#f6f8fa;border-left:4px solid #4a7;padding:.5em .8em}"""
+RATES = ("helpful", "truthful", "harmless")
+MISSING = '<p class="missing">not run yet</p>'
+
+
+def esc(x) -> str:
+    return html.escape(str(x))
+
+
+def num(x) -> float | None:
+    """A finite float, or None: missing values and NaN are not plotted and show as –."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def fmt(x, spec: str = ".3f", ci=None) -> str:
+    v, c = num(x), num(ci)
+    return "–" if v is None else f"{v:{spec}}" + (f" ± {c:{spec}}" if c is not None else "")
+
+
+def rounds_of(run: Path) -> list[int]:
+    return sorted(int(p.name[6:]) for p in run.glob("round-*") if p.name[6:].isdigit())
+
+
+def stage_order(stages: dict) -> list[str]:
+    """base, sft, round-1/ppo, round-2/ppo, … then any other name; `ppo` only where it is not merely
+    the alias of the newest round's policy."""
+    rounds = sorted((k for k in stages if re.fullmatch(r"round-\d+/ppo", k)), key=lambda k: int(k[6:-4]))
+    names = [k for k in ("base", "sft") if k in stages] + rounds
+    if "ppo" in stages and not (rounds and stages["ppo"] == stages[rounds[-1]]):
+        names.insert(len(names) - len(rounds), "ppo")
+    return names + sorted(k for k in stages if k not in names and k != "ppo")
+
+
+def table(head: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """An HTML table whose first `left` columns are left-aligned names. Cells come escaped."""
+    def tr(cells, tag):
+        return "<tr>" + "".join(f'<{tag}{" class=l" * (j < left)}>{c}</{tag}>' for j, c in enumerate(cells)) + "</tr>"
+    return "<table>" + tr(head, "th") + "".join(tr(r, "td") for r in rows) + "</table>"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plt():
+    import matplotlib
+    matplotlib.use("Agg")  # no display: render to PNG only
+    import matplotlib.pyplot as pyplot
+    return pyplot
+
+
+def img(fig, alt: str) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=80)
+    plt().close(fig)
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def xy(rows: list[dict], xk: str, yk: str) -> tuple[list, list]:
+    pts = [(a, b) for a, b in ((num(r.get(xk)), num(r.get(yk))) for r in rows) if a is not None and b is not None]
+    return [a for a, _ in pts], [b for _, b in pts]
+
+
+def curves(rows: list[dict], bounds: list[int], keys: list[tuple], title: str, cols: int = 4) -> str:
+    """One small panel per group of keys against the step; dashed lines separate rounds."""
+    from matplotlib.ticker import MaxNLocator
+    panels = [ks for ks in keys if any(xy(rows, "x", k)[0] for k in ks)]
+    if not panels:
+        return MISSING
+    n_rows, n_cols = math.ceil(len(panels) / cols), min(cols, len(panels))
+    fig, axes = plt().subplots(n_rows, n_cols, figsize=(3.3 * n_cols, 2.4 * n_rows), squeeze=False)
+    for ax, ks in zip(axes.flat, panels):
+        for k in ks:
+            x, y = xy(rows, "x", k)
+            ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, label=k)
+        for b in bounds:
+            ax.axvline(b + 0.5, color="#aaa", ls="--", lw=0.8)
+        ax.set_title(" / ".join(ks), fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        if len(ks) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    return img(fig, title)
+
+
+def stage_rows(run: Path, sub: str) -> list[dict]:
+    return [dict(r, x=r.get("step", j + 1)) for j, r in enumerate(read_jsonl_tolerant(run / sub / "metrics.jsonl"))]
+
+
+def concat(run: Path, sub: str) -> tuple[list[dict], list[int]]:
+    """Every round's round-i/<sub>/metrics.jsonl one after another (`x` the global step) and the
+    steps where one round ends and the next begins."""
+    rows, bounds = [], []
+    for i in rounds_of(run):
+        off = rows[-1]["x"] if rows else 0
+        rows += [dict(r, x=off + r["x"], round=i) for r in stage_rows(run, f"round-{i}/{sub}")]
+        if rows and rows[-1]["x"] != off:
+            bounds.append(rows[-1]["x"])
+    return rows, bounds[:-1]
+
+
+# ---------------------------------------------------------------- sections
+
+
+def rates(m: dict) -> list[str]:
+    ci = m.get("ci95") or {}
+    return [fmt(m.get("gold_score"), ".3f", ci.get("gold_score"))] + [fmt(m.get(k), ".2f", ci.get(k)) for k in RATES]
+
+
+def summary(ev: dict, run: Path) -> str:
+    stages, names = ev["stages"], stage_order(ev["stages"])
+    out = [MISSING + "<small>(no stage evaluated yet: <code>alignloop eval --stage base</code> …)</small>"]
+    if names:
+        out = [table(["stage", "gold score", "helpful", "truthful", "harmless", "RM score", "KL to SFT (nats)",
+                      "distinct-2", "mean length", "n prompts"],
+                     [[esc(s)] + rates(m) + [fmt(m.get("rm_score"), "+.3g"), fmt(m.get("kl_to_sft"), ".3f"),
+                                             fmt(m.get("distinct_2"), ".3f"), fmt(m.get("mean_length"), ".1f"),
+                                             fmt(m.get("n_prompts"), ".0f")] for s in names for m in (stages[s],)]),
+               "<small>± is the 95% interval half-width; rates are shares of the held-out prompts. RM score: by the "
+               "newest reward model when that stage was evaluated (– where none existed yet), so rows may use "
+               "different reward models; KL to SFT – where not measured.</small>", bars(stages, names)]
+        cats = sorted({c for s in names for c in stages[s].get("categories") or {}})
+        rows = [[f"<b>{esc(c)}</b>" if j == 0 else "", esc(s)] + rates(b) + [fmt(b.get("n_prompts"), ".0f")]
+                for c in cats for j, (s, b) in enumerate((s, stages[s]["categories"][c]) for s in names
+                                                         if c in (stages[s].get("categories") or {}))]
+        if rows:
+            out.append("<h3>Per category</h3>" + table(["category", "stage", "gold score", *RATES, "n"], rows, 2))
+    fr = ev.get("fact_recall") or {}
+    if num(fr.get("base")) is not None:
+        out.append(f"<p>Fact recall of the base model: <b>{fr['base']:.1%}</b> of {esc(fr.get('n_facts', '?'))} "
+                   "facts (greedy completion of encyclopedic sentence starts).</p>")
+    return "\n".join(out + ["<h3>Reward models</h3>", reward_models(ev, run)])
+
+
+def bars(stages: dict, names: list[str]) -> str:
+    """Gold score per stage with its interval, and gold score per category and stage."""
+    cats = sorted({c for s in names for c in stages[s].get("categories") or {}})
+    fig, (a, b) = plt().subplots(1, 2, figsize=(12, 3.2), gridspec_kw={"width_ratios": [1, 2.2]})
+    g = [num(stages[s].get("gold_score")) or 0.0 for s in names]
+    e = [num((stages[s].get("ci95") or {}).get("gold_score")) or 0.0 for s in names]
+    a.bar(range(len(names)), g, yerr=e, capsize=4, color="#5a8fc9")
+    a.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+    a.set_ylim(max(0.0, min(g) - max(e) - 0.05), max(g) + max(e) + 0.05)
+    a.set_title("gold score (95% CI)", fontsize=10)
+    w = 0.8 / len(names)
+    for j, s in enumerate(names):
+        ys = [num(((stages[s].get("categories") or {}).get(c) or {}).get("gold_score")) or 0.0 for c in cats]
+        b.bar([i + j * w for i in range(len(cats))], ys, w, label=s)
+    b.set_xticks([i + 0.4 - w / 2 for i in range(len(cats))], cats, fontsize=8)
+    b.set_title("gold score per category", fontsize=10)
+    b.legend(fontsize=7, ncol=len(names))
+    return img(fig, "gold score per stage and per category")
+
+
+def reward_models(ev: dict, run: Path) -> str:
+    """eval.json's `reward_model`, else each round's reward/eval.json (which the reward stage writes)."""
+    rms = dict(ev.get("reward_model") or {})
+    for i in rounds_of(run):
+        p = run / f"round-{i}" / "reward" / "eval.json"
+        if not isinstance(rms.get(f"round-{i}"), dict) and p.exists():
+            with contextlib.suppress(json.JSONDecodeError):
+                rms[f"round-{i}"] = json.loads(p.read_text(encoding="utf-8"))
+    order = sorted((k for k, v in rms.items() if isinstance(v, dict)), key=lambda k: (len(k), k))
+    if not order:
+        return MISSING
+    out = [table(["round", "held-out pair accuracy", "labelers' agreement", "held-out pairs", "training comparisons"],
+                 [[esc(k), fmt(r.get("pair_accuracy")), fmt(r.get("labeler_agreement")), fmt(r.get("n_pairs"), ".0f"),
+                   fmt(r.get("n_train_comparisons"), ".0f")] for k, r in ((k, rms[k]) for k in order)]),
+           "<small>The labelers' agreement on the same pairs is about the best a reward model can reach.</small>"]
+    if any(rms[k].get("calibration") for k in order):
+        fig, ax = plt().subplots(figsize=(5.5, 3))
+        for k in order:
+            acc = [num(c.get("accuracy")) for c in rms[k].get("calibration") or [] if isinstance(c, dict)]
+            if acc and None not in acc:
+                ax.plot(range(1, len(acc) + 1), acc, marker="o", label=k)
+        ax.axhline(0.5, color="#aaa", ls="--", lw=0.8)
+        ax.set_xticks([1, 2, 3, 4], ["smallest", "2nd", "3rd", "largest"])
+        ax.set(xlabel="quartile of |score margin| (held-out pairs)", ylabel="pair accuracy")
+        ax.set_title("calibration: a calibrated RM is surer where it is right", fontsize=10)
+        ax.legend(fontsize=8)
+        out.append(img(fig, "reward model calibration"))
+    return "\n".join(out)
+
+
+def training(run: Path) -> str:
+    ppo_keys = [("rm_score", "reward"), ("rm_probe",), ("gold_rollout", "gold_probe"), ("kl_to_sft",), ("beta",),
+                ("entropy",), ("clip_frac",), ("approx_kl",), ("vf_loss",), ("pg_loss",), ("explained_variance",),
+                ("response_length",), ("distinct_2_probe",), ("ended_share",), ("generation_share",), ("tokens_per_s",)]
+    return "\n".join([
+        "<h3>Pretraining</h3>", curves(stage_rows(run, "pretrain"), [], [("loss", "val_loss"), ("val_bpb",), ("lr",),
+                                                                        ("tokens_per_s",)], "pretraining curves"),
+        "<h3>SFT</h3>", curves(stage_rows(run, "sft"), [], [("loss", "val_loss"), ("lr",)], "SFT curves"),
+        "<h3>Reward models (all rounds one after another)</h3>",
+        curves(*concat(run, "reward"), [("loss",), ("lr",)], "reward model curves"),
+        "<h3>PPO (all rounds one after another; dashed lines separate rounds)</h3>",
+        curves(*concat(run, "ppo"), ppo_keys, "PPO curves")])
+
+
+def overoptimisation(run: Path) -> str:
+    rows, _ = concat(run, "ppo")
+    if not rows:
+        return MISSING
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt().subplots(1, 2, figsize=(12, 3.6))
+    for ax, xk, label in ((axes[0], "kl_to_sft", "KL to SFT (nats per answer)"), (axes[1], "x", "PPO iteration")):
+        rm_ax = ax.twinx()
+        for k, style, tgt in (("gold_rollout", dict(color="#9bc59d", marker=".", ls="none"), ax),
+                              ("gold_probe", dict(color="#2a7a2e", marker="o"), ax),
+                              ("rm_score", dict(color="#e0a2a2", marker=".", ls="none"), rm_ax),
+                              ("rm_probe", dict(color="#b22", marker="s"), rm_ax)):
+            x, y = xy(rows, xk, k)
+            if x and xk == "kl_to_sft":  # joined in KL order
+                x, y = zip(*sorted(zip(x, y)))
+            if x:
+                tgt.plot(x, y, label=k, ms=4, lw=1.2, **style)
+        ax.set_xlabel(label, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=xk == "x"))
+        ax.set_ylabel("gold score (simulated labelers)", color="#2a7a2e", fontsize=9)
+        rm_ax.set_ylabel("reward-model score (proxy)", color="#b22", fontsize=9)
+        (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), rm_ax.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7)
+    return f'<p class="note">{esc(overopt_sentence(rows))}</p>' + img(fig, "gold and proxy score against KL")
+
+
+def overopt_sentence(rows: list[dict], tol: float = 0.01) -> str:
+    """From the data: did the gold score keep up with the reward model's along PPO? Changes under `tol`
+    count as level (a reward margin of 0.01 moves a preference probability by a quarter of a percent)."""
+    probes = [r for r in rows if num(r.get("gold_probe")) is not None]
+    g, p = ("gold_probe", "rm_probe") if probes else ("gold_rollout", "rm_score")
+    pts = probes or [r for r in rows if num(r.get("gold_rollout")) is not None]
+    if len(pts) < 2:
+        return "Too few gold measurements along PPO to tell whether the gold score kept up with the proxy."
+    first, last, best = pts[0], pts[-1], max(pts, key=lambda r: r[g])
+    rm0, rm1 = num(first.get(p)), num(last.get(p))
+    d = None if rm0 is None or rm1 is None else rm1 - rm0
+    proxy = ("the reward model's score was not logged" if d is None else f"the reward model's score "
+             f"{'rose' if d > tol else 'fell' if d < -tol else 'stayed level'} ({rm0:+.3g} → {rm1:+.3g})")
+    head = f"Over {len(pts)} {g} measurements (iterations {first['x']}–{last['x']}) {proxy}"
+    at = f"iteration {best['x']}, KL {fmt(best.get('kl_to_sft'), '.2f')}"
+    if best[g] - last[g] > tol:
+        why = ("the proxy kept rising while gold turned down: the policy is exploiting the reward model."
+               if d is not None and d > tol else "gold fell back from its best although the proxy did not rise.")
+        return f"{head}, but the gold score peaked at {best[g]:.3f} ({at}) and ended at {last[g]:.3f}: {why}"
+    dg = last[g] - first[g]
+    verdict = ("" if d is None else "gold kept up with the proxy." if d > tol and dg > tol else
+               "gold did not follow the proxy's rise." if d > tol else "the proxy did not rise: nothing exploited.")
+    return (f"{head}; the gold score {'rose' if dg > tol else 'fell' if dg < -tol else 'stayed level'} "
+            f"({first[g]:.3f} → {last[g]:.3f}), ending within {tol} of its best ({best[g]:.3f}, {at}): {verdict}")
+
+
+def diversity(ev: dict, run: Path) -> str:
+    rows, stages = concat(run, "ppo")[0], ev["stages"]
+    pts = [(s, 0.0 if s == "sft" and m.get("kl_to_sft") is None else num(m.get("kl_to_sft")), num(m.get("distinct_2")))
+           for s, m in ((s, stages[s]) for s in stage_order(stages))]
+    pts = [pt for pt in pts if None not in pt]
+    if not rows and not pts:
+        return MISSING
+    fig, ax = plt().subplots(figsize=(7, 3.6))
+    for i in sorted({r["round"] for r in rows}):
+        x, y = xy([r for r in rows if r["round"] == i], "kl_to_sft", "distinct_2_probe")
+        if x:
+            ax.plot(x, y, marker="o", ms=4, ls=":", label=f"PPO round {i}: probe")
+    for s, x, y in pts:
+        ax.scatter([x], [y], marker="*", s=140, zorder=3)
+        ax.annotate(s, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="KL to SFT (nats per answer)", ylabel="distinct-2")
+    ax.set_title("diversity against KL (stars: each stage's held-out evaluation)", fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    missing = [s for s in stage_order(stages) if s not in {pt[0] for pt in pts}]
+    return img(fig, "distinct-2 against KL") + (f"<small>Not placed (no KL to SFT in eval.json): "
+                                                f"{esc(', '.join(missing))}.</small>" if missing else "")
+
+
+def side_by_side(ev: dict, n: int = 12) -> str:
+    stages = ev["stages"]
+    names = [s for s in stage_order(stages) if isinstance(stages[s].get("examples"), list)]
+    if not names:
+        return MISSING
+    by = {s: {e.get("id"): e for e in stages[s]["examples"] if isinstance(e, dict)} for s in names}
+    cats: dict[str, list] = {}
+    for e in by[names[0]].values():
+        cats.setdefault(str(e.get("category", "")), []).append(e)
+    picked = [e for k in range(n) for c in sorted(cats) for e in cats[c][k:k + 1]][:n]  # a few of each category
+    rows = [[f'{esc(e.get("prompt", ""))}<br><span class="g">{esc(e.get("category", ""))} · {esc(e.get("id"))}</span>']
+            + [f'{esc(a.get("answer", ""))}<br><span class="g">gold {fmt(a.get("gold_score"), ".2f")}</span>'
+               if a else '<span class="missing">not evaluated</span>' for a in (by[s].get(e.get("id")) for s in names)]
+            for e in picked]
+    return table(["prompt", *map(esc, names)], rows, len(names) + 1).replace("<table>", '<table class="ans">', 1)
+
+
+# ---------------------------------------------------------------- page
+
+
+def load_eval(run: Path) -> dict:
+    path = run / "eval.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON: {e.msg}", file=path, line=e.lineno) from None
+    if not isinstance(data, dict) or not isinstance(data.get("stages") or {}, dict):
+        raise InputError("expected an object whose `stages` is an object", file=path, field="stages")
+    data["stages"] = {k: m for k, m in (data.get("stages") or {}).items() if isinstance(m, dict)}
+    return data
+
+
+def write_report(run_dir: Path) -> Path:
+    """Render RUN/report.html from whatever the run directory holds so far; returns its path."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise InputError("run directory not found", file=run)
+    if not any((run / p).exists() for p in ("config.toml", "eval.json", "world", "pretrain")):
+        raise InputError("not a run directory (no config.toml, eval.json, world/ or pretrain/)", file=run)
+    ev = load_eval(run)
+    done = [s for s in ("world/world.json", "tokenizer/tokenizer.json", "pretrain/config.json", "sft/config.json",
+                        *(f"round-{i}/{s}/config.json" for i in rounds_of(run) for s in ("reward", "ppo")))
+            if (run / s).exists()]
+    name = esc(run.resolve().name)
+    body = [f"<h1>alignloop run: {name}</h1>", f"<small>{esc(run.resolve())} · stages present: "
+            f"{esc(', '.join(s.rsplit('/', 1)[0] for s in done) or 'none')}</small>",
+            "<h2>1. Summary (held-out prompts, scored by the simulated labelers)</h2>", summary(ev, run),
+            "<h2>2. Training curves</h2>", training(run),
+            "<h2>3. Gold vs proxy along PPO (reward over-optimisation, Gao et al. 2022)</h2>",
+            "<p>Green: the gold score (the simulated labelers, who know the truth); red: the reward model's score "
+            "(the proxy PPO maximises). A proxy that keeps rising while gold turns down means the policy has found "
+            "the reward model's mistakes.</p>", overoptimisation(run),
+            "<h2>4. Diversity against KL to SFT</h2>", diversity(ev, run),
+            "<h2>5. Side by side: the same held-out prompts</h2>", side_by_side(ev)]
+    path = run / "report.html"
+    atomic_write_text(path, f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>alignloop: {name}'
+                            f'</title><style>{CSS}</style></head><body>\n' + "\n".join(body) + "\n</body></html>\n")
+    return path
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="alignloop report", description="write report.html for a run directory")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    print(f"report: {write_report(Path(p.parse_args(argv).run_dir)).resolve()}")

@@ -1,0 +1,97 @@
+"""Sampling for labeling (`alignloop sample`): K completions per prompt from a policy, through the engine.
+
+Writes RUN/round-<i>/samples.jsonl: `{"prompt_id", "prompt": messages, "completions": [K distinct
+answers], "policy", "sampling": {...}}`. Duplicates are re-drawn (a ranking of two equal answers
+carries no information) and dropped if they keep coming; a prompt left with fewer than 2 is skipped.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from alignloop.config import option
+from alignloop.errors import InputError
+from alignloop.io import read_records, write_jsonl
+from alignloop.rundir import current_policy, resolve_path, round_dir, save_stage_config
+from alignloop.tokenizer import validate_messages
+
+SECTION = "sample"
+
+
+@dataclass
+class Config:
+    round: int = option(1, "round number: output goes to RUN/round-<round>/", min=1)
+    prompts: str = option("", "prompts file (default: the run's world/prompts-train.jsonl)")
+    policy: str = option("", "model to sample from (default: the run's newest policy)")
+    n_prompts: int = option(800, "how many prompts to sample for (a fresh random subset each round)", min=1)
+    k: int = option(6, "completions per prompt (InstructGPT: 4 to 9; more pairs per forward pass)", min=2, max=9)
+    temperature: float = option(1.0, "sampling temperature", min=0.01, max=5.0)
+    top_p: float = option(1.0, "nucleus sampling mass", min=0.01, max=1.0)
+    max_new_tokens: int = option(48, "answer length limit in tokens", min=1)
+    batch_size: int = option(128, "rows per generation batch", min=1)
+    seed: int = option(0, "seed of the prompt subset and of sampling")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+
+
+PRESETS = {"micro": dict(n_prompts=40, max_new_tokens=24), "tiny": {}, "small": dict(n_prompts=2000, batch_size=256)}
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """`{"prompt"}` (a string or messages) or `{"messages"}` records → `{"id", "messages", …}`."""
+    out = []
+    for line, rec in read_records(path):
+        if "messages" in rec:
+            msgs = rec["messages"]
+        elif "prompt" in rec:
+            p = rec["prompt"]
+            msgs = p if isinstance(p, list) else [{"role": "user", "content": p}]
+        else:
+            raise InputError("expected 'prompt' or 'messages'", file=path, line=line, field="prompt")
+        msgs = validate_messages(msgs, path, line)
+        if msgs[-1]["role"] != "user":
+            raise InputError("a prompt must end with a user turn", file=path, line=line, field="messages")
+        out.append({**rec, "id": str(rec.get("id", f"line-{line}")), "messages": msgs, "_line": line})
+    return out
+
+
+def run(cfg: Config, out: Path) -> Path:
+    from alignloop.engine import Engine
+    from alignloop.model import load_causal_lm, pick_device
+    from alignloop.tokenizer import ChatTokenizer
+
+    prompts_path = resolve_path(cfg.prompts, out, "world/prompts-train.jsonl")
+    prompts = read_prompts(prompts_path)
+    policy = Path(cfg.policy) if cfg.policy else current_policy(out)
+    if policy is None:
+        raise InputError("no policy to sample from: train one first or give --policy", file=out)
+    rng = random.Random(cfg.seed * 7919 + cfg.round)
+    chosen = rng.sample(prompts, min(cfg.n_prompts, len(prompts)))
+    device = pick_device(cfg.device)
+    tok = ChatTokenizer.load(policy)
+    engine = Engine(load_causal_lm(policy).to(device), tok, device, max_batch=cfg.batch_size)
+    ids = [tok.render_prompt(p["messages"]) for p in chosen]
+    too_long = [p for p, x in zip(chosen, ids) if len(x) + 8 > engine.ctx]
+    if too_long:
+        raise InputError(f"{len(too_long)} prompts leave no room to answer in the {engine.ctx}-token context "
+                         f"(first: id {too_long[0]['id']})", file=prompts_path, line=too_long[0]["_line"], field="prompt")
+    answers: list[list[str]] = [[] for _ in chosen]
+    for attempt in range(3):  # re-draw duplicates a couple of times
+        need = [i for i, a in enumerate(answers) if len(a) < cfg.k]
+        if not need:
+            break
+        rows = [i for i in need for _ in range(cfg.k - len(answers[i]))]
+        outs = engine.generate([ids[i] for i in rows], max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1000 + cfg.round * 10 + attempt)
+        for i, o in zip(rows, outs):
+            text = o.text.strip()
+            if text and text not in answers[i] and len(answers[i]) < cfg.k:
+                answers[i].append(text)
+    records = [{"prompt_id": p["id"], "prompt": p["messages"], "completions": a, "policy": str(policy),
+                "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}}
+               for p, a in zip(chosen, answers) if len(a) >= 2]
+    dest = round_dir(out, cfg.round) / "samples.jsonl"
+    write_jsonl(dest, records)
+    save_stage_config(out, SECTION, cfg)
+    print(f"sample: {len(records)} prompts × up to {cfg.k} answers from {policy} → {dest}")
+    return dest

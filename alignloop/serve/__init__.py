@@ -1,0 +1,160 @@
+"""`alignloop serve`: talk to every stage of a run — a chat page, an arena and an OpenAI-compatible API.
+
+    alignloop serve RUN_OR_MODEL_DIR [--model NAME=DIR …] [--host 127.0.0.1] [--port 8000]
+                    [--api-key KEY …] [--db URL] [--max-batch 32] [--max-tokens-limit 1024] [--max-n 8]
+    alignloop serve export RUN_DIR [--out FILE] [--feedback-out FILE] [--format pairs|rankings] [--db URL]
+
+A run directory serves each of its stages by name (`base`, `sft`, `round-1/ppo`, …, `ppo` = newest);
+a plain Hugging Face model folder is served under its folder name; `--model NAME=DIR` adds more.
+Conversations, thumbs and arena votes go to the run's database (RUN/alignloop.db by default), and
+`serve export` turns them into pairs / rankings for the next reward model.
+
+Layout: `app.py` (API, errors, generation), `scheduler.py` (batching), `web.py` + templates/static
+(chat page, arena), `tables.py` (database), `arena.py` (Bradley–Terry), `export.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from alignloop.errors import InputError
+
+
+def parse_model_specs(specs: list[str]) -> dict[str, Path]:
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise InputError(f"expected NAME=DIR, got {spec!r}", field="--model")
+        out[name.strip()] = Path(path.strip())
+    return out
+
+
+def resolve_models(target: Path | None, extra: dict[str, Path]) -> tuple[dict[str, Path], Path]:
+    """({name: model dir}, the run directory whose database and tokenizer to use)."""
+    from alignloop.rundir import stage_models
+    models: dict[str, Path] = {}
+    run_dir = None
+    if target is not None:
+        if not target.exists():
+            raise InputError("no such run or model folder", file=target)
+        if (target / "config.json").exists():
+            models[target.resolve().name] = target
+            # a stage folder of a run (RUN/sft) shares the run's database and tokenizer
+            run_dir = target.parent if (target.parent / "tokenizer").is_dir() else target
+        else:
+            models.update(stage_models(target))
+            run_dir = target
+            if not models:
+                raise InputError("neither a Hugging Face model folder (config.json) nor a run directory with a "
+                                 "finished stage (pretrain/, sft/, round-N/ppo/)", file=target)
+    for name, path in extra.items():
+        if not (path / "config.json").exists():
+            raise InputError("not a Hugging Face model folder (no config.json)", file=path, field=f"--model {name}")
+    models.update(extra)
+    if not models:
+        raise InputError("nothing to serve: give a run or model folder, or --model NAME=DIR", field="RUN_OR_MODEL_DIR")
+    if run_dir is None:
+        first = next(iter(extra.values()))
+        run_dir = first.parent if (first.parent / "tokenizer").is_dir() else first
+    return models, run_dir
+
+
+def load_models(models: dict[str, Path], run_dir: Path, max_batch: int = 32) -> dict:
+    """Load each folder once (`ppo` and `round-N/ppo` share one engine)."""
+    from alignloop.engine import Engine
+    from alignloop.model import load_causal_lm
+    from alignloop.serve.app import Served
+    from alignloop.tokenizer import ChatTokenizer
+
+    loaded: dict[Path, Served] = {}
+    out = {}
+    for name, path in models.items():
+        key = path.resolve()
+        if key not in loaded:
+            tok_dir = path if (path / "tokenizer_config.json").exists() else Path(run_dir) / "tokenizer"
+            tok = ChatTokenizer.load(tok_dir)
+            model = load_causal_lm(path)
+            loaded[key] = Served(name, path, Engine(model, tok, max_batch=max_batch), tok)
+        s = loaded[key]
+        out[name] = Served(name, path, s.engine, s.tok)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alignloop serve", description="serve a chat page, an arena and an "
+                                "OpenAI-compatible API (`alignloop serve export RUN` writes the feedback)")
+    p.add_argument("target", metavar="RUN_OR_MODEL_DIR", nargs="?", type=Path,
+                   help="a run directory (every stage is served by name) or a Hugging Face model folder")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="serve another model folder")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1 (repeatable; also $ALIGNLOOP_API_KEYS, "
+                        "comma-separated, which keeps keys out of the process list)")
+    p.add_argument("--db", metavar="URL", help="database URL (default: sqlite RUN/alignloop.db)")
+    p.add_argument("--max-batch", type=int, default=32, help="rows per engine call; n=k counts k rows")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-n", type=int, default=8, help="the largest n a request may ask")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads for the engine (default: one fewer than the cores, at least 1)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="before a batch starts, wait this long while requests keep arriving (at most 10 times)")
+    return p
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alignloop serve export", description="write chat thumbs and arena votes "
+                                "as reward-model data (pairs or rankings) and single thumbs as feedback")
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="comparisons (default: RUN/round-N/chat-pairs.jsonl, N the newest round)")
+    p.add_argument("--feedback-out", type=Path, metavar="FILE",
+                   help="thumbs on answers outside any pair (default: RUN/round-N/chat-feedback.jsonl)")
+    p.add_argument("--format", choices=("pairs", "rankings"), default="pairs",
+                   help="pairs {prompt, chosen, rejected} or K=2 rankings with the labeler's pseudonym")
+    p.add_argument("--db", metavar="URL", help="database URL (default: sqlite RUN/alignloop.db)")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] == "export":
+        args = export_parser().parse_args(argv[1:])
+        from alignloop.serve.export import export
+        r = export(args.run_dir, args.db, args.out, args.feedback_out, args.format)
+        c = r["counts"]
+        print(f"serve export: {r['n_comparisons']} comparisons ({c.get('regenerate_pairs', 0)} from regenerate "
+              f"thumbs, {c.get('arena_pairs', 0)} from arena votes; {c.get('ties', 0)} ties / both-bad skipped), "
+              f"{r['n_thumbs']} single thumbs")
+        for kind, path in r["files"].items():
+            print(f"  {kind} → {path}")
+        return
+    args = build_parser().parse_args(argv)
+    for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-tokens-limit", args.max_tokens_limit, 1),
+                        ("--max-n", args.max_n, 1), ("--port", args.port, 0), ("--batch-window-ms", args.batch_window_ms, 0),
+                        ("--threads", args.threads, 0)):
+        if v < lo or (flag == "--port" and v > 65535):
+            raise InputError(f"{v} is out of range", field=flag)
+    keys = args.api_key + [k.strip() for k in os.environ.get("ALIGNLOOP_API_KEYS", "").split(",") if k.strip()]
+    models, run_dir = resolve_models(args.target, parse_model_specs(args.model))
+
+    import uvicorn
+
+    from alignloop.db import connect, database_url, migrate
+    from alignloop.serve.app import Settings, create_app
+
+    import torch
+    # One core is the HTTP event loop's. Intra-op threads on every core fight it (and anything else on
+    # the machine): on a busy 2-core CPU the micro model decoded 8-10x slower with 2 threads than with 1.
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    served = load_models(models, run_dir, args.max_batch)
+    db = connect(database_url(run_dir, args.db))
+    migrate(db)
+    app = create_app(served, Settings(api_keys=keys, max_batch=args.max_batch,
+                                      max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
+                                      gather_s=args.batch_window_ms / 1000), db)
+    url = f"http://{args.host}:{args.port}"
+    print(f"serve: {', '.join(served)} on {url}  (chat page /, arena /arena, OpenAI API {url}/v1"
+          f"{', API keys required' if keys else ''})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -1,0 +1,169 @@
+"""What every training stage does the same way: optimizer, schedule, precision, batching order,
+checkpoint/resume, metrics log and progress. Each stage's own file keeps its loop visible; this file
+only holds the pieces so that they are written once.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from alignloop.io import append_jsonl, read_jsonl_tolerant
+
+
+def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95)):
+    """AdamW; no decay on biases, norms and embeddings' 1-D params (nanoGPT); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to lr·min_ratio at max_steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast on a GPU; fp32 on the CPU (bf16 matmuls without AMX are ~20x slower there)."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+class RowSampler:
+    """Deterministic batches: the rows of micro-batch k depend only on (seed, k), so a resumed run
+    draws exactly the batches an uninterrupted one would (a fresh permutation each epoch)."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int):
+        self.n, self.b, self.seed, self._perms = n_rows, batch_size, seed, {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}
+        return self._perms[epoch]
+
+    def indices(self, k: int) -> torch.Tensor:
+        flat = torch.arange(k * self.b, (k + 1) * self.b)
+        return torch.stack([self._perm(int(i) // self.n)[int(i) % self.n] for i in flat])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+class Checkpoints:
+    """`stage_dir/checkpoints/step-000123.pt`, each written whole (temp file + rename); keeps the last k."""
+
+    def __init__(self, stage_dir: Path, keep: int = 2):
+        self.dir, self.keep = Path(stage_dir) / "checkpoints", keep
+
+    def latest(self) -> Path | None:
+        found = sorted(self.dir.glob("step-*.pt")) if self.dir.exists() else []
+        return found[-1] if found else None
+
+    def save(self, step: int, **state) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step-{step:06d}.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save({"step": step, "rng": torch.get_rng_state(), **state}, tmp)
+        os.replace(tmp, path)
+        for old in sorted(self.dir.glob("step-*.pt"))[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load(self, path: Path | None = None) -> dict | None:
+        path = path or self.latest()
+        if path is None:
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        torch.set_rng_state(state["rng"])
+        return state
+
+
+def capture(model, opt) -> dict:
+    """What a checkpoint holds for a model and its optimizer."""
+    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "optim": opt.state_dict()}
+
+
+def restore(state: dict, model, opt) -> None:
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optim"])
+
+
+# ---------------------------------------------------------------- metrics and progress
+
+
+class Metrics:
+    """Appends one JSON line per record to stage_dir/metrics.jsonl. On resume, lines past the
+    checkpoint's step are dropped so that the log reads as one uninterrupted run."""
+
+    def __init__(self, stage_dir: Path, resume_step: int | None = None):
+        self.path = Path(stage_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            kept = [r for r in read_jsonl_tolerant(self.path) if r.get("step", 0) <= resume_step]
+            from alignloop.io import write_jsonl
+            write_jsonl(self.path, kept)
+
+    def log(self, **record) -> None:
+        append_jsonl(self.path, record)
+
+
+class Progress:
+    """A one-line progress display: a tqdm bar on a terminal, a line every few seconds in a log."""
+
+    def __init__(self, total: int, desc: str, start: int = 0):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, mininterval=2.0,
+                        disable=os.environ.get("ALIGNLOOP_QUIET") == "1")
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if postfix:
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                 refresh=False)
+        self.bar.update(n)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs, for MFU (None on the CPU: no honest peak to divide by)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for pattern, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
+        if re.search(pattern, name):
+            return flops
+    return None

@@ -1,0 +1,306 @@
+"""Step 3 — PPO against the reward model with a per-token KL penalty to SFT (`alignloop ppo`).
+
+The InstructGPT design: policy initialised from the newest policy (SFT in round 1); frozen reference =
+SFT; frozen reward model; a separate value model initialised from the reward model. Each iteration:
+
+  rollout (the engine samples answers)  →  score (RM, + a penalty for answers that never end)
+  → per-token reward −β·KL_t, the score added at the last token → GAE (γ = 1) → whiten advantages
+  → several epochs of minibatches: clipped policy loss, clipped value loss (+ PPO-ptx LM loss)
+  → adaptive β (Ziegler et al.) → log, probe gold score, checkpoint.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from alignloop.config import option
+from alignloop.errors import InputError
+from alignloop.rundir import resolve_path, save_stage_config
+from alignloop.train import loop as L
+from alignloop.train import rl
+
+SECTION = "ppo"
+
+
+@dataclass
+class Config:
+    round: int = option(1, "round number: output goes to RUN/round-<round>/ppo/", min=1)
+    init: str = option("", "policy to start from (default: the previous round's PPO policy, else sft/)")
+    reference: str = option("", "the KL anchor (default: the run's sft/)")
+    reward_model: str = option("", "reward model (default: RUN/round-<round>/reward/)")
+    value_init: str = option("", "value model start (default: the reward model, as InstructGPT)")
+    prompts: str = option("", "prompts file (default: the run's world/prompts-train.jsonl)")
+    iterations: int = option(30, "PPO iterations (rollout + update)", min=1)
+    batch_size: int = option(64, "episodes per rollout", min=1)
+    minibatch_size: int = option(16, "episodes per gradient step", min=1)
+    ppo_epochs: int = option(2, "passes over each rollout batch", min=1)
+    lr: float = option(3e-5, "policy learning rate (5e-5 over-optimised the tiny run: docs/LOG.md)", min=0.0, max=1.0)
+    value_lr: float = option(1e-4, "value model learning rate", min=0.0, max=1.0)
+    kl_coef: float = option(0.3, "β, the per-token KL penalty to the reference (InstructGPT: 0.02; 0.1 let the tiny run over-optimise: docs/LOG.md)", min=0.0)
+    kl_target: float = option(0.0, "adaptive β toward this episode KL in nats (0: fixed β)", min=0.0)
+    kl_horizon: int = option(10000, "adaptive-β horizon in episodes (Ziegler et al.)", min=1)
+    gamma: float = option(1.0, "discount (1: the episode is one answer)", min=0.0, max=1.0)
+    lam: float = option(0.95, "GAE λ", min=0.0, max=1.0)
+    clip: float = option(0.2, "policy ratio clip ε", min=0.0)
+    value_clip: float = option(0.2, "value clip ε", min=0.0)
+    whiten_rewards: bool = option(False, "whiten per-token rewards in each batch")
+    whiten_advantages: bool = option(True, "whiten advantages in each batch")
+    missing_end_penalty: float = option(-1.0, "added to the score of an answer that never emits end-of-turn", max=0.0)
+    ptx_coef: float = option(0.0, "γ_ptx: weight of the pretraining LM loss mixed in (PPO-ptx; InstructGPT: 27.8)", min=0.0)
+    ptx_data: str = option("", "pretraining text for PPO-ptx (default: the run's world/corpus.jsonl)")
+    temperature: float = option(1.0, "rollout sampling temperature", min=0.01, max=5.0)
+    max_new_tokens: int = option(48, "answer length limit in tokens", min=1)
+    probe_prompts: int = option(100, "held-out world prompts whose gold score is logged (0: none)", min=0)
+    probe_every: int = option(5, "log the probe's gold score every N iterations", min=1)
+    checkpoint_every: int = option(10, "write a checkpoint every N iterations", min=1)
+    seed: int = option(0, "seed of prompt order and sampling")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
+    resume: bool = option(False, "continue from the last checkpoint in the stage folder")
+
+
+PRESETS = {
+    "micro": dict(iterations=4, batch_size=16, minibatch_size=8, max_new_tokens=24, probe_prompts=16,
+                  probe_every=2, checkpoint_every=2),
+    "tiny": dict(),
+    "small": dict(iterations=200, batch_size=256, minibatch_size=64, lr=1e-5, value_lr=2e-5, kl_coef=0.02,
+                  max_new_tokens=128, probe_prompts=500),
+}
+
+
+# ---------------------------------------------------------------- batching
+
+
+def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device):
+    """Prompts LEFT-padded to P, responses RIGHT-padded to R: every response starts at column P, so the
+    action slice is the same for the whole batch. Returns ids, attention, positions (B, P+R), the
+    response mask (B, R) and P."""
+    B, P, R = len(prompts), max(map(len, prompts)), max(1, max(map(len, responses)))
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        ids[b, P - len(p):P], attn[b, P - len(p):P] = torch.tensor(p), 1
+        if r:
+            ids[b, P:P + len(r)], attn[b, P:P + len(r)] = torch.tensor(r), 1
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), attn.to(device), pos.to(device), attn[:, P:].to(device), P
+
+
+def action_logprobs(model, ids, attn, pos, P: int, with_entropy: bool = False):
+    """log π(response token t | state t) for t = 0..R−1, from one forward pass: (B, R)."""
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, P:, None]).squeeze(-1)
+    return (logp, rl.entropy_from_logits(logits)) if with_entropy else logp
+
+
+def state_values(value_model, ids, attn, pos, P: int):
+    """V(state t) for t = 0..R−1: the value head at the position that predicts response token t."""
+    trunk = getattr(value_model, value_model.base_model_prefix)
+    hidden = trunk(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    return value_model.score(hidden[:, P - 1:-1]).squeeze(-1).float()
+
+
+# ---------------------------------------------------------------- consistency checks
+
+
+def _vocab_of(path: Path) -> dict:
+    from alignloop.tokenizer import ChatTokenizer
+    return ChatTokenizer.load(path).hf.get_vocab()
+
+
+def check_stages(policy: Path, reference: Path, reward: Path, value: Path) -> None:
+    """Stages built on different tokenizers or sizes cannot be combined; say which, before any work."""
+    import json
+    vocab = _vocab_of(policy)
+    for name, path in (("reference", reference), ("reward model", reward), ("value model", value)):
+        if not (path / "config.json").exists():
+            raise InputError(f"the {name} folder has no model", file=path)
+        if _vocab_of(path) != vocab:
+            raise InputError(f"the {name}'s tokenizer differs from the policy's ({policy})", file=path, field="tokenizer")
+    pc = json.loads((policy / "config.json").read_text())
+    vc = json.loads((value / "config.json").read_text())
+    for k in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if pc.get(k) != vc.get(k):
+            raise InputError(f"the value model's {k} is {vc.get(k)}, the policy's {pc.get(k)}: a value model of "
+                             f"another size", file=value, field=k)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(cfg: Config, out: Path) -> Path:
+    from alignloop.engine import Engine
+    from alignloop.model import load_causal_lm, load_scalar_model, pick_device, save_model
+    from alignloop.sample import read_prompts
+    from alignloop.tokenizer import ChatTokenizer
+    from alignloop.train.reward import RewardScorer
+
+    stage = out / f"round-{cfg.round}" / "ppo"
+    prev = out / f"round-{cfg.round - 1}" / "ppo"
+    init = Path(cfg.init) if cfg.init else (prev if (prev / "config.json").exists() else out / "sft")
+    reference = resolve_path(cfg.reference, out, "sft")
+    rm_path = resolve_path(cfg.reward_model, out, f"round-{cfg.round}/reward")
+    value_path = Path(cfg.value_init) if cfg.value_init else rm_path
+    check_stages(init, reference, rm_path, value_path)
+    tok = ChatTokenizer.load(init)
+    prompts_path = resolve_path(cfg.prompts, out, "world/prompts-train.jsonl")
+    prompts = read_prompts(prompts_path)
+    device = pick_device(cfg.device)
+    policy = load_causal_lm(init).to(device)
+    ctx = policy.config.max_position_embeddings
+    prompt_ids = [tok.render_prompt(p["messages"]) for p in prompts]
+    if any(len(x) + 8 > ctx for x in prompt_ids):
+        p = next(p for p, x in zip(prompts, prompt_ids) if len(x) + 8 > ctx)
+        raise InputError(f"a prompt leaves no room to answer in the {ctx}-token context (id {p['id']})",
+                         file=prompts_path, line=p["_line"], field="prompt")
+    ref = load_causal_lm(reference).to(device).eval().requires_grad_(False)
+    scorer = RewardScorer(rm_path, device)
+    value = load_scalar_model(value_path).to(device)
+    opt_p = L.make_optimizer(policy, cfg.lr, 0.0)
+    opt_v = L.make_optimizer(value, cfg.value_lr, 0.0)
+    kl_ctl = rl.AdaptiveKL(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
+    ptx_rows = _ptx_rows(cfg, out, tok) if cfg.ptx_coef > 0 else None
+    world, probe = _probe(out, cfg)
+    ckpts = L.Checkpoints(stage)
+    start = 0
+    state = ckpts.load() if cfg.resume else None
+    if state is not None:
+        saved = {k: v for k, v in state["config"].items() if k != "resume"}
+        now = {k: v for k, v in asdict(cfg).items() if k != "resume"}
+        if saved != now:
+            diff = next(k for k in now if saved.get(k) != now[k])
+            raise InputError(f"--resume on a PPO folder of another configuration ({diff}: {saved.get(diff)!r} there, "
+                             f"{now[diff]!r} now)", file=stage, field=diff)
+        L.restore(state, policy, opt_p)
+        value.load_state_dict(state["value"])
+        opt_v.load_state_dict(state["optim_value"])
+        kl_ctl.beta, start = state["beta"], state["step"]
+    metrics = L.Metrics(stage, resume_step=start if state is not None else None)
+    save_stage_config(out, SECTION, cfg)
+    engine = Engine(policy, tok, device, max_batch=cfg.batch_size)
+    print(f"ppo: round {cfg.round}, policy {init}, reward model {rm_path}, {len(prompts)} prompts, "
+          f"{cfg.iterations} iterations × {cfg.batch_size} episodes, β {kl_ctl.beta}")
+    if probe and start == 0:
+        metrics.log(step=0, kl_to_sft=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
+    bar = L.Progress(cfg.iterations, f"ppo round {cfg.round}", start)
+    for it in range(start, cfg.iterations):
+        t0 = time.perf_counter()
+        rng = random.Random(cfg.seed * 1_000_003 + it)
+        batch = rng.sample(range(len(prompts)), min(cfg.batch_size, len(prompts)))
+        # ---- rollout
+        outs = engine.generate([prompt_ids[i] for i in batch], max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, seed=cfg.seed * 7_919 + it)
+        t_gen = time.perf_counter() - t0
+        responses = [o.ids for o in outs]
+        ended = torch.tensor([bool(r) and r[-1] in tok.stop_ids for r in responses], dtype=torch.float32)
+        # ---- score and assemble rewards (no gradients)
+        with torch.no_grad():
+            rm_seqs = [prompt_ids[i] + (r if e else r + [tok.end_id]) for i, r, e in zip(batch, responses, ended)]
+            score = torch.tensor(scorer.score_ids(rm_seqs), device=device)
+            score_raw = score.clone()
+            score = score + cfg.missing_end_penalty * (1 - ended.to(device))
+            ids, attn, pos, mask, P = layout([prompt_ids[i] for i in batch], responses, tok.pad_id, device)
+            old_logp = action_logprobs(policy, ids, attn, pos, P)
+            ref_logp = action_logprobs(ref, ids, attn, pos, P)
+            old_values = state_values(value, ids, attn, pos, P)
+            kl = rl.kl_per_token(old_logp, ref_logp) * mask
+            rewards = rl.token_rewards(score, kl, mask, kl_ctl.beta)
+            if cfg.whiten_rewards:
+                rewards = rl.whiten(rewards, mask, shift_mean=False)
+            adv, returns = rl.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                adv = rl.whiten(adv, mask)
+        # ---- PPO epochs over minibatches
+        stats = {"pg_loss": [], "vf_loss": [], "clip_frac": [], "approx_kl": [], "entropy": [], "ptx_loss": []}
+        order = list(range(len(batch)))
+        for _ in range(cfg.ppo_epochs):
+            rng.shuffle(order)
+            for s in range(0, len(order), cfg.minibatch_size):
+                mb = torch.tensor(order[s:s + cfg.minibatch_size], device=device)
+                m = mask[mb]
+                with L.autocast(device, cfg.dtype):
+                    logp, ent = action_logprobs(policy, ids[mb], attn[mb], pos[mb], P, with_entropy=True)
+                    pg, st = rl.policy_loss(logp, old_logp[mb], adv[mb], m, cfg.clip)
+                    loss = pg
+                    if ptx_rows is not None:
+                        rows = ptx_rows[torch.randint(len(ptx_rows), (cfg.minibatch_size,),
+                                                      generator=torch.Generator().manual_seed(it * 997 + s))].to(device)
+                        logits = policy(input_ids=rows[:, :-1]).logits.float()
+                        ptx = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten())
+                        loss = loss + cfg.ptx_coef * ptx
+                        stats["ptx_loss"].append(ptx.item())
+                opt_p.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                opt_p.step()
+                with L.autocast(device, cfg.dtype):
+                    v = state_values(value, ids[mb], attn[mb], pos[mb], P)
+                    vf = rl.value_loss(v, old_values[mb], returns[mb], m, cfg.value_clip)
+                opt_v.zero_grad(set_to_none=True)
+                vf.backward()
+                torch.nn.utils.clip_grad_norm_(value.parameters(), 1.0)
+                opt_v.step()
+                stats["pg_loss"].append(pg.item())
+                stats["vf_loss"].append(vf.item())
+                stats["clip_frac"].append(st["clip_frac"])
+                stats["approx_kl"].append(st["approx_kl"])
+                stats["entropy"].append(rl.masked_mean(ent.detach(), m).item())
+        # ---- bookkeeping
+        seq_kl = kl.sum(1).mean().item()
+        beta_used = kl_ctl.beta
+        kl_ctl.update(seq_kl, len(batch))
+        texts = [o.text.strip() for o in outs]
+        dt = time.perf_counter() - t0
+        rec = {"step": it + 1, "rm_score": score_raw.mean().item(), "reward": score.mean().item(),
+               "kl_to_sft": seq_kl, "beta": beta_used, "ended_share": ended.mean().item(),
+               "gold_rollout": sum(world.gold_score(prompts[i], t) for i, t in zip(batch, texts)) / len(texts)
+               if world and all("gold" in prompts[i] for i in batch) else None,
+               "response_length": mask.sum(1).float().mean().item(),
+               "explained_variance": rl.explained_variance(old_values, returns, mask),
+               "episodes_per_s": len(batch) / dt, "tokens_per_s": float(mask.sum()) / dt,
+               "generation_share": t_gen / dt}
+        rec |= {k: sum(v) / len(v) for k, v in stats.items() if v}
+        if probe and ((it + 1) % cfg.probe_every == 0 or it + 1 == cfg.iterations):
+            rec |= _probe_scores(engine, tok, world, probe, scorer, cfg)
+        metrics.log(**rec)
+        bar.update(1, rm=rec["rm_score"], kl=seq_kl, **({"gold": rec["gold_probe"]} if "gold_probe" in rec else {}))
+        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+            ckpts.save(it + 1, config=asdict(cfg), beta=kl_ctl.beta, value=value.state_dict(),
+                       optim_value=opt_v.state_dict(), **L.capture(policy, opt_p))
+    bar.close()
+    save_model(policy, tok, stage)
+    last = L.read_jsonl_tolerant(metrics.path)[-1]
+    print(f"ppo: round {cfg.round} done: RM score {last['rm_score']:+.3f}, KL to SFT {last['kl_to_sft']:.2f} nats"
+          + (f", probe gold {last['gold_probe']:.3f}" if "gold_probe" in last else "") + f" → {stage}")
+    return stage
+
+
+def _ptx_rows(cfg: Config, out: Path, tok) -> torch.Tensor:
+    from alignloop.train.pretrain import load_corpus, rows_of
+    ids, _, _, _ = load_corpus(resolve_path(cfg.ptx_data, out, "world/corpus.jsonl"), tok, 0.0)
+    return rows_of(ids, 128)
+
+
+def _probe(out: Path, cfg: Config):
+    """A fixed set of held-out world prompts for the gold-vs-proxy picture (none without a world)."""
+    if not cfg.probe_prompts or not (out / "world" / "world.json").exists():
+        return None, None
+    from alignloop.world import load_world
+    world = load_world(out)
+    return world, world.prompts("heldout")[: cfg.probe_prompts]
+
+
+@torch.no_grad()
+def _probe_scores(engine, tok, world, probe, scorer, cfg) -> dict:
+    outs = engine.generate([tok.render_prompt(p["messages"]) for p in probe], max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, seed=12345)
+    texts = [o.text.strip() for o in outs]
+    rm = scorer.score_texts([p["messages"] for p in probe], texts)
+    from alignloop.evaluate import distinct_n
+    return {"gold_probe": sum(world.gold_score(p, t) for p, t in zip(probe, texts)) / len(probe),
+            "rm_probe": sum(rm) / len(rm), "distinct_2_probe": distinct_n(texts, 2)}

@@ -1,0 +1,237 @@
+"""Step 0 — pretraining: next-token prediction on a corpus (`alignloop pretrain`).
+
+load data → tokenize → pack into fixed-length rows → build or load the model → step → evaluate
+(held-out loss, bits per byte) → sample → checkpoint → save a Hugging Face folder.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignloop.config import option
+from alignloop.errors import InputError
+from alignloop.io import read_records
+from alignloop.rundir import resolve_path, save_stage_config
+from alignloop.tokenizer import ChatTokenizer, validate_messages
+from alignloop.train import loop as L
+
+SECTION = "pretrain"
+
+
+@dataclass
+class Config:
+    data: str = option("", "corpus: .txt/.jsonl/.json/.parquet or a datasets folder (default: the run's world/corpus.jsonl)")
+    tokenizer: str = option("", "tokenizer folder (default: the run's tokenizer/)")
+    init: str = option("", "continue from this Hugging Face causal-LM folder instead of a fresh model")
+    size: str = option("tiny", "model size preset for a fresh model", choices=("micro", "tiny", "small"))
+    seq_len: int = option(256, "tokens per training row", min=8, max=131072)
+    batch_size: int = option(16, "rows per micro-batch", min=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
+    max_steps: int = option(1200, "optimizer steps", min=1)
+    max_seconds: float = option(0.0, "stop after this many seconds of training and decay the LR to fit (0: off)", min=0)
+    lr: float = option(3e-3, "peak learning rate", min=0.0, max=1.0)
+    min_lr_ratio: float = option(0.1, "final LR as a fraction of the peak (cosine decay)", min=0.0, max=1.0)
+    warmup_steps: int = option(50, "linear warm-up steps", min=0)
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices", min=0.0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", min=0.0)
+    val_fraction: float = option(0.05, "held-out share: the file's tail for one text, else the last documents", min=0.0, max=0.5)
+    eval_every: int = option(200, "evaluate held-out loss every N steps", min=1)
+    sample_every: int = option(400, "print sample generations every N steps (0: never)", min=0)
+    checkpoint_every: int = option(200, "write a checkpoint every N steps", min=1)
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep", min=1)
+    seed: int = option(0, "seed for initialisation and data order")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
+    compile: bool = option(False, "torch.compile the model (fixed shapes; worth it on a GPU)")
+    resume: bool = option(False, "continue from the last checkpoint in the stage folder")
+
+
+PRESETS = {
+    "micro": dict(size="micro", seq_len=64, batch_size=8, max_steps=60, lr=3e-3, warmup_steps=5,
+                  eval_every=20, sample_every=0, checkpoint_every=20),
+    # ~2.5 minutes on 2 CPU cores: ~10 passes over the world's corpus, enough to memorise its facts.
+    # No weight decay: memorising facts is the point of this stage here.
+    "tiny": dict(size="tiny", seq_len=128, batch_size=16, max_steps=700, lr=4e-3, weight_decay=0.0,
+                 warmup_steps=30, eval_every=100, sample_every=350, checkpoint_every=100),
+    "small": dict(size="small", seq_len=1024, batch_size=32, grad_accum=4, max_steps=5000, lr=6e-4,
+                  warmup_steps=200, eval_every=250, sample_every=1000, checkpoint_every=500, compile=True),
+}
+
+
+def load_corpus(path: Path, tok: ChatTokenizer, val_fraction: float):
+    """Documents → (train ids, val ids, val UTF-8 bytes, val chars). Conversations in the corpus
+    (forum threads) go through the one chat renderer; text documents start with <|bos|>."""
+    records = read_records(path)
+    texts, convs = [], []
+    for line, rec in records:
+        if isinstance(rec.get("text"), str) and rec["text"].strip():
+            texts.append((len(texts) + len(convs), rec["text"]))
+        elif "messages" in rec:
+            convs.append((len(texts) + len(convs), validate_messages(rec["messages"], path, line)))
+        else:
+            raise InputError("expected a non-empty 'text' string or a 'messages' list", file=path, line=line, field="text")
+    if len(records) == 1 and texts:  # one text: hold out its tail, split by characters (as nanoGPT does)
+        text = texts[0][1]
+        cut = int(len(text) * (1 - val_fraction))
+        train_docs, val_docs = [text[:cut]], [text[cut:]] if val_fraction > 0 else []
+    else:
+        docs = [None] * len(records)
+        for i, t in texts:
+            docs[i] = t
+        for i, m in convs:
+            docs[i] = m
+        n_val = max(1, int(len(docs) * val_fraction)) if val_fraction > 0 else 0
+        train_docs, val_docs = docs[: len(docs) - n_val], docs[len(docs) - n_val:]
+
+    def ids_of(docs):
+        out, n_bytes, n_chars = [], 0, 0
+        plain = [d for d in docs if isinstance(d, str)]
+        encoded = iter(tok.encode_batch(plain))
+        for d in docs:
+            if isinstance(d, str):
+                out += tok.bos_ids + next(encoded)
+                n_bytes, n_chars = n_bytes + len(d.encode()), n_chars + len(d)
+            else:
+                out += tok.render(d)[0]
+                body = "".join(m["content"] for m in d)
+                n_bytes, n_chars = n_bytes + len(body.encode()), n_chars + len(body)
+        return out, n_bytes, n_chars
+
+    train, _, _ = ids_of(train_docs)
+    val, val_bytes, val_chars = ids_of(val_docs)
+    return torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long), val_bytes, val_chars
+
+
+def rows_of(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Pack a token stream into (N, seq_len + 1) rows: inputs are [:, :-1], targets [:, 1:]."""
+    n = (len(stream) - 1) // seq_len
+    return torch.stack([stream[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)]) if n else stream[:0].view(0, seq_len + 1)
+
+
+@torch.no_grad()
+def evaluate(model, val_rows: torch.Tensor, device, cfg, val_bytes: int, val_chars: int) -> dict:
+    """Held-out loss over every held-out token; bits per byte and per character of the held-out text."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(val_rows), cfg.batch_size):
+        rows = val_rows[i: i + cfg.batch_size].to(device)
+        with L.autocast(device, cfg.dtype):
+            logits = model(input_ids=rows[:, :-1]).logits.float()
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").item()
+        count += rows[:, 1:].numel()
+    model.train()
+    # The held-out rows cover `count` of the held-out tokens; scale the text size to the same share.
+    n_val_tokens = len(val_rows) * val_rows.shape[1] if len(val_rows) else 1
+    share = count / max(1, n_val_tokens)
+    bits = total / math.log(2)
+    return {"val_loss": total / max(1, count), "val_bpb": bits / max(1, val_bytes * share),
+            "val_bpc": bits / max(1, val_chars * share)}
+
+
+def run(cfg: Config, out: Path) -> Path:
+    from alignloop.model import create_causal_lm, flops_per_token, load_causal_lm, n_params, pick_device, save_model
+
+    data_path = resolve_path(cfg.data, out, "world/corpus.jsonl")
+    tok = ChatTokenizer.load(resolve_path(cfg.tokenizer, out, "tokenizer"))
+    stage = out / SECTION
+    train_ids, val_ids, val_bytes, val_chars = load_corpus(data_path, tok, cfg.val_fraction)
+    # Validation rows span the whole held-out stream (the final partial row is dropped).
+    train_rows, val_rows = rows_of(train_ids, cfg.seq_len), rows_of(val_ids, cfg.seq_len)
+    val_tokens_in_rows = len(val_rows) * cfg.seq_len
+    if val_tokens_in_rows:  # rescale bytes/chars to the tokens evaluated
+        frac = val_tokens_in_rows / max(1, len(val_ids) - 1)
+        val_bytes, val_chars = int(val_bytes * frac), int(val_chars * frac)
+    if len(train_rows) < 1:
+        raise InputError(f"corpus too small: {len(train_ids)} tokens for rows of {cfg.seq_len}", file=data_path)
+
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = load_causal_lm(cfg.init) if cfg.init else create_causal_lm(cfg.size, tok, seed=cfg.seed)
+    if model.config.vocab_size < tok.vocab_size:
+        raise InputError(f"model vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
+                         f"({tok.vocab_size})", field="tokenizer")
+    model.to(device).train()
+    opt = L.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    ckpts = L.Checkpoints(stage, keep=cfg.keep_checkpoints)
+    start, elapsed0 = 0, 0.0
+    state = ckpts.load() if cfg.resume else None
+    if state is not None:
+        L.restore(state, model, opt)
+        start, elapsed0 = state["step"], state.get("elapsed", 0.0)
+    metrics = L.Metrics(stage, resume_step=start if state is not None else None)
+    save_stage_config(out, SECTION, cfg)
+    if cfg.compile:
+        model.compile()  # in place; training rows have one fixed shape, so it compiles once
+    sampler = L.RowSampler(len(train_rows), cfg.batch_size, cfg.seed)
+    flops_tok, peak = flops_per_token(model, cfg.seq_len), L.peak_flops(device)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    print(f"pretrain: {n_params(model, False) / 1e6:.2f}M parameters, {len(train_rows)} rows of {cfg.seq_len} "
+          f"({len(train_ids) / 1e6:.2f}M tokens), {len(val_ids)} held-out tokens, device {device}")
+    bar = L.Progress(cfg.max_steps, "pretrain", start)
+    timer, last = L.Timer(), time.perf_counter()
+    step = start
+    for step in range(start, cfg.max_steps):
+        # With a time budget the schedule follows whichever budget is nearer its end.
+        elapsed = elapsed0 + timer.elapsed()
+        progress_step = step if not cfg.max_seconds else max(step, int(cfg.max_steps * elapsed / cfg.max_seconds))
+        L.set_lr(opt, L.lr_at(progress_step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            rows = train_rows[sampler.indices(step * cfg.grad_accum + micro)].to(device, non_blocking=True)
+            with L.autocast(device, cfg.dtype):
+                loss = _lm_loss(model, rows)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_val = loss_sum.item() / cfg.grad_accum  # the one host sync per step
+        now = time.perf_counter()
+        dt, last = now - last, now
+        tps = tokens_per_step / dt
+        rec = {"step": step + 1, "loss": loss_val, "lr": opt.param_groups[0]["lr"], "tokens_per_s": tps,
+               "elapsed_s": elapsed0 + timer.elapsed()}
+        if peak:
+            rec["mfu"] = flops_tok * tps / peak
+        done = step + 1 == cfg.max_steps or (cfg.max_seconds and rec["elapsed_s"] >= cfg.max_seconds)
+        if (step + 1) % cfg.eval_every == 0 or done:
+            rec |= evaluate(model, val_rows, device, cfg, val_bytes, val_chars) if len(val_rows) else {}
+            bar.write(f"step {step + 1}: loss {loss_val:.3f}" + (
+                f", held-out {rec['val_loss']:.3f} ({rec['val_bpb']:.3f} bits/byte)" if "val_loss" in rec else ""))
+            last = time.perf_counter()  # evaluation time is not training throughput
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            for text in sample_texts(model, tok, device):
+                bar.write(f"  sample: {text!r}")
+            last = time.perf_counter()
+        metrics.log(**rec)
+        bar.update(1, loss=loss_val, tok_s=int(tps))
+        if (step + 1) % cfg.checkpoint_every == 0 or done:
+            ckpts.save(step + 1, elapsed=rec["elapsed_s"], **L.capture(model, opt))
+        if done:
+            break
+    bar.close()
+    save_model(model, tok, stage)
+    final = L.read_jsonl_tolerant(metrics.path)[-1] if metrics.path.exists() else {}
+    if "val_loss" in final:
+        print(f"pretrain: held-out loss {final['val_loss']:.4f}, {final['val_bpb']:.4f} bits/byte, "
+              f"{final['val_bpc']:.4f} bits/char → {stage}")
+    return stage
+
+
+def _lm_loss(model, rows: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=rows[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
+
+
+def sample_texts(model, tok: ChatTokenizer, device, n_tokens: int = 24) -> list[str]:
+    """Greedy continuations of two fixed starts, to watch the model learn."""
+    from alignloop.engine import Engine
+    starts = ["The capital of", "Quiz night!"]
+    prompts = [tok.bos_ids + tok.encode(s) for s in starts]
+    outs = Engine(model, tok, device).generate(prompts, max_new_tokens=n_tokens, temperature=0.0)
+    return [s + o.text for s, o in zip(starts, outs)]

@@ -1,0 +1,62 @@
+"""Does the KL penalty matter? PPO from the same SFT policy against the same reward model with β = 0
+and with the default β; held-out gold score, reward-model score and KL to SFT of each.
+
+    python experiments/beta.py --run runs/tiny [--betas 0,0.1] [--iterations 30]
+
+The run directory must hold world/, sft/ and round-1/reward/ (the main job makes them). Each PPO run
+goes into a copy (runs/beta-<β>/) so the main run is left as it is. Results: docs/beta.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from alignloop.cli import run_stage  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/tiny")
+    ap.add_argument("--betas", default="0,0.1")
+    ap.add_argument("--iterations", type=int, default=30)
+    ap.add_argument("--preset", default="tiny")
+    args = ap.parse_args()
+    run = Path(args.run)
+    rows = []
+    for beta in [float(b) for b in args.betas.split(",")]:
+        out = run.parent / f"beta-{beta:g}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        for sub in ("world", "tokenizer", "sft", "config.toml"):
+            (out / sub).symlink_to((run / sub).resolve())
+        (out / "round-1").mkdir()
+        (out / "round-1" / "reward").symlink_to((run / "round-1" / "reward").resolve())
+        run_stage("ppo", ["--preset", args.preset, "--out", str(out), "--kl-coef", str(beta),
+                          "--iterations", str(args.iterations)])
+        run_stage("eval", ["--preset", args.preset, "--out", str(out), "--stage", "round-1/ppo",
+                           "--model", str(out / "round-1" / "ppo"), "--reward-model", str(out / "round-1" / "reward")])
+        m = json.loads((out / "eval.json").read_text())["stages"]["round-1/ppo"]
+        curve = [json.loads(l) for l in (out / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+        probes = [(r["kl_to_sft"], r["gold_probe"], r["rm_probe"]) for r in curve if "gold_probe" in r]
+        rows.append((beta, m, probes))
+    sft = json.loads((run / "eval.json").read_text())["stages"].get("sft")
+    print(f"\n{'policy':<12} {'gold':>13} {'helpful':>8} {'truthful':>9} {'harmless':>9} {'RM score':>9} {'KL':>6} {'distinct-2':>10}")
+    if sft:
+        print(f"{'sft':<12} {sft['gold_score']:>7.3f}±{sft['ci95']['gold_score']:.3f} {sft['helpful']:>8.2f} "
+              f"{sft['truthful']:>9.2f} {sft['harmless']:>9.2f} {'':>9} {0:>6.2f} {sft['distinct_2']:>10.2f}")
+    for beta, m, _ in rows:
+        print(f"{'β = %g' % beta:<12} {m['gold_score']:>7.3f}±{m['ci95']['gold_score']:.3f} {m['helpful']:>8.2f} "
+              f"{m['truthful']:>9.2f} {m['harmless']:>9.2f} {m['rm_score']:>+9.3f} {m['kl_to_sft']:>6.2f} {m['distinct_2']:>10.2f}")
+    for beta, _, probes in rows:
+        print(f"β = {beta:g}, along PPO (KL, probe gold, probe RM): " +
+              ", ".join(f"({k:.2f}, {g:.3f}, {r:+.3f})" for k, g, r in probes))
+
+
+if __name__ == "__main__":
+    main()

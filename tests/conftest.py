@@ -1,0 +1,117 @@
+"""Shared fixtures. A `micro` run directory (world + tokenizer + pretrained model) is built once per
+test session and copied for tests that write into it."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+os.environ.setdefault("ALIGNLOOP_QUIET", "1")
+
+
+def alignloop(*args, cwd=None, check=True, timeout=600):
+    """Run the real command line in a subprocess; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", "alignloop", *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "ALIGNLOOP_QUIET": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"alignloop {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def need_shared(name: str) -> Path:
+    path = SHARED / name
+    if not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{path} is missing under CI")
+        pytest.skip(f"real data {path} is absent (it lives in ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory) -> Path:
+    """world → tokenizer → pretrain on the micro preset (a few seconds)."""
+    run = tmp_path_factory.mktemp("micro") / "run"
+    from alignloop.cli import run_stage
+    for stage in ("world", "tokenizer", "pretrain"):
+        run_stage(stage, ["--preset", "micro", "--out", str(run)])
+    return run
+
+
+@pytest.fixture
+def micro_copy(micro_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(micro_run, dst)
+    return dst
+
+
+def _absent(reason: str):
+    """Locally a test whose server or browser is absent skips with the reason; under CI it fails."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (required under CI=true)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A real PostgreSQL server (`.ci/run` starts one and sets ALIGNLOOP_TEST_PG_URL)."""
+    url = os.environ.get("ALIGNLOOP_TEST_PG_URL")
+    if not url:
+        _absent("no PostgreSQL server: set ALIGNLOOP_TEST_PG_URL (as .ci/run does)")
+    return url
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """Debian's Chromium for Playwright (`.ci/run` installs it)."""
+    path = os.environ.get("ALIGNLOOP_CHROMIUM", "/usr/bin/chromium")
+    if not Path(path).exists():
+        _absent(f"no Chromium at {path}: apt-get install chromium (as .ci/run does)")
+    return path
+
+
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def run_interrupted(run_fn, cfg, out, stop_after: int, finished_marker: Path) -> None:
+    """Run a training stage and interrupt it (KeyboardInterrupt, as Ctrl-C) right after its checkpoint of
+    step `stop_after`; the interrupted stage must not look finished."""
+    from alignloop.train import loop as L
+    original = L.Checkpoints.save
+
+    def save_then_interrupt(self, step, **state):
+        path = original(self, step, **state)
+        if step == stop_after:
+            raise KeyboardInterrupt
+        return path
+    L.Checkpoints.save = save_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_fn(cfg, out)
+    finally:
+        L.Checkpoints.save = original
+    assert not finished_marker.exists(), "an interrupted run must not look finished"
+
+
+def naive_greedy(model, tok, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by full recomputation every step: no cache, no padding (the engine's reference)."""
+    import torch
+    ids, out = list(prompt), []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        logits[tok.vocab_size:] = float("-inf")
+        if tok.pad_id is not None and tok.pad_id not in tok.stop_ids:
+            logits[tok.pad_id] = float("-inf")
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        if nxt in tok.stop_ids:
+            break
+        ids.append(nxt)
+    return out

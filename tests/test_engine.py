@@ -1,0 +1,126 @@
+"""The one engine: KV cache equals naive recomputation, batch-mates do not matter, log-probs are true."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignloop.engine import Engine
+from alignloop.model import load_causal_lm
+from alignloop.tokenizer import ChatTokenizer
+from tests.conftest import naive_greedy
+
+QUESTIONS = ["What is the capital of Valdoria?", "hi", "Tell me, please, what is 7 plus 5 and why does it matter?"]
+
+
+@pytest.fixture(scope="module")
+def lm(micro_run):
+    torch.manual_seed(0)
+    model = load_causal_lm(micro_run / "pretrain").eval()
+    # A barely trained model is too peaked to notice a broken cache: randomise it a little more.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model, ChatTokenizer.load(micro_run / "pretrain")
+
+
+def prompts(tok):
+    return [tok.render_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+def test_kv_cache_equals_naive_recompute(lm):
+    model, tok = lm
+    outs = Engine(model, tok).generate(prompts(tok), max_new_tokens=20, temperature=0)
+    for p, o in zip(prompts(tok), outs):
+        assert o.ids == naive_greedy(model, tok, p, 20)
+
+
+def test_generic_path_equals_fast_path(lm):
+    model, tok = lm
+    fast = Engine(model, tok)
+    slow = Engine(model, tok)
+    slow.fast = False  # the DynamicCache path used for architectures without a fast path
+    a = fast.generate(prompts(tok), max_new_tokens=16, temperature=0)
+    b = slow.generate(prompts(tok), max_new_tokens=16, temperature=0)
+    assert [o.ids for o in a] == [o.ids for o in b]
+
+
+def test_output_does_not_depend_on_batch_mates(lm):
+    model, tok = lm
+    eng = Engine(model, tok)
+    ps = prompts(tok)
+    together = eng.generate(ps, max_new_tokens=16, temperature=0.8, seed=7)
+    alone = [eng.generate([p], max_new_tokens=16, temperature=0.8, seed=7)[0] for p in ps[:1]]
+    assert together[0].ids == alone[0].ids  # row 0 has the same seed stream alone or in a batch
+    # and greedy rows are identical whatever the padding around them
+    g_batch = eng.generate(ps, max_new_tokens=16, temperature=0)
+    g_alone = [eng.generate([p], max_new_tokens=16, temperature=0)[0] for p in ps]
+    assert [o.ids for o in g_batch] == [o.ids for o in g_alone]
+
+
+def test_logprobs_equal_a_separate_forward_pass(lm):
+    model, tok = lm
+    outs = Engine(model, tok).generate(prompts(tok), max_new_tokens=12, temperature=1.0, seed=3)
+    for p, o in zip(prompts(tok), outs):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + o.ids])).logits[0].float()
+        logits[:, tok.vocab_size:] = float("-inf")
+        logits[:, tok.pad_id] = float("-inf")
+        lp = torch.log_softmax(logits[len(p) - 1:-1], -1).gather(-1, torch.tensor(o.ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(o.logprobs), lp, atol=1e-4, rtol=0)
+
+
+def test_seed_reproducible_and_stop_strings(lm):
+    model, tok = lm
+    eng = Engine(model, tok)
+    a = eng.generate(prompts(tok), max_new_tokens=16, temperature=1.0, seed=11)
+    b = eng.generate(prompts(tok), max_new_tokens=16, temperature=1.0, seed=11)
+    assert [o.ids for o in a] == [o.ids for o in b]
+    word = a[0].text.split()[1] if len(a[0].text.split()) > 1 else None
+    if word:
+        c = eng.generate(prompts(tok)[:1], max_new_tokens=16, temperature=1.0, seed=11, stop=[word])[0]
+        assert word not in c.text and c.finish_reason == "stop" and a[0].text.startswith(c.text)
+
+
+def test_top_k_one_is_greedy_and_per_row_params(lm):
+    model, tok = lm
+    eng = Engine(model, tok)
+    ps = prompts(tok)
+    greedy = eng.generate(ps, max_new_tokens=10, temperature=0)
+    topk1 = eng.generate(ps, max_new_tokens=10, temperature=1.5, top_k=1, seed=5)
+    assert [o.ids for o in greedy] == [o.ids for o in topk1]
+    mixed = eng.generate(ps, max_new_tokens=[3, 10, 5], temperature=[0, 0, 0])
+    assert [len(o.ids) for o in mixed] <= [3, 10, 5]
+    assert mixed[1].ids == greedy[1].ids
+
+
+def test_streaming_and_cancel(lm):
+    model, tok = lm
+    pieces = []
+    out = Engine(model, tok).generate(prompts(tok)[:1], max_new_tokens=12, temperature=0,
+                                      on_token=lambda i, t: pieces.append(t))
+    assert "".join(pieces) == out[0].text
+    out = Engine(model, tok).generate(prompts(tok)[:1], max_new_tokens=12, temperature=0, on_token=lambda i, t: False)
+    assert out[0].finish_reason == "cancelled" and len(out[0].ids) <= 2
+
+
+def test_per_row_seeds_are_used_as_given(lm):
+    model, tok = lm
+    eng = Engine(model, tok)
+    ps = prompts(tok)
+    alone = eng.generate([ps[1]], max_new_tokens=12, temperature=1.0, seed=[42])[0]
+    placed_last = eng.generate([ps[0], ps[2], ps[1]], max_new_tokens=12, temperature=1.0, seed=[1, 2, 42])[2]
+    assert alone.ids == placed_last.ids
+
+
+def test_short_prompt_beside_a_long_one_keeps_its_token_budget(lm):
+    model, tok = lm
+    eng = Engine(model, tok)
+    eng.tok.stop_ids, saved = [], eng.tok.stop_ids
+    try:
+        long_prompt = tok.render_prompt([{"role": "user", "content": "word " * eng.ctx}])[: eng.ctx - 10]
+        short = prompts(tok)[1]
+        outs = eng.generate([long_prompt, short], max_new_tokens=30, temperature=0)
+        assert len(outs[0].ids) == eng.ctx - len(long_prompt)   # capped by the context
+        assert len(outs[1].ids) == 30                            # not by its batch-mate
+    finally:
+        eng.tok.stop_ids = saved

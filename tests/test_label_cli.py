@@ -1,0 +1,79 @@
+"""`alignloop label create-admin` and `alignloop label export` through the real command line."""
+import json
+
+from conftest import alignloop
+
+from alignloop.feedback import store
+from alignloop.io import read_records
+
+
+def test_create_admin(tmp_path):
+    run = tmp_path / "run"
+    pw = tmp_path / "pw"
+    pw.write_text("short\n")
+    r = alignloop("label", "create-admin", run, "--username", "root", "--password-file", pw, check=False)
+    assert r.returncode == 2 and "at least 8 characters" in r.stderr
+    pw.write_text("a good password\n")
+    alignloop("label", "create-admin", run, "--username", "root", "--password-file", pw)
+    r = alignloop("label", "create-admin", run, "--username", "root", "--password-file", pw, check=False)
+    assert r.returncode == 2 and "taken" in r.stderr
+    r = alignloop("label", "create-admin", run, "--username", "x", "--password-file", tmp_path / "nope", check=False)
+    assert r.returncode == 2 and "password file not found" in r.stderr
+    r = alignloop("label", "create-admin", run, "--username", "x", check=False)  # no terminal to ask on
+    assert r.returncode == 2 and "--password-file" in r.stderr
+    Sess = store.open_db(run)
+    with Sess() as db:
+        from alignloop.feedback.models import User
+        (user,) = db.query(User).all()
+    assert user.username == "root" and user.role == "admin" and user.password_hash.startswith("$argon2id$")
+
+
+def _labeled_run(run):
+    """Two labelers rank the same two items (K = 3) straight through the store."""
+    Sess = store.open_db(run)
+    with Sess.begin() as db:
+        ids = {n: store.create_user(db, n, f"{n}-password", "labeler").id for n in ("alice", "bob")}
+        pid = store.create_project(db, "p", "ranking", 3, 2).id
+    store.import_items(Sess, pid, [([{"role": "user", "content": f"q{i}"}], [f"a{i}", f"b{i}", f"c{i}"])
+                                   for i in range(2)])
+    for name, uid in ids.items():
+        while (task := store.next_task(Sess, uid, pid)) is not None:
+            fields = {"order": "2,1,0", "helpful_0": "1", "truthful_0": "2", "harmless_0": "3",
+                      **{f"{c}_{p}": "5" for c in store.CRITERIA for p in (1, 2)}}
+            store.submit(Sess, task.id, uid, store.ranking_answer(task.shown, fields))
+    Sess.kw["bind"].dispose()
+
+
+def test_export_into_the_newest_round_with_stable_pseudonyms(tmp_path):
+    run = tmp_path / "run"
+    r = alignloop("label", "export", run, check=False)
+    assert r.returncode == 2 and "no labeling database" in r.stderr
+    _labeled_run(run)
+    (run / "round-1").mkdir()
+    (run / "round-3").mkdir()
+    r = alignloop("label", "export", run, "--pseudonymize")
+    assert "round-3/rankings.jsonl" in r.stdout
+    recs = [rec for _, rec in read_records(run / "round-3" / "rankings.jsonl")]
+    assert len(recs) == 4 and not (run / "round-1" / "rankings.jsonl").exists()
+    for rec in recs:
+        assert set(rec) >= {"prompt", "completions", "ranking", "labeler", "flags", "ratings", "item_id", "all_bad"}
+        assert sorted(rec["ranking"]) == [0, 1, 2] and len(rec["ratings"]) == len(rec["flags"]) == 3
+        assert rec["labeler"].startswith("labeler-") and "alice" not in json.dumps(rec)
+        assert rec["prompt"][0]["role"] == "user"
+    assert len({rec["labeler"] for rec in recs}) == 2
+    first = (run / "round-3" / "rankings.jsonl").read_text()
+    alignloop("label", "export", run, "--pseudonymize", "--round", "3")
+    assert (run / "round-3" / "rankings.jsonl").read_text() == first  # same names, same file
+    alignloop("label", "export", run, "--round", "2")
+    assert {rec["labeler"] for _, rec in read_records(run / "round-2" / "rankings.jsonl")} == {"alice", "bob"}
+    assert (run / "round-2" / "demonstrations.jsonl").read_text() == ""
+    assert not list(run.glob("round-*/.*.tmp"))  # atomic writes leave no temporary file behind
+    r = alignloop("label", "export", run, "--round", "0", check=False)
+    assert r.returncode == 2 and "--round" in r.stderr
+
+
+def test_label_help_and_missing_run_dir(tmp_path):
+    r = alignloop("label", "--help")
+    assert "create-admin" in r.stdout and "--db" in r.stdout
+    r = alignloop("label", tmp_path / "typo", "--port", "1", check=False)
+    assert r.returncode == 2 and "run directory not found" in r.stderr

@@ -1,0 +1,119 @@
+"""report.html: a real micro run (SFT, two PPO rounds, every evaluation) rendered into one self-contained,
+escaped page; a run that stopped after pretraining renders with "not run yet"; bad run directories exit 2."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+from alignloop.cli import run_stage  # noqa: E402
+from alignloop.report import overopt_sentence, write_report  # noqa: E402
+from tests.conftest import alignloop  # noqa: E402
+
+IMG = re.compile(r'<img alt="[^"]*" src="data:image/png;base64,[A-Za-z0-9+/=]{200,}">')
+
+
+@pytest.fixture(scope="module")
+def full_run(micro_run, tmp_path_factory):
+    """micro: SFT → eval base/sft → sample → rank → reward → PPO round 1 → PPO round 2 (on round 1's
+    reward model) → eval of both PPO policies. Stages run in-process through the CLI's own dispatcher
+    (`run_stage`, as the micro_run fixture does) to keep the module well under two minutes."""
+    run = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(micro_run, run)
+    steps = [["sft"], ["eval", "--stage", "base"], ["eval", "--stage", "sft"], ["sample"], ["rank"], ["reward"],
+             ["ppo"], ["ppo", "--round", "2", "--reward-model", str(run / "round-1" / "reward")],
+             ["eval", "--stage", "round-1/ppo", "--model", str(run / "round-1" / "ppo")],
+             ["eval", "--stage", "round-2/ppo", "--model", str(run / "round-2" / "ppo")]]
+    for cmd, *args in steps:
+        run_stage(cmd, [*args, "--preset", "micro", "--out", str(run)])
+    return run
+
+
+def test_report_of_a_full_run(full_run):
+    proc = alignloop("report", full_run)  # the real command line, in a subprocess
+    path = full_run / "report.html"
+    assert str(path.resolve()) in proc.stdout
+    page = path.read_text(encoding="utf-8")
+    # one self-contained file: no external assets, no scripts
+    assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', page, re.I)
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+    for name in ("base", "sft", "round-1/ppo", "round-2/ppo", "round-1"):
+        assert f">{name}<" in page
+    # summary bars, RM calibration, pretrain, SFT, reward and PPO curves, gold-vs-proxy, diversity
+    imgs = re.findall(r"<img[^>]*>", page)
+    assert len(imgs) == 8 and all(IMG.fullmatch(i) for i in imgs)
+    assert "not run yet" not in page
+    assert "gold_probe measurements" in page  # the sentence on gold vs proxy, from the data
+    eval_json = json.loads((full_run / "eval.json").read_text())
+    answers = page.split("5. Side by side")[1]
+    shown = [e for e in eval_json["stages"]["sft"]["examples"] if f"· {e['id']}<" in answers]
+    assert len(shown) == 12 and len({e["category"] for e in shown}) == len({e["category"] for e in
+                                                                          eval_json["stages"]["sft"]["examples"]})
+
+
+def test_model_text_is_escaped(full_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("*.safetensors", "checkpoints"))
+    data = json.loads((run / "eval.json").read_text())
+    evil = "<script>alert(1)</script>"
+    data["stages"]["round-2/ppo"]["examples"][0]["answer"] = evil
+    for m in data["stages"].values():  # the prompt column shows the first stage's copy
+        m["examples"][0]["prompt"] = 'x"><img src=x onerror=alert(2)>'
+    data["stages"]["sft"]["categories"]["<b>cat</b>"] = data["stages"]["sft"]["categories"]["harmful"]
+    (run / "eval.json").write_text(json.dumps(data))
+    page = write_report(run).read_text(encoding="utf-8")
+    assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(2)&gt;" in page
+    assert "<b>cat</b>" not in page and "&lt;b&gt;cat&lt;/b&gt;" in page
+
+
+def test_report_of_a_run_that_stopped_after_pretraining(micro_copy):
+    path = write_report(micro_copy)
+    page = path.read_text(encoding="utf-8")
+    assert page.count("not run yet") >= 5  # summary, RM, SFT, reward, PPO curves, gold vs proxy, diversity, answers
+    assert len(IMG.findall(page)) == 1  # the pretraining curves
+    assert not list(micro_copy.glob(".report.html.*"))  # written atomically: no temporary left
+
+
+def test_report_with_base_and_sft_only(micro_copy):
+    """A run stopped after SFT: the table and answers show what exists, PPO sections say not run yet."""
+    stages = {}
+    for name in ("base", "sft"):
+        ex = [{"id": f"h-{i}", "category": "task", "prompt": f"p{i}", "answer": f"{name} {i}", "gold_score": 0.5}
+              for i in range(3)]
+        stages[name] = {"gold_score": 0.5, "helpful": 0.1, "truthful": 0.2, "harmless": 0.9, "n_prompts": 3,
+                        "ci95": {"gold_score": 0.1}, "rm_score": None, "kl_to_sft": None, "distinct_2": 0.8,
+                        "categories": {}, "examples": ex}
+    (micro_copy / "eval.json").write_text(json.dumps({"stages": stages, "reward_model": {},
+                                                      "fact_recall": {"base": 0.25, "n_facts": 60}}))
+    page = write_report(micro_copy).read_text(encoding="utf-8")
+    assert "sft 2" in page and "25.0%" in page and page.count("not run yet") >= 3
+
+
+def test_bad_run_directory_exits_2(tmp_path):
+    proc = alignloop("report", tmp_path / "nope", check=False)
+    assert proc.returncode == 2 and "run directory not found" in proc.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "eval.json").write_text('{"stages": [')
+    proc = alignloop("report", tmp_path / "run", check=False)
+    assert proc.returncode == 2 and "eval.json" in proc.stderr and "not valid JSON" in proc.stderr
+    assert not (tmp_path / "run" / "report.html").exists()
+    proc = alignloop("report", tmp_path, check=False)  # a folder, but not a run directory
+    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+
+
+def test_overoptimisation_sentence_reads_the_data():
+    def rows(gold, rm):
+        return [{"x": i + 1, "kl_to_sft": i / 2, "gold_probe": g, "rm_probe": r}
+                for i, (g, r) in enumerate(zip(gold, rm))]
+    exploited = overopt_sentence(rows([0.50, 0.60, 0.55, 0.52], [0.0, 0.5, 1.0, 1.5]))
+    assert "peaked at 0.600" in exploited and "ended at 0.520" in exploited and "exploiting" in exploited
+    kept_up = overopt_sentence(rows([0.50, 0.55, 0.60], [0.0, 0.5, 1.0]))
+    assert "gold kept up with the proxy" in kept_up
+    assert "Too few" in overopt_sentence(rows([0.5], [0.0]))

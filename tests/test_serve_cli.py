@@ -1,0 +1,63 @@
+"""`alignloop serve` as users run it: the real command in a subprocess, and its bad-input messages."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ROOT, alignloop
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args,says", [
+    (["/no/such/run"], "no such run or model folder"),
+    (["{world}"], "neither a Hugging Face model folder"),
+    (["{run}", "--model", "oops"], "expected NAME=DIR"),
+    (["--model", "x=/no/such/model"], "not a Hugging Face model folder"),
+    (["{run}", "--max-n", "0"], "--max-n"),
+    ([], "nothing to serve"),
+])
+def test_bad_arguments_exit_2(micro_run, args, says):
+    args = [a.format(run=micro_run, world=micro_run / "world") for a in args]
+    proc = alignloop("serve", *args, check=False, timeout=120)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+
+
+def test_serve_a_run_directory(micro_copy):
+    port = free_port()
+    env = {**os.environ, "ALIGNLOOP_QUIET": "1", "ALIGNLOOP_API_KEYS": "secret-1"}
+    proc = subprocess.Popen([sys.executable, "-m", "alignloop", "serve", str(micro_copy), "--port", str(port),
+                             "--max-batch", "8"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                httpx.get(url + "/openapi.json", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="secret-1", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["base"]           # the run's stages, by name
+        r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/").status_code == 200                    # the page itself needs no key
+        assert (micro_copy / "alignloop.db").exists()
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -116,9 +116,6 @@ class Scheduler:
             p, m = max(longest, len(job.prompt)), max(budget, job.max_new_tokens)
             if batch and p + m > ctx:
                 continue
-            # A seeded request must sit at row 0: the engine seeds row i from (seed, i).
-            if batch and job.seed is not None:
-                continue
             batch.append(job)
             rows, longest, budget = rows + job.n, p, m
         taken = {id(j) for j in batch}
@@ -147,7 +144,7 @@ class Scheduler:
                 top_p=[job.top_p for job, _ in rows],
                 top_k=[job.top_k for job, _ in rows],
                 stop=stops if any(stops) else None,
-                seed=[job.seed for job, _ in rows],
+                seed=[_row_seed(job.seed, c) for job, c in rows],
                 on_token=on_token)
         except Exception as e:  # noqa: BLE001 — the request gets the error; the worker must live on
             for job in batch:
@@ -165,3 +162,9 @@ def _drop_if_cancelled(job: Job) -> bool:
         job.emit("error", RuntimeError("cancelled"))
         return True
     return False
+
+
+def _row_seed(seed: int | None, choice: int) -> int | None:
+    """Choice c of a seeded request draws from its own seed: the n choices differ from one another, and
+    none depends on where the request sits in the batch (the engine uses a list of seeds as given)."""
+    return None if seed is None else (seed * 1_000_003 + choice) % 2**63

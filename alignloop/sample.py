@@ -7,7 +7,7 @@ carries no information) and dropped if they keep coming; a prompt left with fewe
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from alignloop.config import option

@@ -43,7 +43,7 @@ def ours(run: Path, args, name: str, *flags) -> dict:
 def trl_run(run: Path, args) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     from alignloop.model import load_scalar_model

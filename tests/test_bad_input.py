@@ -1,8 +1,6 @@
 """Bad input to the early stages: one message naming file, line and field; exit code 2; nothing written."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.conftest import alignloop
@@ -23,12 +21,12 @@ def test_bad_corpus(micro_copy, tmp_path, name, content, expect):
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
-    before = sorted(p.name for p in micro_copy.iterdir())
     (micro_copy / "pretrain").rename(micro_copy / "pretrain-old")
+    before = sorted(str(p.relative_to(micro_copy)) for p in micro_copy.rglob("*"))
     proc = _pretrain(micro_copy, path)
     assert proc.returncode == 2, proc.stderr
     assert expect in proc.stderr and "Traceback" not in proc.stderr
-    assert not (micro_copy / "pretrain").exists()
+    assert sorted(str(p.relative_to(micro_copy)) for p in micro_copy.rglob("*")) == before, "nothing half-written"
 
 
 @pytest.mark.parametrize("flag,value,field", [("--lr", "-1", "lr"), ("--batch-size", "0", "batch_size"),

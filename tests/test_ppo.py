@@ -20,7 +20,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # for any subprocess: a shared 2-
 
 from alignloop import cli  # noqa: E402
 from alignloop.config import resolve  # noqa: E402
-from alignloop.train import loop as L  # noqa: E402
 from alignloop.train import ppo as P  # noqa: E402
 from alignloop.train import reward as R  # noqa: E402
 from alignloop.train import rl  # noqa: E402
@@ -195,19 +194,6 @@ TIMING = {"episodes_per_s", "tokens_per_s", "generation_share"}
 
 def _run_until(cfg, out, stop_after):
     run_interrupted(P.run, cfg, out, stop_after, out / "round-1" / "ppo" / "config.json")
-
-    def save_then_interrupt(self, step, **state):
-        path = original(self, step, **state)
-        if step == stop_after:
-            raise KeyboardInterrupt
-        return path
-    L.Checkpoints.save = save_then_interrupt
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            P.run(cfg, out)
-    finally:
-        L.Checkpoints.save = original
-    assert not (out / "round-1" / "ppo" / "config.json").exists(), "an interrupted run must not look finished"
 
 
 def _metrics(out):

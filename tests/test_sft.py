@@ -86,7 +86,7 @@ def test_bad_demonstrations_exit_2_naming_line_and_field(micro_copy, record, fie
     bad.write_text(good + "\n" + json.dumps(record) + "\n")
     proc = alignloop("sft", "--preset", "micro", "--out", micro_copy, "--data", bad, check=False)
     assert proc.returncode == 2
-    assert f"bad.jsonl:2" in proc.stderr and field in proc.stderr
+    assert "bad.jsonl:2" in proc.stderr and field in proc.stderr
     assert not (micro_copy / "sft").exists()
 
 

@@ -3,6 +3,9 @@ and the next 300 to test, on a model pretrained FROM SCRATCH by alignloop on the
 
     python benchmarks/hh_rlhf.py [--seconds 150] [--out runs/bench-hh]
 
+Six of the 1,800 pairs are malformed in the source (an empty last assistant turn, or a turn marker that
+lost its newlines): `--skip-invalid` leaves them out and the run says how many.
+
 Steps: tokenizer on the 1,500 training dialogues → pretraining on their text for `--seconds` → the
 reward model (grouped loss, K = 2) on the 1,500 pairs → accuracy on the 300 held-out pairs (chance: 50%).
 """
@@ -41,7 +44,8 @@ def main():
                            "--max-steps", "100000", "--max-seconds", str(args.seconds), "--eval-every", "100000",
                            "--sample-every", "0", "--checkpoint-every", "100000", "--val-fraction", "0.02"])
     run_stage("reward", ["--out", str(out), "--data", str(out / "pairs.jsonl"), "--init", str(out / "pretrain"),
-                         "--demonstrations", "none", "--epochs", str(args.epochs), "--max-len", "256"])
+                         "--demonstrations", "none", "--epochs", str(args.epochs), "--max-len", "256",
+                         "--skip-invalid"])  # 6 of the 1,800 real pairs are malformed: counted, left out
     res = json.loads((out / "round-1" / "reward" / "eval.json").read_text())
     print(json.dumps({"held_out_pairs": res["n_pairs"], "pair_accuracy": round(res["pair_accuracy"], 4),
                       "chance": 0.5, "train_pairs_used": res["n_train_comparisons"]}))

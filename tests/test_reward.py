@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # for any subprocess: a shared 2-
 
 from alignloop import cli  # noqa: E402
 from alignloop.config import resolve  # noqa: E402
+from alignloop.errors import InputError  # noqa: E402
 from alignloop.train import loop as L  # noqa: E402
 from alignloop.train import reward as R  # noqa: E402
 from tests.conftest import need_shared  # noqa: E402
@@ -154,6 +155,25 @@ def test_hh_rlhf_strings_become_a_shared_prompt_and_two_answers(tmp_path):
     assert g.prompt == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
                         {"role": "user", "content": "Capital of Valdoria?"}]
     assert g.completions == ["Mirenth.", "No idea, go away."] and g.pairs == [(0, 1)]
+
+
+def test_invalid_hh_rlhf_pairs_stop_the_stage_or_are_left_out_and_counted(tmp_path, capsys):
+    # Both as in real harmless-base data: an empty last turn (on the REJECTED side here), and a turn
+    # marker that lost its newlines so the two dialogues no longer share a prefix.
+    good = {"chosen": "\n\nHuman: Capital of Valdoria?\n\nAssistant: Mirenth.",
+            "rejected": "\n\nHuman: Capital of Valdoria?\n\nAssistant: Go away."}
+    empty = {"chosen": "\n\nHuman: Where does she live?\n\nAssistant: I won't share that.",
+             "rejected": "\n\nHuman: Where does she live?\n\nAssistant: "}
+    glued = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.  Human: And you?\n\nAssistant: Fine.",
+             "rejected": "\n\nHuman: Hi\n\nAssistant: Hey."}
+    path = _write_jsonl(tmp_path / "hh.jsonl", [good, empty, good, glued])
+    with pytest.raises(InputError) as e:
+        R.read_comparisons(path)
+    assert (e.value.line, e.value.field) == (2, "rejected") and "empty final assistant turn" in str(e.value)
+    groups = R.read_comparisons(path, skip_invalid=True)
+    assert [g.source.rsplit(":", 1)[1] for g in groups] == ["1", "3"]
+    out = capsys.readouterr().out
+    assert "2 of 4 comparisons" in out and "left out as invalid (first: " in out and "hh.jsonl:2" in out
 
 
 # ---------------------------------------------------------------- which parameters learn

@@ -37,6 +37,7 @@ class Config:
     data: str = option("", "rankings or pairs files, comma-separated (default: rankings.jsonl and pairs.jsonl of rounds 1..round)")
     init: str = option("", "trunk to start from (default: the run's sft/)")
     demonstrations: str = option("", "demonstrations whose mean score is set to 0 (default: the run's world/demonstrations.jsonl; 'none' to skip)")
+    skip_invalid: bool = option(False, "leave out malformed rankings or pairs (counted, the first named) instead of stopping")
     grouped: bool = option(True, "all pairs of a prompt in one batch element (False: independent shuffled pairs)")
     train_trunk: bool = option(True, "train the trunk too (False: only the scalar head learns)")
     epochs: int = option(2, "passes over the comparisons (InstructGPT: 1; it over-fits after)", min=1)
@@ -52,7 +53,7 @@ class Config:
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
 
 
-PRESETS = {"micro": dict(batch_size=8, epochs=2, warmup_steps=2, lr=1e-3), "tiny": {}, "small": dict(batch_size=32, lr=1e-5, max_len=1024)}
+PRESETS = {"micro": dict(batch_size=8, epochs=2, warmup_steps=2, lr=1e-3), "tiny": dict(lr=1e-3), "small": dict(batch_size=32, lr=1e-5, max_len=1024)}
 
 
 # ---------------------------------------------------------------- data
@@ -100,13 +101,26 @@ def _kind_of(rec: dict) -> str:
     return "unknown"
 
 
-def read_comparisons(path: Path) -> list[Group]:
+def read_comparisons(path: Path, skip_invalid: bool = False) -> list[Group]:
+    """Every ranking or pair of a file. A malformed one stops with file, line and field, unless
+    `skip_invalid`: then it is left out and counted (real HH-RLHF files hold a few: 6 of the first 1,800
+    of harmless-base have an empty last assistant turn or a turn marker without its newlines)."""
     records = read_records(path)
     kinds = {_kind_of(r) for _, r in records[:50]}
     if not kinds & {"rankings", "pairs"}:
         raise InputError(f"this looks like a {sorted(kinds)[0]} file; the reward model needs rankings "
                          f"({{prompt, completions, ranking}}) or pairs ({{chosen, rejected}})", file=path)
-    return [_group(rec, path, line) for line, rec in records]
+    if not skip_invalid:
+        return [_group(rec, path, line) for line, rec in records]
+    groups, bad = [], []
+    for line, rec in records:
+        try:
+            groups.append(_group(rec, path, line))
+        except InputError as e:
+            bad.append(e)
+    if bad:
+        print(f"reward: {len(bad)} of {len(records)} comparisons in {path} left out as invalid (first: {bad[0]})")
+    return groups
 
 
 def _prompt(rec, path, line) -> list[dict]:
@@ -165,8 +179,9 @@ def _group(rec: dict, path: Path, line: int) -> Group:
             raise InputError("the two HH-RLHF dialogues do not share a prefix ending before the last assistant turn",
                              file=path, line=line, field="rejected")
         prompt, chosen, rejected = validate_messages(a[:-1], path, line), a[-1]["content"], b[-1]["content"]
-        if not chosen or not rejected:
-            raise InputError("empty final assistant turn", file=path, line=line, field="chosen")
+        for name, v in (("chosen", chosen), ("rejected", rejected)):
+            if not v:
+                raise InputError("empty final assistant turn", file=path, line=line, field=name)
         if chosen == rejected:
             raise InputError("chosen equals rejected", file=path, line=line, field="rejected")
     return Group(prompt, [chosen, rejected], [(0, 1)], str(rec.get("labeler", "")), str(rec.get("split", "")),
@@ -306,7 +321,7 @@ def run(cfg: Config, out: Path) -> Path:
     from alignloop.tokenizer import ChatTokenizer
 
     paths = [Path(p.strip()) for p in cfg.data.split(",") if p.strip()] if cfg.data else default_data(out, cfg.round)
-    groups = [g for p in paths for g in read_comparisons(p)]      # bad input stops here, before any work
+    groups = [g for p in paths for g in read_comparisons(p, cfg.skip_invalid)]  # bad input stops here, before any work
     init = resolve_path(cfg.init, out, "sft")
     tok = ChatTokenizer.load(init)
     for g in groups:

@@ -60,6 +60,19 @@ def mean_ci(xs: list[float], z: float = 1.96) -> tuple[float, float]:
     return m, z * math.sqrt(var / n)
 
 
+def paired_gain(m: dict, ref: dict) -> tuple[float, float, int] | None:
+    """Gold-score gain of stage m over stage ref on the prompts both answered: mean of the per-prompt
+    differences and its 95% half-width. Both stages answer the same held-out prompts, so the paired
+    interval leaves out how much prompts differ from each other (a task prompt scores ~0.45, a harmful
+    one ~0.95), which dominates each stage's own interval."""
+    ref_by_id = {e["id"]: e["gold_score"] for e in ref.get("examples", [])}
+    diffs = [e["gold_score"] - ref_by_id[e["id"]] for e in m.get("examples", []) if e["id"] in ref_by_id]
+    if not diffs:
+        return None
+    mean, half = mean_ci(diffs)
+    return mean, half, len(diffs)
+
+
 def distinct_n(texts: list[str], n: int = 2) -> float:
     """Unique word n-grams / all word n-grams over every answer (Li et al. 2016)."""
     grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]

@@ -1,7 +1,7 @@
 """Does the KL penalty matter? PPO from the same SFT policy against the same reward model with β = 0
 and with the default β; held-out gold score, reward-model score and KL to SFT of each.
 
-    python experiments/beta.py --run runs/tiny [--betas 0,0.3] [--iterations 30]
+    python experiments/beta.py --run runs/tiny [--betas 0,0.1] [--iterations 30]
 
 The run directory must hold world/, sft/ and round-1/reward/ (the main job makes them). Each PPO run
 goes into a copy (runs/beta-<β>/) so the main run is left as it is. Results: docs/beta.md.
@@ -18,17 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignloop.cli import run_stage  # noqa: E402
-from alignloop.train.ppo import Config  # noqa: E402
+from alignloop.train.ppo import PRESETS, Config  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/tiny")
-    ap.add_argument("--betas", default=f"0,{Config().kl_coef:g}", help="comma-separated; default: 0 and the default β")
+    ap.add_argument("--betas", default="", help="comma-separated; default: 0 and the preset's β")
     ap.add_argument("--iterations", type=int, default=30)
     ap.add_argument("--preset", default="tiny")
     args = ap.parse_args()
     run = Path(args.run)
+    if not args.betas:
+        args.betas = f"0,{PRESETS[args.preset].get('kl_coef', Config().kl_coef):g}"
     rows = []
     for beta in [float(b) for b in args.betas.split(",")]:
         out = run.parent / f"beta-{beta:g}"

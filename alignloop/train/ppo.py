@@ -41,7 +41,7 @@ class Config:
     ppo_epochs: int = option(2, "passes over each rollout batch", min=1)
     lr: float = option(3e-5, "policy learning rate (5e-5 over-optimised the tiny run: docs/LOG.md)", min=0.0, max=1.0)
     value_lr: float = option(1e-4, "value model learning rate", min=0.0, max=1.0)
-    kl_coef: float = option(0.3, "β, the per-token KL penalty to the reference (InstructGPT: 0.02; 0.1 let the tiny run over-optimise: docs/LOG.md)", min=0.0)
+    kl_coef: float = option(0.3, "β, the per-token KL penalty to the reference (InstructGPT: 0.02; β = 0 lets the policy exploit the reward model: docs/beta.md)", min=0.0)
     kl_target: float = option(0.0, "adaptive β toward this episode KL in nats (0: fixed β)", min=0.0)
     kl_horizon: int = option(10000, "adaptive-β horizon in episodes (Ziegler et al.)", min=1)
     gamma: float = option(1.0, "discount (1: the episode is one answer)", min=0.0, max=1.0)
@@ -67,7 +67,8 @@ class Config:
 PRESETS = {
     "micro": dict(iterations=4, batch_size=16, minibatch_size=8, max_new_tokens=24, probe_prompts=16,
                   probe_every=2, checkpoint_every=2),
-    "tiny": dict(),
+    # β 0.1 × 60 iterations: 0.3 × 30 moved the tiny policy too little to show a gain (docs/beta.md, LOG.md)
+    "tiny": dict(iterations=60, kl_coef=0.1),
     "small": dict(iterations=200, batch_size=256, minibatch_size=64, lr=1e-5, value_lr=2e-5, kl_coef=0.02,
                   max_new_tokens=128, probe_prompts=500),
 }

@@ -141,6 +141,7 @@ def rates(m: dict) -> list[str]:
 
 
 def summary(ev: dict, run: Path) -> str:
+    from alignloop.evaluate import paired_gain  # here: evaluate imports torch, the report needs it only for this
     stages, names = ev["stages"], stage_order(ev["stages"])
     out = [MISSING + "<small>(no stage evaluated yet: <code>alignloop eval --stage base</code> …)</small>"]
     if names:
@@ -151,7 +152,13 @@ def summary(ev: dict, run: Path) -> str:
                                              fmt(m.get("n_prompts"), ".0f")] for s in names for m in (stages[s],)]),
                "<small>± is the 95% interval half-width; rates are shares of the held-out prompts. RM score: by the "
                "newest reward model when that stage was evaluated (– where none existed yet), so rows may use "
-               "different reward models; KL to SFT – where not measured.</small>", bars(stages, names)]
+               "different reward models; KL to SFT – where not measured.</small>"]
+        gains = [(s, g) for s in names if s not in ("base", "sft") and "sft" in stages
+                 for g in (paired_gain(stages[s], stages["sft"]),) if g]
+        if gains:
+            out.append("<p>Gold-score gain over SFT on the same prompts (paired: the spread between prompts cancels): "
+                       + ", ".join(f"{esc(s)} <b>{d:+.3f} ± {h:.3f}</b> (n {n})" for s, (d, h, n) in gains) + ".</p>")
+        out.append(bars(stages, names))
         cats = sorted({c for s in names for c in stages[s].get("categories") or {}})
         rows = [[f"<b>{esc(c)}</b>" if j == 0 else "", esc(s)] + rates(b) + [fmt(b.get("n_prompts"), ".0f")]
                 for c in cats for j, (s, b) in enumerate((s, stages[s]["categories"][c]) for s in names

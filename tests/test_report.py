@@ -51,6 +51,9 @@ def test_report_of_a_full_run(full_run):
     assert "not run yet" not in page
     assert "gold_probe measurements" in page  # the sentence on gold vs proxy, from the data
     eval_json = json.loads((full_run / "eval.json").read_text())
+    # the paired gain over SFT, one per RL stage, with the number of shared prompts
+    n = eval_json["stages"]["sft"]["n_prompts"]
+    assert re.search(rf"round-1/ppo <b>[+-]\d\.\d{{3}} ± \d\.\d{{3}}</b> \(n {n}\), round-2/ppo <b>", page)
     answers = page.split("5. Side by side")[1]
     shown = [e for e in eval_json["stages"]["sft"]["examples"] if f"· {e['id']}<" in answers]
     assert len(shown) == 12 and len({e["category"] for e in shown}) == len({e["category"] for e in

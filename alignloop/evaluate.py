@@ -73,6 +73,14 @@ def paired_gain(m: dict, ref: dict) -> tuple[float, float, int] | None:
     return mean, half, len(diffs)
 
 
+def gains_over_sft(stages: dict) -> list[tuple[str, tuple[float, float, int]]]:
+    """(stage, paired gain) for every stage after SFT — what the run's table and the report show."""
+    if "sft" not in stages:
+        return []
+    return [(s, g) for s, m in stages.items() if s not in ("base", "sft")
+            for g in (paired_gain(m, stages["sft"]),) if g]
+
+
 def distinct_n(texts: list[str], n: int = 2) -> float:
     """Unique word n-grams / all word n-grams over every answer (Li et al. 2016)."""
     grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]

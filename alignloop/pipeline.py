@@ -228,7 +228,7 @@ def _fact_recall(out: Path, device: str) -> None:
 
 
 def _print_table(out: Path) -> None:
-    from alignloop.evaluate import format_categories, format_row, paired_gain
+    from alignloop.evaluate import format_categories, format_row, gains_over_sft
     data = _load_eval(out)
     if "fact_recall" in data:
         print(f"fact recall (base): {data['fact_recall']['base']:.1%}")
@@ -236,10 +236,8 @@ def _print_table(out: Path) -> None:
     for stage, m in stages.items():
         print(format_row(stage, m))
         print(format_categories(m))
-    for stage, m in stages.items():
-        gain = paired_gain(m, stages["sft"]) if "sft" in stages and stage not in ("base", "sft") else None
-        if gain:
-            print(f"gold gain of {stage} over sft on the same {gain[2]} prompts (paired): {gain[0]:+.3f}±{gain[1]:.3f}")
+    for stage, (gain, half, n) in gains_over_sft(stages):
+        print(f"gold gain of {stage} over sft on the same {n} prompts (paired): {gain:+.3f}±{half:.3f}")
     for rnd, rm in data.get("reward_model", {}).items():
         print(f"reward model {rnd}: pair accuracy {rm['pair_accuracy']:.3f}, labeler agreement {rm['labeler_agreement']:.3f}")
     if (out / "report.html").exists():

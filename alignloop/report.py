@@ -141,7 +141,7 @@ def rates(m: dict) -> list[str]:
 
 
 def summary(ev: dict, run: Path) -> str:
-    from alignloop.evaluate import paired_gain  # here: evaluate imports torch, the report needs it only for this
+    from alignloop.evaluate import gains_over_sft  # here: evaluate imports torch, the report needs it only for this
     stages, names = ev["stages"], stage_order(ev["stages"])
     out = [MISSING + "<small>(no stage evaluated yet: <code>alignloop eval --stage base</code> …)</small>"]
     if names:
@@ -153,8 +153,7 @@ def summary(ev: dict, run: Path) -> str:
                "<small>± is the 95% interval half-width; rates are shares of the held-out prompts. RM score: by the "
                "newest reward model when that stage was evaluated (– where none existed yet), so rows may use "
                "different reward models; KL to SFT – where not measured.</small>"]
-        gains = [(s, g) for s in names if s not in ("base", "sft") and "sft" in stages
-                 for g in (paired_gain(stages[s], stages["sft"]),) if g]
+        gains = gains_over_sft({s: stages[s] for s in names})
         if gains:
             out.append("<p>Gold-score gain over SFT on the same prompts (paired: the spread between prompts cancels): "
                        + ", ".join(f"{esc(s)} <b>{d:+.3f} ± {h:.3f}</b> (n {n})" for s, (d, h, n) in gains) + ".</p>")

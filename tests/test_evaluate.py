@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from alignloop.evaluate import mean_ci, paired_gain, wilson_halfwidth
+from alignloop.evaluate import gains_over_sft, mean_ci, paired_gain, wilson_halfwidth
 
 
 def test_wilson_halfwidth_by_hand():
@@ -25,6 +25,10 @@ def test_paired_gain_uses_only_shared_prompts():
     mean, half, n = paired_gain(m, ref)
     assert (round(mean, 6), round(half, 6), n) == (0.2, 0.226321, 3)
     assert paired_gain(m, {"examples": []}) is None
+    # every stage after SFT, none for base and SFT themselves, none without an SFT stage
+    stages = {"base": ref, "sft": ref, "round-1/ppo": m}
+    assert [(s, round(g[0], 6)) for s, g in gains_over_sft(stages)] == [("round-1/ppo", 0.2)]
+    assert gains_over_sft({"base": ref, "round-1/ppo": m}) == []
 
 
 def test_paired_interval_is_narrower_than_the_stages_own_when_prompts_differ():

@@ -111,13 +111,13 @@ def read_comparisons(path: Path, skip_invalid: bool = False) -> list[Group]:
     if not kinds & {"rankings", "pairs"}:
         raise InputError(f"this looks like a {sorted(kinds)[0]} file; the reward model needs rankings "
                          f"({{prompt, completions, ranking}}) or pairs ({{chosen, rejected}})", file=path)
-    if not skip_invalid:
-        return [_group(rec, path, line) for line, rec in records]
     groups, bad = [], []
     for line, rec in records:
         try:
             groups.append(_group(rec, path, line))
         except InputError as e:
+            if not skip_invalid:
+                raise
             bad.append(e)
     if bad:
         print(f"reward: {len(bad)} of {len(records)} comparisons in {path} left out as invalid (first: {bad[0]})")

@@ -30,7 +30,8 @@ def database_url(run_dir: str | Path | None, url: str | None = None) -> str:
 
 
 def connect(url: str) -> Engine:
-    """An engine; SQLite gets WAL (readers do not block the writer), a busy timeout and foreign keys."""
+    """An engine; SQLite gets WAL (readers do not block the writer), a busy timeout and foreign keys.
+    On both, text is stored without NUL characters (see `_without_nul`)."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
     if url.startswith("sqlite"):
@@ -43,8 +44,25 @@ def connect(url: str) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
-        return engine
-    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    else:
+        engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    event.listen(engine, "before_cursor_execute", _without_nul, retval=True)
+    return engine
+
+
+def _without_nul(conn, cursor, statement, parameters, context, executemany):
+    """PostgreSQL text cannot hold NUL (U+0000) and refuses the whole statement; a byte-level model can
+    sample that byte and a user can type it. Every text parameter, of every table, has it replaced by
+    U+FFFD (visible as "something unprintable was here") — on SQLite too, so both store the same."""
+    def clean(v):
+        if isinstance(v, str):
+            return v.replace("\x00", "\ufffd") if "\x00" in v else v
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(clean(x) for x in v)
+        return v
+    return statement, clean(parameters)
 
 
 def migrate(engine: Engine) -> None:

@@ -43,8 +43,10 @@ class Engine:
         cfg = model.config
         self.ctx = getattr(cfg, "max_position_embeddings", 2048)
         self.fast = cfg.model_type in FAST_TYPES and hasattr(model, "model") and hasattr(model.model, "layers")
-        self.n_valid = tok.vocab_size  # padded embedding rows beyond the tokenizer are never sampled
-        self.banned = [tok.pad_id] if tok.pad_id is not None and tok.pad_id not in tok.stop_ids else []
+        # padded embedding rows beyond the tokenizer, and <|pad|>, are never sampled (the one vocabulary
+        # mask: PPO's and evaluation's log-probs use the same)
+        from alignloop.forward import allowed_tokens
+        self.allowed = allowed_tokens(tok, model.get_output_embeddings().weight.shape[0])
 
     # ------------------------------------------------------------------ public
 
@@ -131,7 +133,7 @@ class Engine:
         texts = [""] * B
         alive = [limits[b] > 0 for b in range(B)]
         stop_ids = set(self.tok.stop_ids)
-        sampler = _Sampler(params, self.n_valid, self.banned)
+        sampler = _Sampler(params, self.allowed)
         for t in range(max_new):
             nxt, lp = sampler(logits)
             nxt_l, lp_l = nxt.tolist(), lp.tolist()
@@ -199,8 +201,8 @@ class Engine:
         out = []
         for layer in self.model.model.layers:
             a, mlp = layer.self_attn, layer.mlp
-            cat = lambda mods, attr: (torch.cat([getattr(x, attr) for x in mods])
-                                      if getattr(mods[0], attr, None) is not None else None)
+            cat = lambda mods, attr: (torch.cat([_effective(x, attr) for x in mods])
+                                      if _effective(mods[0], attr) is not None else None)
             qkv, gu = (a.q_proj, a.k_proj, a.v_proj), (mlp.gate_proj, mlp.up_proj)
             out.append({"qkv_w": cat(qkv, "weight"), "qkv_b": cat(qkv, "bias"), "gu_w": cat(gu, "weight"),
                         "gu_b": cat(gu, "bias"), "n_q": a.q_proj.weight.shape[0], "n_k": a.k_proj.weight.shape[0],
@@ -251,6 +253,20 @@ class Engine:
         return out.logits[:, -1]
 
 
+def _effective(linear, attr: str):
+    """A linear layer's weight or bias as it acts now. A `peft` LoRA layer (PPO with --lora-rank) keeps
+    its base weight aside: its update B·A·scale is added for each active adapter, so the engine samples
+    from the policy being trained, not from its frozen base."""
+    if hasattr(linear, "base_layer") and hasattr(linear, "get_delta_weight"):
+        value = getattr(linear.base_layer, attr)
+        if attr == "weight" and not linear.disable_adapters and not linear.merged:
+            for name in linear.active_adapters:
+                if name in linear.lora_A:
+                    value = value + linear.get_delta_weight(name)
+        return value
+    return getattr(linear, attr, None)
+
+
 @dataclass
 class Params:
     max_new_tokens: int = 64
@@ -265,19 +281,16 @@ class Params:
 class _Sampler:
     """Per-row temperature / top-k / top-p, vectorised; one uniform draw per row from its own generator."""
 
-    def __init__(self, params: list[Params], n_valid: int, banned: list[int]):
+    def __init__(self, params: list[Params], allowed: torch.Tensor):
         self.temp = torch.tensor([max(float(p.temperature), 1e-6) for p in params])[:, None]
         self.greedy = torch.tensor([p.temperature <= 0 for p in params])
         self.top_p = torch.tensor([float(p.top_p) for p in params])[:, None]
         self.top_k = [int(p.top_k or 0) for p in params]
         self.gens = [p.gen for p in params]
-        self.n_valid, self.banned = n_valid, banned
+        self.blocked = ~allowed
 
     def __call__(self, logits: torch.Tensor):
-        logits = logits.float().cpu()
-        logits[:, self.n_valid:] = float("-inf")
-        if self.banned:
-            logits[:, self.banned] = float("-inf")
+        logits = logits.float().cpu().masked_fill(self.blocked, float("-inf"))
         greedy_ids = logits.argmax(-1)
         greedy_lp = torch.log_softmax(logits, -1).gather(-1, greedy_ids[:, None]).squeeze(-1)
         if bool(self.greedy.all()):

@@ -189,7 +189,7 @@ def test_resume_with_another_configuration_is_refused(rm_critic, tmp_path, capsy
 
 RESUME = dict(iterations=4, checkpoint_every=2, batch_size=8, minibatch_size=4, max_new_tokens=12, probe_prompts=4,
               probe_every=2, kl_target=1.0, kl_horizon=100, ptx_coef=0.5, lr=3e-4)
-TIMING = {"episodes_per_s", "tokens_per_s", "generation_share"}
+TIMING = {"episodes_per_s", "tokens_per_s", "generation_share", "peak_memory_gb"}
 
 
 def _run_until(cfg, out, stop_after):

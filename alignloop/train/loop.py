@@ -99,12 +99,19 @@ class Checkpoints:
 
 
 def capture(model, opt) -> dict:
-    """What a checkpoint holds for a model and its optimizer."""
-    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "optim": opt.state_dict()}
+    """What a checkpoint holds for a model and its optimizer: the whole state, or — for a partly frozen
+    model (LoRA, top layers) — only what learns (the rest is reloaded from the stage's start)."""
+    if all(p.requires_grad for p in model.parameters()):
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    else:
+        state = trainable_state(model)
+    return {"model": state, "optim": opt.state_dict()}
 
 
 def restore(state: dict, model, opt) -> None:
-    model.load_state_dict(state["model"])
+    missing = model.load_state_dict(state["model"], strict=False)
+    if missing.unexpected_keys:
+        raise ValueError(f"checkpoint holds parameters this model lacks: {missing.unexpected_keys[:3]}")
     opt.load_state_dict(state["optim"])
 
 
@@ -167,3 +174,52 @@ def peak_flops(device: torch.device) -> float | None:
         if re.search(pattern, name):
             return flops
     return None
+
+
+# ---------------------------------------------------------------- memory: LoRA, checkpointing, peak
+
+
+def apply_lora(model, rank: int, alpha: float, scalar_head: bool = False):
+    """Low-rank adapters (`peft`) on every linear layer of the decoder; the base weights freeze. A scalar
+    (reward/value) head is trained in full (`modules_to_save`). Returns the wrapped model."""
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
+                     task_type="SEQ_CLS" if scalar_head else "CAUSAL_LM",
+                     modules_to_save=["score"] if scalar_head else None)
+    return get_peft_model(model, cfg)
+
+
+def merged(model):
+    """The plain `transformers` model to save: LoRA adapters merged into the weights (an ordinary Hugging
+    Face folder that any tool loads), or the model itself."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def train_top_layers(model, n: int) -> None:
+    """Only the last n decoder blocks, the final norm and the scalar head learn (n = 0: the head alone;
+    n < 0: everything)."""
+    if n < 0:
+        return
+    from alignloop.forward import unwrap
+    m = unwrap(model)
+    trunk = getattr(m, m.base_model_prefix)
+    layers = trunk.layers
+    keep = {id(p) for layer in list(layers)[len(layers) - n:] for p in layer.parameters()}
+    keep |= {id(p) for p in trunk.norm.parameters()} if n else set()
+    keep |= {id(p) for p in m.score.parameters()}
+    for p in m.parameters():
+        p.requires_grad = id(p) in keep
+
+
+def trainable_state(model) -> dict:
+    """What a checkpoint needs of a partly frozen model: only the parameters that learn."""
+    return {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def peak_memory_gb(device) -> float:
+    """Peak memory of this process: the GPU allocator's peak on CUDA, else the resident set's peak."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

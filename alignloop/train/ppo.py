@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from alignloop import forward as F_
+
 from alignloop.config import option
 from alignloop.errors import InputError
 from alignloop.rundir import resolve_path, save_stage_config
@@ -53,7 +55,12 @@ class Config:
     missing_end_penalty: float = option(-1.0, "added to the score of an answer that never emits end-of-turn", max=0.0)
     ptx_coef: float = option(0.0, "γ_ptx: weight of the pretraining LM loss mixed in (PPO-ptx; InstructGPT: 27.8)", min=0.0)
     ptx_data: str = option("", "pretraining text for PPO-ptx (default: the run's world/corpus.jsonl)")
-    temperature: float = option(1.0, "rollout sampling temperature", min=0.01, max=5.0)
+    temperature: float = option(1.0, "rollout sampling temperature; log-probs use the same logits / τ", min=0.01, max=5.0)
+    lora_rank: int = option(0, "LoRA adapters of this rank for the policy and value models (0: full weights); "
+                            "the reference is then the policy with its adapters off, the reward model the value "
+                            "model with its adapters off (one copy of each base); saved merged", min=0)
+    lora_alpha: float = option(16.0, "LoRA scale α (the update is scaled by α / rank)", min=0.0)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, ~30% slower)")
     max_new_tokens: int = option(48, "answer length limit in tokens", min=1)
     probe_prompts: int = option(100, "held-out world prompts whose gold score is logged (0: none)", min=0)
     probe_every: int = option(5, "log the probe's gold score every N iterations", min=1)
@@ -74,36 +81,15 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------- batching
+# ---------------------------------------------------------------- batching (alignloop/forward.py)
+
+layout, state_values = F_.layout, F_.state_values
 
 
-def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device):
-    """Prompts LEFT-padded to P, responses RIGHT-padded to R: every response starts at column P, so the
-    action slice is the same for the whole batch. Returns ids, attention, positions (B, P+R), the
-    response mask (B, R) and P."""
-    B, P, R = len(prompts), max(map(len, prompts)), max(1, max(map(len, responses)))
-    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, P + R), dtype=torch.long)
-    for b, (p, r) in enumerate(zip(prompts, responses)):
-        ids[b, P - len(p):P], attn[b, P - len(p):P] = torch.tensor(p), 1
-        if r:
-            ids[b, P:P + len(r)], attn[b, P:P + len(r)] = torch.tensor(r), 1
-    pos = (attn.cumsum(1) - 1).clamp(min=0)
-    return ids.to(device), attn.to(device), pos.to(device), attn[:, P:].to(device), P
-
-
-def action_logprobs(model, ids, attn, pos, P: int, with_entropy: bool = False):
-    """log π(response token t | state t) for t = 0..R−1, from one forward pass: (B, R)."""
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, P:, None]).squeeze(-1)
-    return (logp, rl.entropy_from_logits(logits)) if with_entropy else logp
-
-
-def state_values(value_model, ids, attn, pos, P: int):
-    """V(state t) for t = 0..R−1: the value head at the position that predicts response token t."""
-    trunk = getattr(value_model, value_model.base_model_prefix)
-    hidden = trunk(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
-    return value_model.score(hidden[:, P - 1:-1]).squeeze(-1).float()
+def action_logprobs(model, ids, attn, pos, P: int, with_entropy: bool = False, allowed=None, temperature: float = 1.0):
+    """log π(response token t | state t) for t = 0..R−1 from one forward pass: (B, R). Over the engine's
+    vocabulary (`allowed`) and from logits / τ: the distribution the rollout was sampled from."""
+    return F_.action_logprobs(model, ids, attn, pos, P, allowed, temperature, with_entropy)
 
 
 # ---------------------------------------------------------------- consistency checks
@@ -135,6 +121,7 @@ def check_stages(policy: Path, reference: Path, reward: Path, value: Path) -> No
 
 
 def run(cfg: Config, out: Path) -> Path:
+    import contextlib
     from alignloop.engine import Engine
     from alignloop.model import load_causal_lm, load_scalar_model, pick_device, save_model
     from alignloop.sample import read_prompts
@@ -159,9 +146,27 @@ def run(cfg: Config, out: Path) -> Path:
         p = next(p for p, x in zip(prompts, prompt_ids) if len(x) + 8 > ctx)
         raise InputError(f"a prompt leaves no room to answer in the {ctx}-token context (id {p['id']})",
                          file=prompts_path, line=p["_line"], field="prompt")
-    ref = load_causal_lm(reference).to(device).eval().requires_grad_(False)
-    scorer = RewardScorer(rm_path, device)
+    # Frozen models: bf16 on a GPU, fp32 on the CPU. With LoRA the reference is the policy with its
+    # adapters off when both start from the same folder, and the reward model is the value model with its
+    # adapters off when the value starts from it: one copy of each base model's weights.
+    frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
     value = load_scalar_model(value_path).to(device)
+    if cfg.gradient_checkpointing:
+        value.gradient_checkpointing_enable()
+    if cfg.lora_rank:
+        policy = L.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+        value = L.apply_lora(value, cfg.lora_rank, cfg.lora_alpha, scalar_head=True)
+    if cfg.lora_rank and reference.resolve() == init.resolve():
+        ref, ref_ctx = policy, policy.disable_adapter
+    else:
+        ref, ref_ctx = load_causal_lm(reference, dtype=frozen).to(device).eval().requires_grad_(False), contextlib.nullcontext
+    if cfg.lora_rank and value_path.resolve() == rm_path.resolve():
+        scorer = RewardScorer(rm_path, device, model=value, context=value.disable_adapter)
+    else:
+        scorer = RewardScorer(rm_path, device, dtype=frozen)
+    allowed = F_.allowed_tokens(tok, policy.config.vocab_size, device)
     opt_p = L.make_optimizer(policy, cfg.lr, 0.0)
     opt_v = L.make_optimizer(value, cfg.value_lr, 0.0)
     kl_ctl = rl.AdaptiveKL(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
@@ -178,37 +183,59 @@ def run(cfg: Config, out: Path) -> Path:
             raise InputError(f"--resume on a PPO folder of another configuration ({diff}: {saved.get(diff)!r} there, "
                              f"{now[diff]!r} now)", file=stage, field=diff)
         L.restore(state, policy, opt_p)
-        value.load_state_dict(state["value"])
-        opt_v.load_state_dict(state["optim_value"])
+        L.restore({"model": state["value"], "optim": state["optim_value"]}, value, opt_v)
         kl_ctl.beta, start = state["beta"], state["step"]
     metrics = L.Metrics(stage, resume_step=start if state is not None else None)
     save_stage_config(out, SECTION, cfg)
-    engine = Engine(policy, tok, device, max_batch=cfg.batch_size)
+    engine = Engine(F_.unwrap(policy), tok, device, max_batch=cfg.batch_size)
     print(f"ppo: round {cfg.round}, policy {init}, reward model {rm_path}, {len(prompts)} prompts, "
-          f"{cfg.iterations} iterations × {cfg.batch_size} episodes, β {kl_ctl.beta}")
+          f"{cfg.iterations} iterations × {cfg.batch_size} episodes, β {kl_ctl.beta}"
+          + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""))
     if probe and start == 0:
         metrics.log(step=0, kl_to_sft=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
     bar = L.Progress(cfg.iterations, f"ppo round {cfg.round}", start)
+    amp = lambda: L.autocast(device, cfg.dtype)  # noqa: E731 — old, reference and new log-probs alike
+
+    def logprobs(model, mb, with_entropy=False):
+        return action_logprobs(model, ids[mb], attn[mb], pos[mb], P, with_entropy, allowed, cfg.temperature)
+
     for it in range(start, cfg.iterations):
         t0 = time.perf_counter()
         rng = random.Random(cfg.seed * 1_000_003 + it)
         batch = rng.sample(range(len(prompts)), min(cfg.batch_size, len(prompts)))
-        # ---- rollout
-        outs = engine.generate([prompt_ids[i] for i in batch], max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, seed=cfg.seed * 7_919 + it)
+        # ---- rollout (LoRA: the engine runs the merged-on-the-fly policy, adapters active)
+        with amp():
+            outs = engine.generate([prompt_ids[i] for i in batch], max_new_tokens=cfg.max_new_tokens,
+                                   temperature=cfg.temperature, seed=cfg.seed * 7_919 + it)
         t_gen = time.perf_counter() - t0
         responses = [o.ids for o in outs]
         ended = torch.tensor([bool(r) and r[-1] in tok.stop_ids for r in responses], dtype=torch.float32)
+        # Minibatches of every epoch, drawn now: the first epoch's minibatches are also how the old
+        # log-probs, reference log-probs and values are computed, so the first update sees exactly the
+        # inputs (same rows, same shapes, same autocast) that produced the old log-probs: ratio 1.
+        epochs = []
+        for _ in range(cfg.ppo_epochs):
+            order = list(range(len(batch)))
+            rng.shuffle(order)
+            epochs.append([torch.tensor(order[s:s + cfg.minibatch_size], device=device)
+                           for s in range(0, len(order), cfg.minibatch_size)])
         # ---- score and assemble rewards (no gradients)
         with torch.no_grad():
-            rm_seqs = [prompt_ids[i] + (r if e else r + [tok.end_id]) for i, r, e in zip(batch, responses, ended)]
-            score = torch.tensor(scorer.score_ids(rm_seqs), device=device)
+            # the reward model reads its score where it was trained to: see ChatTokenizer.scored_ids
+            score = torch.tensor(scorer.score_ids([tok.scored_ids(prompt_ids[i], r) for i, r in zip(batch, responses)]),
+                                 device=device)
             score_raw = score.clone()
             score = score + cfg.missing_end_penalty * (1 - ended.to(device))
             ids, attn, pos, mask, P = layout([prompt_ids[i] for i in batch], responses, tok.pad_id, device)
-            old_logp = action_logprobs(policy, ids, attn, pos, P)
-            ref_logp = action_logprobs(ref, ids, attn, pos, P)
-            old_values = state_values(value, ids, attn, pos, P)
+            old_logp, ref_logp, old_values = (torch.zeros(mask.shape, device=device) for _ in range(3))
+            policy.eval(), value.eval()
+            with amp():
+                for mb in epochs[0]:
+                    old_logp[mb] = logprobs(policy, mb)
+                    with ref_ctx():
+                        ref_logp[mb] = logprobs(ref, mb)
+                    old_values[mb] = state_values(value, ids[mb], attn[mb], pos[mb], P)
+            policy.train(), value.train()
             kl = rl.kl_per_token(old_logp, ref_logp) * mask
             rewards = rl.token_rewards(score, kl, mask, kl_ctl.beta)
             if cfg.whiten_rewards:
@@ -218,33 +245,33 @@ def run(cfg: Config, out: Path) -> Path:
                 adv = rl.whiten(adv, mask)
         # ---- PPO epochs over minibatches
         stats = {"pg_loss": [], "vf_loss": [], "clip_frac": [], "approx_kl": [], "entropy": [], "ptx_loss": []}
-        order = list(range(len(batch)))
-        for _ in range(cfg.ppo_epochs):
-            rng.shuffle(order)
-            for s in range(0, len(order), cfg.minibatch_size):
-                mb = torch.tensor(order[s:s + cfg.minibatch_size], device=device)
+        first_ratio_error = None
+        for e, minibatches in enumerate(epochs):
+            for s, mb in enumerate(minibatches):
                 m = mask[mb]
-                with L.autocast(device, cfg.dtype):
-                    logp, ent = action_logprobs(policy, ids[mb], attn[mb], pos[mb], P, with_entropy=True)
+                with amp():
+                    logp, ent = logprobs(policy, mb, with_entropy=True)
+                    if first_ratio_error is None:  # the precision/temperature contract, checked every iteration
+                        first_ratio_error = float(((logp.detach() - old_logp[mb]).exp() - 1).abs().mul(m).max())
                     pg, st = rl.policy_loss(logp, old_logp[mb], adv[mb], m, cfg.clip)
                     loss = pg
                     if ptx_rows is not None:
                         rows = ptx_rows[torch.randint(len(ptx_rows), (cfg.minibatch_size,),
-                                                      generator=torch.Generator().manual_seed(it * 997 + s))].to(device)
-                        logits = policy(input_ids=rows[:, :-1]).logits.float()
-                        ptx = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten())
+                                                      generator=torch.Generator().manual_seed(it * 997 + e * 101 + s))].to(device)
+                        hidden, head = F_.causal_hidden(policy, rows[:, :-1], torch.ones_like(rows[:, :-1]))
+                        ptx = -F_.token_logprobs(hidden, head, rows[:, 1:])[0].mean()
                         loss = loss + cfg.ptx_coef * ptx
                         stats["ptx_loss"].append(ptx.item())
                 opt_p.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_([q for q in policy.parameters() if q.requires_grad], 1.0)
                 opt_p.step()
-                with L.autocast(device, cfg.dtype):
+                with amp():
                     v = state_values(value, ids[mb], attn[mb], pos[mb], P)
                     vf = rl.value_loss(v, old_values[mb], returns[mb], m, cfg.value_clip)
                 opt_v.zero_grad(set_to_none=True)
                 vf.backward()
-                torch.nn.utils.clip_grad_norm_(value.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_([q for q in value.parameters() if q.requires_grad], 1.0)
                 opt_v.step()
                 stats["pg_loss"].append(pg.item())
                 stats["vf_loss"].append(vf.item())
@@ -263,21 +290,24 @@ def run(cfg: Config, out: Path) -> Path:
                if world and all("gold" in prompts[i] for i in batch) else None,
                "response_length": mask.sum(1).float().mean().item(),
                "explained_variance": rl.explained_variance(old_values, returns, mask),
+               "first_ratio_error": first_ratio_error,
                "episodes_per_s": len(batch) / dt, "tokens_per_s": float(mask.sum()) / dt,
-               "generation_share": t_gen / dt}
+               "generation_share": t_gen / dt, "peak_memory_gb": L.peak_memory_gb(device)}
         rec |= {k: sum(v) / len(v) for k, v in stats.items() if v}
         if probe and ((it + 1) % cfg.probe_every == 0 or it + 1 == cfg.iterations):
             rec |= _probe_scores(engine, tok, world, probe, scorer, cfg)
         metrics.log(**rec)
         bar.update(1, rm=rec["rm_score"], kl=seq_kl, **({"gold": rec["gold_probe"]} if "gold_probe" in rec else {}))
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            ckpts.save(it + 1, config=asdict(cfg), beta=kl_ctl.beta, value=value.state_dict(),
-                       optim_value=opt_v.state_dict(), **L.capture(policy, opt_p))
+            vstate = L.capture(value, opt_v)
+            ckpts.save(it + 1, config=asdict(cfg), beta=kl_ctl.beta, value=vstate["model"],
+                       optim_value=vstate["optim"], **L.capture(policy, opt_p))
     bar.close()
-    save_model(policy, tok, stage)
+    save_model(L.merged(policy), tok, stage)
     last = L.read_jsonl_tolerant(metrics.path)[-1]
     print(f"ppo: round {cfg.round} done: RM score {last['rm_score']:+.3f}, KL to SFT {last['kl_to_sft']:.2f} nats"
-          + (f", probe gold {last['gold_probe']:.3f}" if "gold_probe" in last else "") + f" → {stage}")
+          + (f", probe gold {last['gold_probe']:.3f}" if "gold_probe" in last else "")
+          + f", peak memory {L.peak_memory_gb(device):.2f} GB → {stage}")
     return stage
 
 

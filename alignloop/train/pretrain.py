@@ -94,7 +94,7 @@ def load_corpus(path: Path, tok: ChatTokenizer, val_fraction: float):
         encoded = iter(tok.encode_batch(plain))
         for d in docs:
             if isinstance(d, str):
-                out += tok.bos_ids + next(encoded)
+                out += tok.document(next(encoded))
                 n_bytes, n_chars = n_bytes + len(d.encode()), n_chars + len(d)
             else:
                 out += tok.render(d)[0]
@@ -133,11 +133,39 @@ def evaluate(model, val_rows: torch.Tensor, device, cfg, val_bytes: int, val_cha
             "val_bpc": bits / max(1, val_chars * share)}
 
 
+def resolve_init(init: str, out: Path) -> Path:
+    """A model to start from: a Hugging Face folder or a .gguf file (converted once into the run)."""
+    from alignloop import model as M
+    if hasattr(M, "resolve_model"):
+        return M.resolve_model(Path(init), out)
+    return Path(init)
+
+
+def check_vocab(model_dir: Path, tok: ChatTokenizer, tok_dir: Path) -> None:
+    """A tokenizer whose ids do not fit the model's embeddings: stop before any work."""
+    import json
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.exists():
+        raise InputError("not a Hugging Face model folder (no config.json)", file=model_dir)
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    n = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+    if n is not None and not tok.vocab_fits(n):
+        raise InputError(f"the tokenizer has {tok.vocab_size} tokens but the model {model_dir} has {n} embedding rows: "
+                         "they do not belong together (give the model's own tokenizer)", file=tok_dir, field="tokenizer")
+
+
 def run(cfg: Config, out: Path) -> Path:
     from alignloop.model import create_causal_lm, flops_per_token, load_causal_lm, n_params, pick_device, save_model
 
     data_path = resolve_path(cfg.data, out, "world/corpus.jsonl")
-    tok = ChatTokenizer.load(resolve_path(cfg.tokenizer, out, "tokenizer"))
+    init = resolve_init(cfg.init, out) if cfg.init else None
+    # --init without --tokenizer: the model's own tokenizer (a 49k-vocabulary model with the run's 4k BPE
+    # would train on the wrong ids); a fresh model uses the run's.
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else init if init and (init / "tokenizer.json").exists() \
+        else out / "tokenizer"
+    tok = ChatTokenizer.load(tok_dir)
+    if init:
+        check_vocab(init, tok, tok_dir)
     stage = out / SECTION
     train_ids, val_ids, val_bytes, val_chars = load_corpus(data_path, tok, cfg.val_fraction)
     # Validation rows span the whole held-out stream (the final partial row is dropped).
@@ -151,10 +179,7 @@ def run(cfg: Config, out: Path) -> Path:
 
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = load_causal_lm(cfg.init) if cfg.init else create_causal_lm(cfg.size, tok, seed=cfg.seed)
-    if model.config.vocab_size < tok.vocab_size:
-        raise InputError(f"model vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
-                         f"({tok.vocab_size})", field="tokenizer")
+    model = load_causal_lm(init) if init else create_causal_lm(cfg.size, tok, seed=cfg.seed)
     model.to(device).train()
     opt = L.make_optimizer(model, cfg.lr, cfg.weight_decay)
     ckpts = L.Checkpoints(stage, keep=cfg.keep_checkpoints)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from alignloop.config import option
+from alignloop.forward import scalar_values, sequence_scores, unwrap  # noqa: F401 (scalar_values: re-exported)
 from alignloop.errors import InputError
 from alignloop.io import read_records, write_json
 from alignloop.rundir import resolve_path, save_stage_config
@@ -35,11 +36,15 @@ SECTION = "reward"
 class Config:
     round: int = option(1, "round number: output goes to RUN/round-<round>/reward/", min=1)
     data: str = option("", "rankings or pairs files, comma-separated (default: rankings.jsonl and pairs.jsonl of rounds 1..round)")
-    init: str = option("", "trunk to start from (default: the run's sft/)")
     demonstrations: str = option("", "demonstrations whose mean score is set to 0 (default: the run's world/demonstrations.jsonl; 'none' to skip)")
     skip_invalid: bool = option(False, "leave out malformed rankings or pairs (counted, the first named) instead of stopping")
     grouped: bool = option(True, "all pairs of a prompt in one batch element (False: independent shuffled pairs)")
+    init: str = option("", "trunk to start from: a Hugging Face folder or a .gguf file (default: the run's sft/)")
     train_trunk: bool = option(True, "train the trunk too (False: only the scalar head learns)")
+    train_layers: int = option(-1, "train only the last N decoder blocks, the final norm and the head (-1: all)", min=-1)
+    lora_rank: int = option(0, "LoRA adapters of this rank on every linear layer instead of full weights (0: off); saved merged", min=0)
+    lora_alpha: float = option(16.0, "LoRA scale α (the update is scaled by α / rank)", min=0.0)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, ~30% slower)")
     epochs: int = option(2, "passes over the comparisons (InstructGPT: 1; it over-fits after)", min=1)
     batch_size: int = option(16, "prompts (grouped) or pairs (shuffled) per step", min=1)
     max_seconds: float = option(0.0, "stop training after this many seconds (0: off; for equal-compute comparisons)", min=0.0)
@@ -205,23 +210,9 @@ def default_data(out: Path, round_: int) -> list[Path]:
 # ---------------------------------------------------------------- model
 
 
-def scalar_values(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """(B, T) per-token scalar outputs of a sequence-classification model (the head at every position)."""
-    trunk = getattr(model, model.base_model_prefix)
-    hidden = trunk(input_ids=ids, attention_mask=attn).last_hidden_state
-    return model.score(hidden).squeeze(-1).float()
-
-
 def batch_rewards(model, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    """Reward of each whole sequence = the head's output at its last token (right padding)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], attn[i, :len(s)] = torch.tensor(s), 1
-    values = scalar_values(model, ids.to(device), attn.to(device))
-    last = attn.sum(1).to(device) - 1
-    return values.gather(1, last[:, None]).squeeze(1)
+    """Reward of each whole sequence = the head's output at its last token (`forward.sequence_scores`)."""
+    return sequence_scores(model, seqs, pad_id, device)
 
 
 def grouped_loss(rewards: torch.Tensor, groups: list[list[tuple[int, int]]], offsets: list[int]) -> torch.Tensor:
@@ -238,14 +229,22 @@ def grouped_loss(rewards: torch.Tensor, groups: list[list[tuple[int, int]]], off
 
 
 class RewardScorer:
-    """A trained reward model as a function: (prompts, answers) → normalised scores."""
+    """A trained reward model as a function: (prompts, answers) → normalised scores. Frozen, so it is
+    kept in bf16 on a GPU (fp32 on the CPU, where bf16 matmuls are slow) unless `dtype` says otherwise.
+    `model` + `context`: score with a model already in memory (PPO's value model with its LoRA adapters
+    disabled IS the reward model: one copy of the weights)."""
 
-    def __init__(self, path: Path, device, batch_size: int = 64):
+    def __init__(self, path: Path, device, batch_size: int = 64, dtype=None, model=None, context=None):
+        import contextlib
         from alignloop.model import load_scalar_model
         from alignloop.tokenizer import ChatTokenizer
-        self.model = load_scalar_model(path).to(device).eval()
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.model = model if model is not None else load_scalar_model(path, dtype=dtype).to(device).eval().requires_grad_(False)
+        self.context = context or contextlib.nullcontext
         self.tok = ChatTokenizer.load(path)
-        self.bias = float(getattr(self.model.config, "reward_bias", 0.0))
+        self.bias = float(getattr(unwrap(self.model).config, "reward_bias", 0.0))
         self.device, self.batch_size = device, batch_size
 
     @torch.no_grad()
@@ -255,9 +254,15 @@ class RewardScorer:
 
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
+        """Scores of whole sequences, each from `render` or `ChatTokenizer.scored_ids` (same ids)."""
         out = []
-        for s in range(0, len(seqs), self.batch_size):
-            out += (batch_rewards(self.model, seqs[s:s + self.batch_size], self.tok.pad_id, self.device) + self.bias).tolist()
+        was_training = self.model.training
+        self.model.eval()
+        with self.context():
+            for s in range(0, len(seqs), self.batch_size):
+                out += (sequence_scores(self.model, seqs[s:s + self.batch_size], self.tok.pad_id, self.device)
+                        + self.bias).tolist()
+        self.model.train(was_training)
         return out
 
 
@@ -323,7 +328,8 @@ def run(cfg: Config, out: Path) -> Path:
 
     paths = [Path(p.strip()) for p in cfg.data.split(",") if p.strip()] if cfg.data else default_data(out, cfg.round)
     groups = [g for p in paths for g in read_comparisons(p, cfg.skip_invalid)]  # bad input stops here, before any work
-    init = resolve_path(cfg.init, out, "sft")
+    from alignloop.train.pretrain import resolve_init
+    init = resolve_init(cfg.init, out) if cfg.init else out / "sft"
     tok = ChatTokenizer.load(init)
     for g in groups:
         g.ids = [tok.render(g.prompt + [{"role": "assistant", "content": c}])[0] for c in g.completions]
@@ -336,9 +342,13 @@ def run(cfg: Config, out: Path) -> Path:
     train, val = split_groups(kept, cfg)
     device = pick_device(cfg.device)
     model = load_scalar_model(init).to(device).train()
-    if not cfg.train_trunk:
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("score.")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora_rank:
+        model = L.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, scalar_head=True)
+    else:
+        L.train_top_layers(model, cfg.train_layers if cfg.train_trunk else 0)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = L.make_optimizer(model, cfg.lr, cfg.weight_decay)
     units = train if cfg.grouped else [Group(g.prompt, g.completions, [p], g.labeler, g.split, g.source, g.ids)
                                        for g in train for p in g.pairs]
@@ -348,7 +358,7 @@ def run(cfg: Config, out: Path) -> Path:
     metrics = L.Metrics(stage)
     n_cmp = sum(len(g.pairs) for g in train)
     print(f"reward: {len(train)} prompts / {n_cmp} comparisons to learn ({'grouped K-way' if cfg.grouped else 'shuffled pairs'}), "
-          f"{len(val)} held out, {n_params(model, False) / 1e6:.2f}M parameters")
+          f"{len(val)} held out, {n_params(model, False) / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M learn)")
     rng = random.Random(cfg.seed)
     bar = L.Progress(max_steps, "reward")
     t0, step, n_seen = time.perf_counter(), 0, 0
@@ -387,12 +397,15 @@ def run(cfg: Config, out: Path) -> Path:
     result |= {"train_seconds": train_time, "n_train_comparisons": n_cmp, "n_train_prompts": len(train),
                "grouped": cfg.grouped, "steps": step, "comparisons_seen": n_seen,
                "comparisons_per_s": n_seen / train_time}
+    model = L.merged(model)
     model.config.reward_bias = -mean_demo_score(model, tok, cfg, out, device)
     result["reward_bias"] = model.config.reward_bias
+    result["peak_memory_gb"] = L.peak_memory_gb(device)
     save_model(model, tok, stage)
     write_json(stage / "eval.json", result)
     save_stage_config(out, SECTION, cfg)
     acc, agr = result.get("pair_accuracy"), result.get("labeler_agreement")
+    print(f"reward: peak memory {result['peak_memory_gb']:.2f} GB")
     print(f"reward: held-out pair accuracy {acc:.3f}" + (f", labelers' agreement on the same pairs {agr:.3f}"
           f" (accuracy is {acc / agr:.0%} of that ceiling)" if agr else "") if acc is not None else "reward: no held-out data")
     return stage

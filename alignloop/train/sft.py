@@ -28,7 +28,10 @@ IGNORE = -100
 @dataclass
 class Config:
     data: str = option("", "demonstrations file (default: the run's world/demonstrations.jsonl)")
-    init: str = option("", "model to fine-tune (default: the run's pretrain/)")
+    init: str = option("", "model to fine-tune: a Hugging Face folder or a .gguf file (default: the run's pretrain/)")
+    chat_format: str = option("template", "template: the tokenizer's own chat template; alignloop: add alignloop's "
+                              "chat tokens and template (for a base model that has none; its embeddings grow)",
+                              choices=("template", "alignloop"))
     prompt_field: str = option("", "field mapping for other shapes: the user turn, e.g. 'instruction'")
     input_field: str = option("", "field mapping: appended to the user turn, e.g. 'instances[].input'")
     completion_field: str = option("", "field mapping: the assistant turn, e.g. 'instances[].output'")
@@ -187,9 +190,19 @@ def run(cfg: Config, out: Path) -> Path:
     from alignloop.model import load_causal_lm, n_params, pick_device, save_model
 
     data_path = resolve_path(cfg.data, out, "world/demonstrations.jsonl")
-    init = resolve_path(cfg.init, out, "pretrain")
+    from alignloop.tokenizer import with_chat_format
+    from alignloop.train.pretrain import check_vocab, resolve_init
+
+    init = resolve_init(cfg.init, out) if cfg.init else out / "pretrain"
     convs = conversations(data_path, cfg)          # bad input stops here, before any work
-    tok = ChatTokenizer.load(init if (init / "tokenizer.json").exists() else out / "tokenizer")
+    tok_dir = init if (init / "tokenizer.json").exists() else out / "tokenizer"
+    tok = ChatTokenizer.load(tok_dir)
+    check_vocab(init, tok, tok_dir)
+    if cfg.chat_format == "alignloop":
+        tok = with_chat_format(tok)
+    elif not tok.has_chat:
+        raise InputError(f"{tok_dir} has no chat template: give --chat-format alignloop to fine-tune this base model "
+                         "on alignloop's chat format", file=tok_dir, field="chat_template")
     examples = [encode(tok, c) for c in convs]
     fits = [e for e in examples if len(e[0]) <= cfg.seq_len]
     if len(fits) < len(examples):
@@ -215,7 +228,11 @@ def run(cfg: Config, out: Path) -> Path:
             train_rows = tuple(torch.cat([a, b]) for a, b in zip(train_rows, extra))
 
     device = pick_device(cfg.device)
-    model = load_causal_lm(init).to(device).train()
+    model = load_causal_lm(init)
+    if model.config.vocab_size < tok.vocab_size:  # --chat-format alignloop added tokens
+        from alignloop.model import pad_vocab
+        model.resize_token_embeddings(pad_vocab(tok.vocab_size), mean_resizing=True)
+    model.to(device).train()
     opt = L.make_optimizer(model, cfg.lr, cfg.weight_decay)
     stage = out / SECTION
     ckpts = L.Checkpoints(stage)

@@ -1,0 +1,125 @@
+"""Padded batches and the forward passes that PPO, the reward model and evaluation share, written once.
+
+- `right_padded` / `layout`: the two batch shapes (whole sequences; prompt LEFT-padded + response
+  RIGHT-padded so that every response starts at one column).
+- `allowed_tokens`: the one vocabulary mask. The engine samples only from it (padded embedding rows
+  beyond the tokenizer and <|pad|> are never sampled), so every log-prob and KL is taken over it too.
+- `token_logprobs`: log π(token) through the LM head in chunks of positions, each under activation
+  checkpointing, so the full (B, T, V) fp32 log-softmax never exists with its graph (at a 49k–151k
+  vocabulary it is the largest tensor of a PPO step).
+- `scalar_values` / `sequence_scores`: a scalar-head model (reward or value) at every position / at the
+  last token of each sequence. Where a reward is read is decided by `ChatTokenizer.scored_ids`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def unwrap(model):
+    """The `transformers` model under a `peft` wrapper (its LoRA layers stay in place and active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def right_padded(seqs: list[list[int]], pad_id: int, device):
+    """(ids, attention) of whole sequences, right-padded: (B, T) each."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], attn[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return ids.to(device), attn.to(device)
+
+
+def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device):
+    """Prompts LEFT-padded to P, responses RIGHT-padded to R: every response starts at column P, so the
+    action slice is the same for the whole batch. Returns ids, attention, positions (B, P+R), the
+    response mask (B, R) and P."""
+    B, P, R = len(prompts), max(map(len, prompts)), max(1, max(map(len, responses)))
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        ids[b, P - len(p):P], attn[b, P - len(p):P] = torch.tensor(p), 1
+        if r:
+            ids[b, P:P + len(r)], attn[b, P:P + len(r)] = torch.tensor(r), 1
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), attn.to(device), pos.to(device), attn[:, P:].to(device), P
+
+
+def allowed_tokens(tok, n_rows: int, device=None) -> torch.Tensor:
+    """(V,) bool: the ids the engine may sample — the tokenizer's, less <|pad|> unless it also stops."""
+    ok = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    ok[: min(n_rows, tok.vocab_size)] = True
+    if tok.pad_id is not None and tok.pad_id not in tok.stop_ids and tok.pad_id < n_rows:
+        ok[tok.pad_id] = False
+    return ok
+
+
+def _head_logprobs(h, weight, bias, targets, allowed, temperature: float):
+    z = F.linear(h, weight, bias).float() / temperature
+    if allowed is not None:
+        z = z.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(z, -1)
+    lp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if allowed is not None:  # padding positions hold <|pad|>: 0 there (masked out later), not −inf
+        lp = torch.where(allowed[targets], lp, torch.zeros_like(lp))
+    with torch.no_grad():  # entropy is logged, never trained on
+        p = torch.softmax(z, -1)
+        ent = lse - (p * z.nan_to_num(0.0, 0.0, 0.0)).sum(-1)
+    return lp, ent
+
+
+def token_logprobs(hidden, head, targets, allowed=None, temperature: float = 1.0, chunk: int = 256):
+    """log softmax(head(hidden) / τ)[targets] over the allowed vocabulary: hidden (..., d), targets (...)
+    → (log-probs, entropies), each shaped like targets. Chunks of positions go through the head one at a
+    time; with gradients each chunk is checkpointed (its logits are recomputed in backward)."""
+    shape = targets.shape
+    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    lps, ents = [], []
+    for s in range(0, len(t), chunk):
+        args = (h[s:s + chunk], head.weight, head.bias, t[s:s + chunk], allowed, temperature)
+        if torch.is_grad_enabled() and h.requires_grad:
+            lp, ent = checkpoint(_head_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _head_logprobs(*args)
+        lps.append(lp)
+        ents.append(ent)
+    return torch.cat(lps).view(shape), torch.cat(ents).view(shape)
+
+
+def causal_hidden(model, ids, attn, pos=None):
+    """The decoder's last hidden states (before the LM head) and the head itself."""
+    m = unwrap(model)
+    trunk = getattr(m, m.base_model_prefix)
+    out = trunk(input_ids=ids, attention_mask=attn, position_ids=pos)
+    return out.last_hidden_state, m.get_output_embeddings()
+
+
+def action_logprobs(model, ids, attn, pos, P: int, allowed=None, temperature: float = 1.0, with_entropy=False):
+    """log π(response token t | state t) for t = 0..R−1 of a `layout` batch: (B, R) [, entropy (B, R)]."""
+    hidden, head = causal_hidden(model, ids, attn, pos)
+    lp, ent = token_logprobs(hidden[:, P - 1:-1], head, ids[:, P:], allowed, temperature)
+    return (lp, ent) if with_entropy else lp
+
+
+def scalar_values(model, ids, attn, pos=None) -> torch.Tensor:
+    """(B, T) per-token outputs of a scalar-head (sequence-classification) model."""
+    m = unwrap(model)
+    trunk = getattr(m, m.base_model_prefix)
+    hidden = trunk(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    return m.score(hidden).squeeze(-1).float()
+
+
+def state_values(value_model, ids, attn, pos, P: int) -> torch.Tensor:
+    """V(state t) for t = 0..R−1 of a `layout` batch: the head at the position that predicts token t."""
+    return scalar_values(value_model, ids, attn, pos)[:, P - 1:-1]
+
+
+def sequence_scores(model, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """The scalar head at each sequence's last token (B,). The sequences come from `render` (training)
+    or `ChatTokenizer.scored_ids` (PPO), which agree, so the score is read at the same place."""
+    ids, attn = right_padded(seqs, pad_id, device)
+    values = scalar_values(model, ids, attn)
+    last = attn.sum(1) - 1
+    return values.gather(1, last[:, None]).squeeze(1)

@@ -2,15 +2,19 @@
 batch of prompts, same lengths, greedy, fp32 on the CPU (bf16 on a GPU).
 
     python benchmarks/engine_vs_generate.py [--size tiny|small] [--batch 64] [--new 48] [--device cpu]
+    python benchmarks/engine_vs_generate.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf --batch 8
 
-The model is a fresh Llama of the size preset (weights do not change the speed); prompts are world
-questions rendered in the chat format, of different lengths (left padding for `generate`). Both sides
-must produce `--new` tokens per row: the end-of-turn token is banned for both.
+The model is a fresh Llama of the size preset (weights do not change the speed), or a real one
+(`--model`: a Hugging Face folder or a .gguf file); prompts are questions rendered in the model's chat
+format, of different lengths (left padding for `generate`). Both sides must produce `--new` tokens per
+row: the end-of-turn token is banned for both. With a real model the two sides' greedy tokens are
+compared row by row (they must be the same).
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,10 +34,18 @@ def main():
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", default="", help="a Hugging Face folder or .gguf file instead of a fresh model")
     args = ap.parse_args()
     device = pick_device(args.device)
-    tok = train_tokenizer([" ".join(QUESTIONS) * 50], vocab_size=400)
-    model = create_causal_lm(args.size, tok).to(device).eval()
+    if args.model:
+        from alignloop import model as M
+        from alignloop.tokenizer import ChatTokenizer
+        path = M.resolve_model(Path(args.model)) if hasattr(M, "resolve_model") else Path(args.model)
+        tok, model = ChatTokenizer.load(path), M.load_causal_lm(path).to(device).eval()
+        args.size = path.name
+    else:
+        tok = train_tokenizer([" ".join(QUESTIONS) * 50], vocab_size=400)
+        model = create_causal_lm(args.size, tok).to(device).eval()
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
     prompts = [tok.render_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(args.batch)]
@@ -41,8 +53,11 @@ def main():
     engine = Engine(model, tok, device, max_batch=args.batch)
     engine.tok.stop_ids = []  # force full-length rows on both sides (the same for generate below)
 
+    tokens = {}
+
     def run_engine():
         outs = engine.generate(prompts, max_new_tokens=args.new, temperature=0)
+        tokens["engine"] = [o.ids for o in outs]
         return sum(len(o.ids) for o in outs)
 
     P = max(map(len, prompts))
@@ -56,6 +71,7 @@ def main():
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=args.new, min_new_tokens=args.new,
                                  do_sample=False, pad_token_id=tok.pad_id, eos_token_id=None)
+        tokens["generate"] = out[:, P:].tolist()
         return (out.shape[1] - P) * out.shape[0]
 
     results = {}
@@ -73,6 +89,8 @@ def main():
         best = sorted(times)[len(times) // 2]
         results[name] = n / best
         print(f"{name:>9}: {n} new tokens in {best:.3f} s (median of {args.repeats}) = {n / best:,.0f} tokens/s")
+    same = sum(a == b for a, b in zip(tokens["engine"], tokens["generate"]))
+    print(f"same greedy tokens: {same} of {len(prompts)} rows")
     print(f"ratio engine / generate: {results['engine'] / results['generate']:.2f}x "
           f"({args.size}, batch {args.batch}, {args.new} new tokens, {device}, {torch.get_num_threads()} threads)")
 

@@ -216,9 +216,12 @@ def run(cfg: Config, out: Path) -> Path:
     val, train = fits[:n_val], fits[n_val:]
     train_rows = pack(train, cfg.seq_len, tok.pad_id)
     val_rows = pack(val, cfg.seq_len, tok.pad_id) if val else None
-    if cfg.ptx_fraction > 0:  # pretraining rows: every token learned, one segment per row
+    ptx_path = resolve_path(cfg.ptx_data, out, "world/corpus.jsonl")
+    if cfg.ptx_fraction > 0 and not cfg.ptx_data and not ptx_path.exists():
+        print("sft: no pretraining text to mix in (no --ptx-data and no world corpus in the run): demonstrations only")
+    elif cfg.ptx_fraction > 0:  # pretraining rows: every token learned, one segment per row
         from alignloop.train.pretrain import load_corpus, rows_of
-        ptx_ids, _, _, _ = load_corpus(resolve_path(cfg.ptx_data, out, "world/corpus.jsonl"), tok, 0.0)
+        ptx_ids, _, _, _ = load_corpus(ptx_path, tok, 0.0)
         ptx = rows_of(ptx_ids, cfg.seq_len)
         n_ptx = min(len(ptx), int(len(train_rows[0]) * cfg.ptx_fraction / (1 - cfg.ptx_fraction)))
         if n_ptx:

@@ -1,0 +1,237 @@
+"""A real pretrained model on real human preferences: SmolLM2-135M-Instruct and Anthropic HH-RLHF.
+
+    bash scripts/get-smollm2.sh                      # prints the .gguf path
+    python benchmarks/smollm2_hh.py --model PATH.gguf [--work runs/smollm2] [--steps reward,trl,halves,ppo]
+
+The data: the 1,800 pairs of `hh-rlhf-harmless-base-test-part1` (lines 1–1,500 train, 1,501–1,800 test).
+- reward: alignloop's reward model, trunk = SmolLM2, on the 1,500 training pairs for `--seconds`, scored
+  on the 300 test pairs with a Wilson 95% interval.
+- trl: TRL's `RewardTrainer` on the same trunk, pairs, trainable layers, context and wall-time budget
+  (`pip install --target DIR trl` beside the project for this run only; PYTHONPATH=DIR).
+- halves: two more reward models on the two disjoint halves of the training pairs (1–750, 751–1,500).
+  PPO optimises half A's; half B's is never optimised against and judges whether the gain is real
+  preference or exploitation of the first reward model.
+- ppo: SmolLM2 as the SFT policy, LoRA, against half A's reward model, on the human turns of test pairs
+  1,501–1,700; before/after on test pairs 1,701–1,800's prompts: both reward models' scores (paired
+  differences with 95% intervals), exact KL to the start, five answers side by side → report.md.
+Every figure goes to WORK/results.json; long steps show progress.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from alignloop.cli import run_stage  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test-part1.jsonl.gz"
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """Mean of b − a with a normal 95% interval over prompts."""
+    d = [y - x for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / max(1, len(d) - 1))
+    hw = 1.96 * sd / math.sqrt(len(d))
+    return {"mean": m, "lo": m - hw, "hi": m + hw, "n": len(d)}
+
+
+def write_pairs(path: Path, train: list[dict], test: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in train)
+                    + "".join(json.dumps({**r, "split": "heldout"}) + "\n" for r in test))
+    return path
+
+
+def reward(work: Path, name: str, model: Path, data: Path, args, seconds: float) -> dict:
+    out = work / name
+    if not (out / "round-1" / "reward" / "eval.json").exists():
+        run_stage("reward", ["--out", str(out), "--init", str(model), "--data", str(data), "--skip-invalid",
+                             "--demonstrations", "none", "--train-layers", str(args.layers), "--max-len", str(args.max_len),
+                             "--max-seconds", str(seconds), "--epochs", "1", "--batch-size", "16", "--lr", str(args.lr),
+                             "--warmup-steps", "5"])
+    res = json.loads((out / "round-1" / "reward" / "eval.json").read_text())
+    n = res["n_pairs"]
+    lo, hi = wilson(res["pair_accuracy"] * n, n)
+    return {"pair_accuracy": res["pair_accuracy"], "ci95": [lo, hi], "n_test_pairs": n,
+            "train_seconds": res["train_seconds"], "comparisons_seen": res["comparisons_seen"],
+            "comparisons_per_s": res["comparisons_per_s"], "peak_memory_gb": res.get("peak_memory_gb")}
+
+
+def trl(work: Path, model: Path, data: Path, args) -> dict:
+    """TRL's RewardTrainer, same trunk, pairs, trainable layers, context and wall-time budget."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    from alignloop.model import load_scalar_model
+    from alignloop.tokenizer import ChatTokenizer
+    from alignloop.train import loop as L
+    from alignloop.train.reward import Config, evaluate, read_comparisons, split_groups
+
+    groups = read_comparisons(data, skip_invalid=True)
+    train, val = split_groups(groups, Config())
+    ctok = ChatTokenizer.load(model)
+    for g in train + val:
+        g.ids = [ctok.render(g.prompt + [{"role": "assistant", "content": c}])[0] for c in g.completions]
+    train = [g for g in train if max(map(len, g.ids)) <= args.max_len]
+    val = [g for g in val if max(map(len, g.ids)) <= args.max_len]
+    rows = [{"prompt": g.prompt, "chosen": [{"role": "assistant", "content": g.completions[a]}],
+             "rejected": [{"role": "assistant", "content": g.completions[b]}]} for g in train for a, b in g.pairs]
+    net = load_scalar_model(model)
+    L.train_top_layers(net, args.layers)
+    tok = AutoTokenizer.from_pretrained(str(model))
+
+    class Budget(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if time.perf_counter() - t0 >= args.seconds:
+                control.should_training_stop = True
+
+    cfg = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=16, learning_rate=args.lr,
+                       num_train_epochs=1, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10,
+                       save_strategy="no", report_to=[], max_length=args.max_len, use_cpu=True,
+                       dataloader_num_workers=0, center_rewards_coefficient=None, disable_dropout=True, seed=0)
+    trainer = RewardTrainer(model=net, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                            callbacks=[Budget()])
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    seen = trainer.state.global_step * 16
+    res = evaluate(trainer.model, val, ctok.pad_id, torch.device("cpu"))
+    n = res["n_pairs"]
+    lo, hi = wilson(res["pair_accuracy"] * n, n)
+    return {"pair_accuracy": res["pair_accuracy"], "ci95": [lo, hi], "n_test_pairs": n, "train_seconds": seconds,
+            "comparisons_seen": seen, "comparisons_per_s": seen / seconds, "train_pairs": len(rows)}
+
+
+def prompts_file(path: Path, rows: list[dict], tok, max_tokens: int) -> list[list[dict]]:
+    from alignloop.train.reward import parse_hh
+    out = []
+    for r in rows:
+        try:
+            msgs = parse_hh(r["chosen"])[:-1]
+        except ValueError:
+            continue
+        if msgs and msgs[-1]["role"] == "user" and all(m["content"] for m in msgs) \
+                and len(tok.render_prompt(msgs)) <= max_tokens:
+            out.append(msgs)
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in out))
+    return out
+
+
+def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
+    import torch
+    from alignloop.engine import Engine
+    from alignloop.evaluate import sequence_kl
+    from alignloop.model import load_causal_lm
+    from alignloop.tokenizer import ChatTokenizer
+    from alignloop.train.reward import RewardScorer
+
+    tok = ChatTokenizer.load(model)
+    train_prompts = prompts_file(work / "ppo-prompts.jsonl", rows[1500:1700], tok, args.max_prompt)
+    eval_prompts = prompts_file(work / "eval-prompts.jsonl", rows[1700:1800], tok, args.max_prompt)
+    rm_a, rm_b = work / "half-a" / "round-1" / "reward", work / "half-b" / "round-1" / "reward"
+    run = work / "ppo"
+    stage = run / "round-1" / "ppo"
+    if not (stage / "config.json").exists():
+        t0 = time.perf_counter()
+        run_stage("ppo", ["--out", str(run), "--init", str(model), "--reference", str(model), "--reward-model", str(rm_a),
+                          "--prompts", str(work / "ppo-prompts.jsonl"), "--iterations", str(args.iterations),
+                          "--batch-size", "16", "--minibatch-size", "16", "--ppo-epochs", "1", "--lora-rank", "16",
+                          "--lr", str(args.ppo_lr), "--kl-coef", str(args.beta), "--max-new-tokens", "48",
+                          "--probe-prompts", "0", "--checkpoint-every", "5", "--resume"])
+        (work / "ppo-seconds.txt").write_text(str(time.perf_counter() - t0))
+    metrics = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
+    start, after = load_causal_lm(model).eval(), load_causal_lm(stage).eval()
+    ids = [tok.render_prompt(m) for m in eval_prompts]
+    scorer_a, scorer_b = RewardScorer(rm_a, "cpu"), RewardScorer(rm_b, "cpu")
+    res = {}
+    answers = {}
+    for name, policy in (("start", start), ("ppo", after)):
+        outs = Engine(policy, tok, max_batch=32).generate(ids, max_new_tokens=48, temperature=0.7, seed=1)
+        answers[name] = [o.text.strip() for o in outs]
+        seqs = [tok.scored_ids(p, o.ids) for p, o in zip(ids, outs)]
+        res[name] = {"rm_a": scorer_a.score_ids(seqs), "rm_b": scorer_b.score_ids(seqs),
+                     "ended": sum(o.finish_reason == "stop" for o in outs) / len(outs)}
+        if name == "ppo":
+            with torch.no_grad():
+                res[name]["kl"] = sequence_kl(after, start, ids, [o.ids for o in outs], "cpu", tok)
+    summary = {
+        "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts), "iterations": args.iterations,
+        "ppo_seconds": float((work / "ppo-seconds.txt").read_text()) if (work / "ppo-seconds.txt").exists() else None,
+        "rm_a_gain": paired(res["start"]["rm_a"], res["ppo"]["rm_a"]),
+        "rm_b_gain": paired(res["start"]["rm_b"], res["ppo"]["rm_b"]),
+        "kl_exact_to_start": sum(res["ppo"]["kl"]) / len(res["ppo"]["kl"]),
+        "ended_share": {k: res[k]["ended"] for k in res},
+        "train_rm_score_first_last": [metrics[0]["rm_score"], metrics[-1]["rm_score"]],
+        "train_kl_sampled_last": metrics[-1]["kl_to_sft"], "beta_last": metrics[-1]["beta"],
+        "first_ratio_error_max": max(m["first_ratio_error"] for m in metrics),
+        "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics),
+        "seconds_per_iteration": sum(1 / m["episodes_per_s"] * 16 for m in metrics) / len(metrics),
+    }
+    lines = ["# SmolLM2-135M-Instruct after PPO on HH-RLHF prompts: five answers before and after\n"]
+    for i in range(min(5, len(eval_prompts))):
+        lines += [f"## {i + 1}. {eval_prompts[i][-1]['content']}\n",
+                  f"- **before** (RM A {res['start']['rm_a'][i]:+.2f}, RM B {res['start']['rm_b'][i]:+.2f}): {answers['start'][i]}",
+                  f"- **after** (RM A {res['ppo']['rm_a'][i]:+.2f}, RM B {res['ppo']['rm_b'][i]:+.2f}): {answers['ppo'][i]}\n"]
+    (work / "report.md").write_text("\n".join(lines))
+    return summary
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="SmolLM2-135M-Instruct: a .gguf file or a Hugging Face folder")
+    ap.add_argument("--work", default="runs/smollm2")
+    ap.add_argument("--steps", default="reward,trl,halves,ppo")
+    ap.add_argument("--seconds", type=float, default=600, help="training budget of the 1,500-pair reward models")
+    ap.add_argument("--half-seconds", type=float, default=300, help="training budget of each half's reward model")
+    ap.add_argument("--layers", type=int, default=4, help="decoder blocks trained on top of the frozen trunk")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--max-len", type=int, default=384)
+    ap.add_argument("--max-prompt", type=int, default=160, help="PPO prompts longer than this (tokens) are left out")
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--ppo-lr", type=float, default=1e-4)
+    ap.add_argument("--beta", type=float, default=0.1)
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    from alignloop import model as M
+    model = M.resolve_model(Path(args.model)) if hasattr(M, "resolve_model") else Path(args.model)
+    rows = [json.loads(x) for x in gzip.open(DATA, "rt", encoding="utf-8")]
+    results_path = work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    steps = args.steps.split(",")
+    full = write_pairs(work / "pairs-1500.jsonl", rows[:1500], rows[1500:1800])
+    if "reward" in steps:
+        results["alignloop_rm"] = reward(work, "rm-1500", model, full, args, args.seconds)
+        print("alignloop RM:", results["alignloop_rm"], flush=True)
+    if "trl" in steps:
+        results["trl_rm"] = trl(work, model, full, args)
+        print("TRL RM:", results["trl_rm"], flush=True)
+    if "halves" in steps:
+        for name, part in (("half-a", rows[:750]), ("half-b", rows[750:1500])):
+            results[name] = reward(work, name, model, write_pairs(work / f"pairs-{name}.jsonl", part, rows[1500:1800]),
+                                   args, args.half_seconds)
+            print(name, results[name], flush=True)
+    if "ppo" in steps:
+        results["ppo"] = ppo(work, model, rows, args)
+        print("PPO:", json.dumps(results["ppo"], indent=1), flush=True)
+    results["settings"] = vars(args)
+    results_path.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

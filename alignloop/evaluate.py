@@ -3,7 +3,7 @@
 The policy answers every held-out prompt once, sampled at temperature 1 by default — the policy as
 PPO trains it, so that gold score, diversity and the KL to SFT are all measured on the same samples.
 The world's judge (who knows the gold truth) scores each answer. Results go into RUN/eval.json under
-`stages.<name>` in the shape DESIGN.md fixes.
+`stages.<name>` in the shape docs/formats.md ("eval.json") fixes.
 """
 from __future__ import annotations
 

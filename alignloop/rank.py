@@ -2,8 +2,9 @@
 
 For each sampled prompt, labelers rank the K answers best to worst and rate (Likert 1–7), flag,
 critique and correct them, written as RUN/round-<i>/rankings.jsonl in the rankings format of
-DESIGN.md — the same format people produce in the labeling app. A correction is also written as a
-demonstration (demonstrations.jsonl) and as a pair in which it beats the original (pairs.jsonl).
+docs/formats.md ("Rankings") — the same format people produce in the labeling app. A correction is
+also written as a demonstration (demonstrations.jsonl) and as a pair in which it beats the original
+(pairs.jsonl).
 
 A share of prompts (`heldout_fraction`) is marked `"split": "heldout"` and ranked by two labelers, so
 the reward model's held-out accuracy can be set beside the labelers' own agreement on the same pairs.

@@ -1,4 +1,4 @@
-"""The run directory: one self-describing folder per run (see DESIGN.md, "Run directory")."""
+"""The run directory: one self-describing folder per run (see docs/architecture.md, "Run directory")."""
 from __future__ import annotations
 
 import tomllib

@@ -1,4 +1,4 @@
-"""The main job end to end on `micro`: every stage, eval.json in DESIGN.md's shape, report.html;
+"""The main job end to end on `micro`: every stage, eval.json in docs/formats.md's shape, report.html;
 running it again resumes (nothing redone); `--labelers human` waits for people's rankings."""
 from __future__ import annotations
 

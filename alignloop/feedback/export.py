@@ -1,5 +1,5 @@
 """Export the people's feedback into the loop: `RUN/round-N/rankings.jsonl`, `demonstrations.jsonl`
-and `pairs.jsonl` (formats in DESIGN.md; the reward stage and `--labelers human` read them).
+and `pairs.jsonl` (formats in docs/formats.md; the reward stage and `--labelers human` read them).
 
 - rankings.jsonl: one record per (item, labeler), the raw per-labeler rankings (no aggregation), plus
   one per reviewer's settled ranking (`"review": true`).

@@ -4,7 +4,7 @@
   down → `{"prompt": messages, "chosen", "rejected"}` (every up × every down among the siblings);
 - an arena vote for A or B → the same pair shape (ties and "both bad" say nothing about the order);
 - `--format rankings` writes each comparison as a K=2 ranking with the labeler's pseudonym instead:
-  `{"prompt", "completions", "ranking": [best, worst], "labeler"}` (DESIGN.md, "Formats read");
+  `{"prompt", "completions", "ranking": [best, worst], "labeler"}` (docs/formats.md, "Rankings");
 - a thumb on an answer that is not part of a pair → `chat-feedback.jsonl`:
   `{"prompt", "completion", "rating": "up"|"down", "reason"}`.
 

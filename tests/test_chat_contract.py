@@ -144,17 +144,22 @@ def test_sft_saves_a_model_whose_end_of_turn_still_stops(smol_run):
     assert tok.end_id == tok.hf.convert_tokens_to_ids("<|im_end|>") and 0 in tok.stop_ids
 
 
+def _ppo(run, prompts, **flags):
+    """One PPO stage in this process (a subprocess would reload transformers for each case)."""
+    from alignloop.config import resolve
+    from alignloop.train import ppo as P
+    base = dict(prompts=str(prompts), iterations=1, batch_size=8, minibatch_size=4, max_new_tokens=8, probe_prompts=0)
+    P.run(resolve(P.Config, "ppo", preset="micro", presets=P.PRESETS, flags=base | flags), run)
+    return [json.loads(x) for x in (run / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("dtype,temperature", [("float32", 1.0), ("float32", 0.7), ("bfloat16", 1.0), ("bfloat16", 0.7)])
 def test_first_ppo_ratio_is_one(smol_run, tmp_path, dtype, temperature):
     """Old, reference and new log-probs under one autocast and from logits / τ: on the first minibatch the
     policy has not moved, so π/π_old must be 1 (|ratio − 1| < 1e-5), in fp32 and under bf16 autocast."""
     run = tmp_path / "run"
     shutil.copytree(smol_run, run)
-    root = smol_run.parent
-    alignloop("ppo", "--preset", "micro", "--out", run, "--prompts", root / "prompts.jsonl", "--iterations", "1",
-              "--batch-size", "8", "--minibatch-size", "4", "--max-new-tokens", "8", "--probe-prompts", "0",
-              "--dtype", dtype, "--temperature", temperature)
-    rec = json.loads((run / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
+    rec = _ppo(run, smol_run.parent / "prompts.jsonl", dtype=dtype, temperature=temperature)[-1]
     assert rec["first_ratio_error"] < 1e-5, rec
     assert rec["peak_memory_gb"] > 0
 
@@ -162,15 +167,12 @@ def test_first_ppo_ratio_is_one(smol_run, tmp_path, dtype, temperature):
 def test_ppo_with_lora_trains_adapters_and_saves_a_plain_merged_folder(smol_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(smol_run, run)
-    alignloop("ppo", "--preset", "micro", "--out", run, "--prompts", smol_run.parent / "prompts.jsonl",
-              "--iterations", "2", "--batch-size", "8", "--minibatch-size", "4", "--max-new-tokens", "8",
-              "--probe-prompts", "0", "--lora-rank", "4", "--lr", "1e-2")
+    recs = _ppo(run, smol_run.parent / "prompts.jsonl", iterations=2, lora_rank=4, lr=1e-2)
     from safetensors.torch import load_file
     sft = load_file(str(run / "sft" / "model.safetensors"))
     ppo = load_file(str(run / "round-1" / "ppo" / "model.safetensors"))
     assert sft.keys() == ppo.keys()                              # no LoRA keys: an ordinary HF folder
     changed = [k for k in sft if not torch.equal(sft[k], ppo[k])]
     assert any("q_proj" in k for k in changed) and not any("embed_tokens" in k for k in changed)
-    recs = [json.loads(x) for x in (run / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert recs[0]["first_ratio_error"] < 1e-5
     assert recs[-1]["kl_to_sft"] != 0.0                          # the reference (adapters off) differs from the policy

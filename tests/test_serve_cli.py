@@ -21,10 +21,10 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("args,says", [
-    (["/no/such/run"], "no such run or model folder"),
+    (["/no/such/run"], "no such run, model folder or .gguf file"),
     (["{world}"], "neither a Hugging Face model folder"),
-    (["{run}", "--model", "oops"], "expected NAME=DIR"),
-    (["--model", "x=/no/such/model"], "not a Hugging Face model folder"),
+    (["{run}", "--model", "oops"], "expected NAME=PATH"),
+    (["--model", "x=/no/such/model"], "no such model folder or .gguf file"),
     (["{run}", "--max-n", "0"], "--max-n"),
     ([], "nothing to serve"),
 ])

@@ -26,6 +26,8 @@ def free_port() -> int:
     (["{run}", "--model", "oops"], "expected NAME=PATH"),
     (["--model", "x=/no/such/model"], "no such model folder or .gguf file"),
     (["{run}", "--max-n", "0"], "--max-n"),
+    (["{run}", "--temperature", "3"], "--temperature"),
+    (["{run}", "--device", "gpu0"], "field 'device': unknown device 'gpu0'"),
     ([], "nothing to serve"),
 ])
 def test_bad_arguments_exit_2(micro_run, args, says):

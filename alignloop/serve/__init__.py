@@ -1,7 +1,7 @@
 """`alignloop serve`: talk to every stage of a run — a chat page, an arena and an OpenAI-compatible API.
 
     alignloop serve RUN_OR_MODEL [--model NAME=PATH …] [--host 127.0.0.1] [--port 8000] [--device auto]
-                    [--dtype auto] [--api-key KEY …] [--db URL] [--max-batch 32] [--max-tokens-limit 1024] [--max-n 8]
+                    [--dtype auto] [--temperature 1.0] [--top-p 1.0] [--api-key KEY …] [--db URL] [--max-batch 32] [--max-tokens-limit 1024] [--max-n 8]
     alignloop serve export RUN_DIR [--out FILE] [--feedback-out FILE] [--format pairs|rankings] [--db URL]
 
 A run directory serves each of its stages by name (`base`, `sft`, `round-1/ppo`, …, `ppo` = newest);
@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=8, help="the largest n a request may ask")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for the engine (default: one fewer than the cores, at least 1)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of a request that sets none, as the chat page's (default 1.0, as "
+                        "OpenAI's API; a small model answers more sensibly at 0-0.3)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of a request that sets none (default 1.0)")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="before a batch starts, wait this long while requests keep arriving (at most 10 times)")
     return p
@@ -135,10 +139,11 @@ def main(argv: list[str]) -> None:
             print(f"  {kind} → {path}")
         return
     args = build_parser().parse_args(argv)
-    for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-tokens-limit", args.max_tokens_limit, 1),
-                        ("--max-n", args.max_n, 1), ("--port", args.port, 0), ("--batch-window-ms", args.batch_window_ms, 0),
-                        ("--threads", args.threads, 0)):
-        if v < lo or (flag == "--port" and v > 65535):
+    for flag, v, lo, hi in (("--max-batch", args.max_batch, 1, None), ("--max-tokens-limit", args.max_tokens_limit, 1, None),
+                            ("--max-n", args.max_n, 1, None), ("--port", args.port, 0, 65535),
+                            ("--batch-window-ms", args.batch_window_ms, 0, None), ("--threads", args.threads, 0, None),
+                            ("--temperature", args.temperature, 0, 2), ("--top-p", args.top_p, 0.01, 1)):
+        if v < lo or (hi is not None and v > hi):
             raise InputError(f"{v} is out of range", field=flag)
     keys = args.api_key + [k.strip() for k in os.environ.get("ALIGNLOOP_API_KEYS", "").split(",") if k.strip()]
     models, run_dir = resolve_models(args.target, parse_model_specs(args.model))
@@ -157,7 +162,8 @@ def main(argv: list[str]) -> None:
     migrate(db)
     app = create_app(served, Settings(api_keys=keys, max_batch=args.max_batch,
                                       max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
-                                      gather_s=args.batch_window_ms / 1000), db)
+                                      gather_s=args.batch_window_ms / 1000, temperature=args.temperature,
+                                      top_p=args.top_p), db)
     url = f"http://{args.host}:{args.port}"
     print(f"serve: {', '.join(served)} on {url}  (chat page /, arena /arena, OpenAI API {url}/v1"
           f"{', API keys required' if keys else ''})", flush=True)

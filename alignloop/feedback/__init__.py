@@ -85,6 +85,9 @@ def _serve(argv: list[str]) -> None:
     if not Path(args.run_dir).is_dir():
         raise InputError("run directory not found (make it, or start with `alignloop label create-admin`)",
                          file=args.run_dir)
+    if args.device != "auto":  # a bad one is exit 2 now, not an error at the first sampling job; only then
+        from alignloop.model import pick_device  # is torch imported (seconds) before the app starts
+        pick_device(args.device)
     import uvicorn
     from sqlalchemy import func, select
 

@@ -87,6 +87,7 @@ def _same_source(dest: Path, gguf: Path) -> bool:
 
 
 def from_gguf(gguf: Path, run_dir: str | Path | None = None, field: str | None = None) -> Path:
+    """The Hugging Face folder of a GGUF file: the one converted before from this very file, else a new one."""
     from alignloop.io import atomic_dir
     dest = gguf_dest(gguf, run_dir)
     if _same_source(dest, gguf):

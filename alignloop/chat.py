@@ -1,7 +1,8 @@
-"""`alignloop chat RUN_OR_MODEL_DIR`: a multi-turn conversation in the terminal, streamed token by token.
+"""`alignloop chat RUN_OR_MODEL`: a multi-turn conversation in the terminal, streamed token by token.
 
-For a run directory it talks to the newest policy (PPO, else SFT, else the base model) unless
-`--stage` names another. `/reset` starts over, `/quit` (or Ctrl-D) leaves.
+RUN_OR_MODEL is a run directory, a Hugging Face model folder or a `.gguf` file (converted once, see
+alignloop/sources.py). For a run directory it talks to the newest policy (PPO, else SFT, else the base
+model) unless `--stage` names another. `/reset` starts over, `/quit` (or Ctrl-D) leaves.
 """
 from __future__ import annotations
 
@@ -12,39 +13,44 @@ from pathlib import Path
 from alignloop.errors import InputError
 
 
-def resolve_model(path: Path, stage: str | None) -> Path:
+def pick_model(path: Path, stage: str | None) -> tuple[Path, Path | None]:
+    """(model folder, its run directory or None) for what the user named."""
     from alignloop.rundir import current_policy, stage_models
-    if (path / "config.json").exists():
-        return path
+    from alignloop.sources import resolve_model
+    if path.suffix.lower() == ".gguf" or (path / "config.json").exists() or not path.is_dir():
+        return resolve_model(path, field="RUN_OR_MODEL"), None
     if stage:
         models = stage_models(path)
         if stage not in models:
             raise InputError(f"no stage {stage!r} in this run (has: {', '.join(models) or 'none'})", file=path, field="stage")
-        return models[stage]
+        return models[stage], path
     found = current_policy(path)
     if found is None:
         raise InputError("neither a model folder nor a run directory with a trained model", file=path)
-    return found
+    return found, path
 
 
 def main(argv: list[str]) -> None:
+    from alignloop.config import add_device_arguments
     p = argparse.ArgumentParser(prog="alignloop chat", description="talk to a model in the terminal")
-    p.add_argument("path", metavar="RUN_OR_MODEL_DIR")
+    p.add_argument("path", metavar="RUN_OR_MODEL", help="a run directory, a Hugging Face model folder or a .gguf file")
     p.add_argument("--stage", help="for a run directory: base, sft, ppo, round-N/ppo (default: the newest)")
     p.add_argument("--system", default="", help="a system message to start every conversation with")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--device", default="auto")
+    add_device_arguments(p)
     args = p.parse_args(argv)
 
     from alignloop.engine import Engine
-    from alignloop.model import load_causal_lm, pick_device
+    from alignloop.model import load_for_inference
+    from alignloop.sources import tokenizer_dir
     from alignloop.tokenizer import ChatTokenizer
 
-    model_dir = resolve_model(Path(args.path), args.stage)
-    device = pick_device(args.device)
-    engine = Engine(load_causal_lm(model_dir).to(device), ChatTokenizer.load(model_dir), device, max_batch=1)
+    model_dir, run_dir = pick_model(Path(args.path), args.stage)
+    tok = ChatTokenizer.load(tokenizer_dir(model_dir, run_dir))
+    model, device = load_for_inference(model_dir, args.device, args.dtype)
+    engine = Engine(model, tok, device, max_batch=1)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     print(f"alignloop chat with {model_dir} — /reset to start over, /quit to leave", flush=True)

@@ -16,6 +16,15 @@ from pathlib import Path
 from alignloop.errors import InputError
 
 PRESETS = ("micro", "tiny", "small")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on CUDA, float32 on the CPU (model.pick_dtype)
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype` for the commands that are not config stages (chat, serve, label). Kept
+    here, not in model.py, so that parsing them does not import torch (the labeling app starts without it)."""
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="the weights' type in memory: auto = bfloat16 on CUDA, float32 on the CPU")
 
 
 def option(default, doc: str, *, min=None, max=None, choices=None):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from alignloop.config import option
+from alignloop.config import DTYPES, option
 from alignloop.errors import InputError
 from alignloop.io import write_json
 
@@ -25,7 +25,7 @@ SECTION = "eval"
 @dataclass
 class Config:
     stage: str = option("sft", "the stage's name in eval.json (base, sft, ppo, round-2/ppo, …)")
-    model: str = option("", "model folder (default: the run's folder of that stage; base → pretrain/)")
+    model: str = option("", "model folder or .gguf file (default: the run's folder of that stage; base → pretrain/)")
     reference: str = option("", "model to measure the KL against (default: the run's sft/ when it exists)")
     reward_model: str = option("", "reward model for rm_score (default: the newest round's reward/)")
     split: str = option("heldout", "world prompt split to score", choices=("heldout", "train"))
@@ -35,6 +35,7 @@ class Config:
     batch_size: int = option(64, "prompts per generation batch", min=1)
     seed: int = option(1234, "sampling seed")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = option("auto", "weights in memory: auto = bfloat16 on CUDA, float32 on the CPU", choices=DTYPES)
 
 
 PRESETS = {"micro": {"max_new_tokens": 32}, "tiny": {}, "small": {"batch_size": 256}}
@@ -191,19 +192,19 @@ def stage_model_dir(run_dir: Path, stage: str) -> Path:
 
 
 def run(cfg: Config, out: Path) -> dict:
-    from alignloop.model import load_causal_lm, pick_device
+    from alignloop.model import load_causal_lm, load_for_inference, pick_dtype
+    from alignloop.sources import resolve_model, tokenizer_dir
     from alignloop.tokenizer import ChatTokenizer
     from alignloop.world import load_world
 
     world = load_world(out)
-    path = Path(cfg.model) if cfg.model else stage_model_dir(out, cfg.stage)
-    device = pick_device(cfg.device)
-    model = load_causal_lm(path).to(device)
-    tok = ChatTokenizer.load(path if (path / "tokenizer.json").exists() else out / "tokenizer")
-    ref_path = Path(cfg.reference) if cfg.reference else out / "sft"
+    path = resolve_model(cfg.model, out, field="model") if cfg.model else stage_model_dir(out, cfg.stage)
+    tok = ChatTokenizer.load(tokenizer_dir(path, out))
+    model, device = load_for_inference(path, cfg.device, cfg.dtype)
+    ref_path = resolve_model(cfg.reference, out, field="reference") if cfg.reference else out / "sft"
     reference = None
     if cfg.stage not in ("base", "sft") and (ref_path / "config.json").exists():
-        reference = load_causal_lm(ref_path).to(device)
+        reference = load_causal_lm(ref_path, pick_dtype(cfg.dtype, device)).to(device)
     reward_fn = None
     rm_path = Path(cfg.reward_model) if cfg.reward_model else newest_reward_model(out)
     if rm_path is not None:

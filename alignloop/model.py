@@ -55,15 +55,20 @@ def create_causal_lm(size: str, tok, seed: int = 0, **overrides):
     return LlamaForCausalLM(cfg)
 
 
-def _check_model_dir(path: Path) -> None:
+def check_model_dir(path: Path, field: str | None = None) -> None:
+    """A Hugging Face model folder: a config and weights (a folder with only a config would otherwise load
+    as a freshly initialised model on some code paths, or fail deep inside `transformers`)."""
     if not (path / "config.json").exists():
-        raise InputError("not a Hugging Face model folder (no config.json)", file=path)
+        raise InputError("not a Hugging Face model folder (no config.json)", file=path, field=field)
+    if not any(any(path.glob(pattern)) for pattern in ("*.safetensors", "pytorch_model*.bin", "*.index.json")):
+        raise InputError("the model folder has a config.json but no weights (*.safetensors or pytorch_model*.bin)",
+                         file=path, field=field or "weights")
 
 
 def load_causal_lm(path: str | Path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
     path = Path(path)
-    _check_model_dir(path)
+    check_model_dir(path)
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as e:
@@ -74,7 +79,7 @@ def load_scalar_model(path: str | Path, dtype=torch.float32):
     """A reward/value model folder, or a causal LM folder whose trunk gets a fresh (zero) scalar head."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     path = Path(path)
-    _check_model_dir(path)
+    check_model_dir(path)
     cfg = AutoConfig.from_pretrained(str(path))
     cfg.num_labels = 1
     if cfg.pad_token_id is None:
@@ -132,4 +137,29 @@ def flops_per_token(model, seq_len: int) -> float:
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)", field="device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA is not available on this machine", field="device")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config.DTYPES
+
+
+def pick_dtype(name: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """auto: bfloat16 on a GPU (half the memory, tensor cores, fp32's range); float32 on the CPU, where
+    bfloat16 matmuls are slower on most chips and rounding would change answers for nothing."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r} (auto, {', '.join(DTYPES)})", field="dtype")
+    return DTYPES[name]
+
+
+def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "auto"):
+    """(model on its device in its dtype, the device): what chat, serve, eval and the samplers load."""
+    dev = pick_device(device)
+    return load_causal_lm(path, pick_dtype(dtype, dev)).to(dev), dev

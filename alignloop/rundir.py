@@ -43,7 +43,8 @@ def _rounds(run_dir: Path) -> list[int]:
 
 
 def stage_models(run_dir: Path) -> dict[str, Path]:
-    """Every finished policy of a run by name: base, sft, round-1/ppo, …, and `ppo` for the newest."""
+    """Every finished policy of a run by name: base, sft, round-1/ppo, …, `ppo` for the newest, and
+    models/<name> for a model brought into the run (a GGUF file is converted into RUN/models/<stem>)."""
     run_dir = Path(run_dir)
     found: dict[str, Path] = {}
     for name, sub in (("base", "pretrain"), ("sft", "sft")):
@@ -52,6 +53,8 @@ def stage_models(run_dir: Path) -> dict[str, Path]:
     for i in _rounds(run_dir):
         if (run_dir / f"round-{i}" / "ppo" / "config.json").exists():
             found[f"round-{i}/ppo"] = found["ppo"] = run_dir / f"round-{i}" / "ppo"
+    for cfg in sorted(run_dir.glob("models/*/config.json")):
+        found[f"models/{cfg.parent.name}"] = cfg.parent
     return found
 
 

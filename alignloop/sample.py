@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignloop.config import option
+from alignloop.config import DTYPES, option
 from alignloop.errors import InputError
 from alignloop.io import read_records, write_jsonl
 from alignloop.rundir import current_policy, resolve_path, round_dir, save_stage_config
@@ -23,7 +23,7 @@ SECTION = "sample"
 class Config:
     round: int = option(1, "round number: output goes to RUN/round-<round>/", min=1)
     prompts: str = option("", "prompts file (default: the run's world/prompts-train.jsonl)")
-    policy: str = option("", "model to sample from (default: the run's newest policy)")
+    policy: str = option("", "model folder or .gguf file to sample from (default: the run's newest policy)")
     n_prompts: int = option(800, "how many prompts to sample for (a fresh random subset each round)", min=1)
     k: int = option(6, "completions per prompt (InstructGPT: 4 to 9; more pairs per forward pass)", min=2, max=9)
     temperature: float = option(1.0, "sampling temperature", min=0.01, max=5.0)
@@ -32,6 +32,7 @@ class Config:
     batch_size: int = option(128, "rows per generation batch", min=1)
     seed: int = option(0, "seed of the prompt subset and of sampling")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = option("auto", "weights in memory: auto = bfloat16 on CUDA, float32 on the CPU", choices=DTYPES)
 
 
 PRESETS = {"micro": dict(n_prompts=40, max_new_tokens=24), "tiny": {}, "small": dict(n_prompts=2000, batch_size=256)}
@@ -57,19 +58,20 @@ def read_prompts(path: Path) -> list[dict]:
 
 def run(cfg: Config, out: Path) -> Path:
     from alignloop.engine import Engine
-    from alignloop.model import load_causal_lm, pick_device
+    from alignloop.model import load_for_inference
+    from alignloop.sources import resolve_model, tokenizer_dir
     from alignloop.tokenizer import ChatTokenizer
 
     prompts_path = resolve_path(cfg.prompts, out, "world/prompts-train.jsonl")
     prompts = read_prompts(prompts_path)
-    policy = Path(cfg.policy) if cfg.policy else current_policy(out)
+    policy = resolve_model(cfg.policy, out, field="policy") if cfg.policy else current_policy(out)
     if policy is None:
         raise InputError("no policy to sample from: train one first or give --policy", file=out)
     rng = random.Random(cfg.seed * 7919 + cfg.round)
     chosen = rng.sample(prompts, min(cfg.n_prompts, len(prompts)))
-    device = pick_device(cfg.device)
-    tok = ChatTokenizer.load(policy)
-    engine = Engine(load_causal_lm(policy).to(device), tok, device, max_batch=cfg.batch_size)
+    tok = ChatTokenizer.load(tokenizer_dir(policy, out))
+    model, device = load_for_inference(policy, cfg.device, cfg.dtype)
+    engine = Engine(model, tok, device, max_batch=cfg.batch_size)
     ids = [tok.render_prompt(p["messages"]) for p in chosen]
     too_long = [p for p, x in zip(chosen, ids) if len(x) + 8 > engine.ctx]
     if too_long:

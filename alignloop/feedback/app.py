@@ -82,10 +82,10 @@ def ranking_text(r: dict) -> str:
 
 
 def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20 << 20,
-               login_limit: int = 5, login_window: float = 300.0) -> FastAPI:
+               login_limit: int = 5, login_window: float = 300.0, device: str = "auto", dtype: str = "auto") -> FastAPI:
     run_dir = Path(run_dir)
     Sess: sessionmaker = store.open_db(run_dir, db_url)
-    sampler = Sampler(run_dir, Sess)
+    sampler = Sampler(run_dir, Sess, device, dtype)
     by_user, by_addr = RateLimiter(login_limit, login_window), RateLimiter(login_limit * 4, login_window)
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
                       lstrip_blocks=True)

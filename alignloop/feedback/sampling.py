@@ -28,8 +28,9 @@ def models_of(run_dir: Path) -> dict[str, Path]:
 
 
 class Sampler:
-    def __init__(self, run_dir: Path, Sess: sessionmaker):
+    def __init__(self, run_dir: Path, Sess: sessionmaker, device: str = "auto", dtype: str = "auto"):
         self.run_dir, self.Sess = Path(run_dir), Sess
+        self.device, self.dtype = device, dtype  # `alignloop label --device --dtype`
         self.status: dict = {"state": "idle"}
         self._lock = threading.Lock()
         self._engines: dict[Path, object] = {}
@@ -57,10 +58,12 @@ class Sampler:
     def _engine(self, path: Path):
         if path not in self._engines:
             from alignloop.engine import Engine
-            from alignloop.model import load_causal_lm
+            from alignloop.model import load_for_inference
+            from alignloop.sources import tokenizer_dir
             from alignloop.tokenizer import ChatTokenizer
-            tok_dir = path if (path / "tokenizer_config.json").exists() else self.run_dir / "tokenizer"
-            self._engines[path] = Engine(load_causal_lm(path), ChatTokenizer.load(tok_dir))
+            tok = ChatTokenizer.load(tokenizer_dir(path, self.run_dir))
+            model, device = load_for_inference(path, self.device, self.dtype)
+            self._engines[path] = Engine(model, tok, device)
         return self._engines[path]
 
     @staticmethod

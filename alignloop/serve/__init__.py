@@ -1,11 +1,12 @@
 """`alignloop serve`: talk to every stage of a run — a chat page, an arena and an OpenAI-compatible API.
 
-    alignloop serve RUN_OR_MODEL_DIR [--model NAME=DIR …] [--host 127.0.0.1] [--port 8000]
-                    [--api-key KEY …] [--db URL] [--max-batch 32] [--max-tokens-limit 1024] [--max-n 8]
+    alignloop serve RUN_OR_MODEL [--model NAME=PATH …] [--host 127.0.0.1] [--port 8000] [--device auto]
+                    [--dtype auto] [--temperature 1.0] [--top-p 1.0] [--api-key KEY …] [--db URL] [--max-batch 32] [--max-tokens-limit 1024] [--max-n 8]
     alignloop serve export RUN_DIR [--out FILE] [--feedback-out FILE] [--format pairs|rankings] [--db URL]
 
 A run directory serves each of its stages by name (`base`, `sft`, `round-1/ppo`, …, `ppo` = newest);
-a plain Hugging Face model folder is served under its folder name; `--model NAME=DIR` adds more.
+a plain Hugging Face model folder under its folder name, a `.gguf` file (converted once into a folder,
+see alignloop/sources.py) under its file name; `--model NAME=PATH` adds more.
 Conversations, thumbs and arena votes go to the run's database (RUN/alignloop.db by default), and
 `serve export` turns them into pairs / rankings for the next reward model.
 
@@ -26,46 +27,47 @@ def parse_model_specs(specs: list[str]) -> dict[str, Path]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise InputError(f"expected NAME=DIR, got {spec!r}", field="--model")
+            raise InputError(f"expected NAME=PATH, got {spec!r}", field="--model")
         out[name.strip()] = Path(path.strip())
     return out
 
 
 def resolve_models(target: Path | None, extra: dict[str, Path]) -> tuple[dict[str, Path], Path]:
-    """({name: model dir}, the run directory whose database and tokenizer to use)."""
+    """({name: model dir}, the run directory whose database and tokenizer to use). A `.gguf` file is
+    converted once into a folder: into the run when a run directory is served (RUN/models/<stem>),
+    else into the cache (alignloop/sources.py)."""
     from alignloop.rundir import stage_models
+    from alignloop.sources import resolve_model
+    if target is not None and not target.exists():
+        raise InputError("no such run, model folder or .gguf file", file=target)
+    is_run = target is not None and target.is_dir() and not (target / "config.json").exists()
     models: dict[str, Path] = {}
-    run_dir = None
-    if target is not None:
-        if not target.exists():
-            raise InputError("no such run or model folder", file=target)
-        if (target / "config.json").exists():
-            models[target.resolve().name] = target
-            # a stage folder of a run (RUN/sft) shares the run's database and tokenizer
-            run_dir = target.parent if (target.parent / "tokenizer").is_dir() else target
-        else:
-            models.update(stage_models(target))
-            run_dir = target
-            if not models:
-                raise InputError("neither a Hugging Face model folder (config.json) nor a run directory with a "
-                                 "finished stage (pretrain/, sft/, round-N/ppo/)", file=target)
+    if is_run:
+        models.update(stage_models(target))
+        if not models:
+            raise InputError("neither a Hugging Face model folder (config.json) nor a run directory with a "
+                             "finished stage (pretrain/, sft/, round-N/ppo/)", file=target)
+    elif target is not None:
+        models[target.stem if target.is_file() else target.resolve().name] = resolve_model(target, field="RUN_OR_MODEL")
     for name, path in extra.items():
-        if not (path / "config.json").exists():
-            raise InputError("not a Hugging Face model folder (no config.json)", file=path, field=f"--model {name}")
-    models.update(extra)
+        models[name] = resolve_model(path, target if is_run else None, field=f"--model {name}")
     if not models:
-        raise InputError("nothing to serve: give a run or model folder, or --model NAME=DIR", field="RUN_OR_MODEL_DIR")
-    if run_dir is None:
-        first = next(iter(extra.values()))
-        run_dir = first.parent if (first.parent / "tokenizer").is_dir() else first
-    return models, run_dir
+        raise InputError("nothing to serve: give a run directory, a model folder or a .gguf file, or --model "
+                         "NAME=PATH", field="RUN_OR_MODEL")
+    if is_run:
+        return models, target
+    # a stage folder of a run (RUN/sft) shares the run's database and tokenizer; a lone model keeps its own
+    first = next(iter(models.values()))
+    return models, first.parent if (first.parent / "tokenizer").is_dir() else first
 
 
-def load_models(models: dict[str, Path], run_dir: Path, max_batch: int = 32) -> dict:
+def load_models(models: dict[str, Path], run_dir: Path, max_batch: int = 32, device: str = "auto",
+                dtype: str = "auto") -> dict:
     """Load each folder once (`ppo` and `round-N/ppo` share one engine)."""
     from alignloop.engine import Engine
-    from alignloop.model import load_causal_lm
+    from alignloop.model import load_for_inference
     from alignloop.serve.app import Served
+    from alignloop.sources import tokenizer_dir
     from alignloop.tokenizer import ChatTokenizer
 
     loaded: dict[Path, Served] = {}
@@ -73,23 +75,25 @@ def load_models(models: dict[str, Path], run_dir: Path, max_batch: int = 32) -> 
     for name, path in models.items():
         key = path.resolve()
         if key not in loaded:
-            tok_dir = path if (path / "tokenizer_config.json").exists() else Path(run_dir) / "tokenizer"
-            tok = ChatTokenizer.load(tok_dir)
-            model = load_causal_lm(path)
-            loaded[key] = Served(name, path, Engine(model, tok, max_batch=max_batch), tok)
+            tok = ChatTokenizer.load(tokenizer_dir(path, run_dir))
+            model, dev = load_for_inference(path, device, dtype)
+            loaded[key] = Served(name, path, Engine(model, tok, dev, max_batch=max_batch), tok)
         s = loaded[key]
         out[name] = Served(name, path, s.engine, s.tok)
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from alignloop.config import add_device_arguments
     p = argparse.ArgumentParser(prog="alignloop serve", description="serve a chat page, an arena and an "
                                 "OpenAI-compatible API (`alignloop serve export RUN` writes the feedback)")
-    p.add_argument("target", metavar="RUN_OR_MODEL_DIR", nargs="?", type=Path,
-                   help="a run directory (every stage is served by name) or a Hugging Face model folder")
-    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="serve another model folder")
+    p.add_argument("target", metavar="RUN_OR_MODEL", nargs="?", type=Path,
+                   help="a run directory (every stage is served by name), a Hugging Face model folder or a .gguf file")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="serve another model folder or .gguf file under NAME")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    add_device_arguments(p)
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require `Authorization: Bearer KEY` on /v1 (repeatable; also $ALIGNLOOP_API_KEYS, "
                         "comma-separated, which keeps keys out of the process list)")
@@ -99,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=8, help="the largest n a request may ask")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for the engine (default: one fewer than the cores, at least 1)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of a request that sets none, as the chat page's (default 1.0, as "
+                        "OpenAI's API; a small model answers more sensibly at 0-0.3)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of a request that sets none (default 1.0)")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="before a batch starts, wait this long while requests keep arriving (at most 10 times)")
     return p
@@ -131,10 +139,11 @@ def main(argv: list[str]) -> None:
             print(f"  {kind} → {path}")
         return
     args = build_parser().parse_args(argv)
-    for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-tokens-limit", args.max_tokens_limit, 1),
-                        ("--max-n", args.max_n, 1), ("--port", args.port, 0), ("--batch-window-ms", args.batch_window_ms, 0),
-                        ("--threads", args.threads, 0)):
-        if v < lo or (flag == "--port" and v > 65535):
+    for flag, v, lo, hi in (("--max-batch", args.max_batch, 1, None), ("--max-tokens-limit", args.max_tokens_limit, 1, None),
+                            ("--max-n", args.max_n, 1, None), ("--port", args.port, 0, 65535),
+                            ("--batch-window-ms", args.batch_window_ms, 0, None), ("--threads", args.threads, 0, None),
+                            ("--temperature", args.temperature, 0, 2), ("--top-p", args.top_p, 0.01, 1)):
+        if v < lo or (hi is not None and v > hi):
             raise InputError(f"{v} is out of range", field=flag)
     keys = args.api_key + [k.strip() for k in os.environ.get("ALIGNLOOP_API_KEYS", "").split(",") if k.strip()]
     models, run_dir = resolve_models(args.target, parse_model_specs(args.model))
@@ -148,12 +157,13 @@ def main(argv: list[str]) -> None:
     # One core is the HTTP event loop's. Intra-op threads on every core fight it (and anything else on
     # the machine): on a busy 2-core CPU the micro model decoded 8-10x slower with 2 threads than with 1.
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
-    served = load_models(models, run_dir, args.max_batch)
+    served = load_models(models, run_dir, args.max_batch, args.device, args.dtype)
     db = connect(database_url(run_dir, args.db))
     migrate(db)
     app = create_app(served, Settings(api_keys=keys, max_batch=args.max_batch,
                                       max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
-                                      gather_s=args.batch_window_ms / 1000), db)
+                                      gather_s=args.batch_window_ms / 1000, temperature=args.temperature,
+                                      top_p=args.top_p), db)
     url = f"http://{args.host}:{args.port}"
     print(f"serve: {', '.join(served)} on {url}  (chat page /, arena /arena, OpenAI API {url}/v1"
           f"{', API keys required' if keys else ''})", flush=True)

@@ -41,6 +41,8 @@ class Settings:
     max_n: int = 8                                      # the largest `n`
     max_body_bytes: int = 8 * 2**20                     # a larger request body is answered 413
     gather_s: float = 0.005                             # wait this long after a first request for others
+    temperature: float = 1.0                            # for a request that sets none (the chat page never does);
+    top_p: float = 1.0                                  # 1.0 and 1.0 are the OpenAI API's own defaults
 
 
 @dataclass
@@ -203,7 +205,8 @@ class Generator:
                                 f"{len(prompt)} tokens and max_tokens asks for {max_tokens} more",
                            param="max_tokens", code="context_length_exceeded")
         return Job(model=model, prompt=prompt, n=n, max_new_tokens=max_tokens or min(room, s.max_tokens_limit),
-                   temperature=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
+                   temperature=s.temperature if temperature is None else temperature,
+                   top_p=s.top_p if top_p is None else top_p,
                    top_k=top_k or 0, stop=[x for x in stops if x] or None,
                    seed=None if seed is None else seed % 2**40)  # the engine multiplies the seed: keep it small
 

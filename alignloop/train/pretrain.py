@@ -135,10 +135,8 @@ def evaluate(model, val_rows: torch.Tensor, device, cfg, val_bytes: int, val_cha
 
 def resolve_init(init: str, out: Path) -> Path:
     """A model to start from: a Hugging Face folder or a .gguf file (converted once into the run)."""
-    from alignloop import model as M
-    if hasattr(M, "resolve_model"):
-        return M.resolve_model(Path(init), out)
-    return Path(init)
+    from alignloop.sources import resolve_model
+    return resolve_model(Path(init), out, field="init")
 
 
 def check_vocab(model_dir: Path, tok: ChatTokenizer, tok_dir: Path) -> None:
@@ -161,7 +159,8 @@ def run(cfg: Config, out: Path) -> Path:
     init = resolve_init(cfg.init, out) if cfg.init else None
     # --init without --tokenizer: the model's own tokenizer (a 49k-vocabulary model with the run's 4k BPE
     # would train on the wrong ids); a fresh model uses the run's.
-    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else init if init and (init / "tokenizer.json").exists() \
+    from alignloop.sources import TOKENIZER_FILES
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else init if init and any((init / f).exists() for f in TOKENIZER_FILES) \
         else out / "tokenizer"
     tok = ChatTokenizer.load(tok_dir)
     if init:

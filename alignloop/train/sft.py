@@ -195,7 +195,8 @@ def run(cfg: Config, out: Path) -> Path:
 
     init = resolve_init(cfg.init, out) if cfg.init else out / "pretrain"
     convs = conversations(data_path, cfg)          # bad input stops here, before any work
-    tok_dir = init if (init / "tokenizer.json").exists() else out / "tokenizer"
+    from alignloop.sources import tokenizer_dir
+    tok_dir = tokenizer_dir(init, out)
     tok = ChatTokenizer.load(tok_dir)
     check_vocab(init, tok, tok_dir)
     if cfg.chat_format == "alignloop":

@@ -116,10 +116,20 @@ def state_values(value_model, ids, attn, pos, P: int) -> torch.Tensor:
     return scalar_values(value_model, ids, attn, pos)[:, P - 1:-1]
 
 
-def sequence_scores(model, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
+def sequence_scores(model, seqs: list[list[int]], pad_id: int, device, max_tokens: int = 4096) -> torch.Tensor:
     """The scalar head at each sequence's last token (B,). The sequences come from `render` (training)
-    or `ChatTokenizer.scored_ids` (PPO), which agree, so the score is read at the same place."""
-    ids, attn = right_padded(seqs, pad_id, device)
-    values = scalar_values(model, ids, attn)
-    last = attn.sum(1) - 1
-    return values.gather(1, last[:, None]).squeeze(1)
+    or `ChatTokenizer.scored_ids` (PPO), which agree, so the score is read at the same place.
+    Sequences go through in length order, in chunks of at most `max_tokens` padded tokens: real
+    conversations differ in length by 10×, and padding all of them to the longest is mostly waste."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    parts, i = [], 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and (j + 1 - i) * len(seqs[order[j]]) <= max_tokens:
+            j += 1
+        ids, attn = right_padded([seqs[k] for k in order[i:j]], pad_id, device)
+        values = scalar_values(model, ids, attn)
+        parts.append(values.gather(1, (attn.sum(1) - 1)[:, None]).squeeze(1))
+        i = j
+    scores = torch.cat(parts)
+    return scores[torch.argsort(torch.tensor(order, device=scores.device))]

@@ -13,6 +13,7 @@ def test_create_admin(tmp_path):
     pw.write_text("short\n")
     r = alignloop("label", "create-admin", run, "--username", "root", "--password-file", pw, check=False)
     assert r.returncode == 2 and "at least 8 characters" in r.stderr
+    assert not run.exists(), "a failed create-admin leaves no database (nor folder) behind"
     pw.write_text("a good password\n")
     alignloop("label", "create-admin", run, "--username", "root", "--password-file", pw)
     r = alignloop("label", "create-admin", run, "--username", "root", "--password-file", pw, check=False)

@@ -49,9 +49,19 @@ def _create_admin(argv: list[str]) -> None:
     args = p.parse_args(argv)
     from alignloop.feedback import store
     password = _password(args)
-    Sess = store.open_db(args.run_dir, args.db)
-    with Sess.begin() as db:
-        store.create_user(db, args.username, password, "admin")
+    store.check_account(args.username, password, "admin")  # bad input stops here, before a database exists
+    db_file = Path(args.run_dir) / "alignloop.db"
+    new_db = args.db is None and not db_file.exists()
+    try:
+        Sess = store.open_db(args.run_dir, args.db)
+        with Sess.begin() as db:
+            store.create_user(db, args.username, password, "admin")
+        Sess.kw["bind"].dispose()
+    except BaseException:
+        if new_db:  # a failed first account leaves no database behind
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db_file}{suffix}").unlink(missing_ok=True)
+        raise
     print(f"created admin account {args.username!r}")
 
 

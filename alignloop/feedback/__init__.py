@@ -2,7 +2,7 @@
 
     alignloop label RUN_DIR [--db URL] [--host 127.0.0.1] [--port 8000]
     alignloop label create-admin RUN_DIR --username U [--password-file F]   (else asks twice)
-    alignloop label export RUN_DIR [--round N] [--pseudonymize] [--project NAME]
+    alignloop label export RUN_DIR [--round N] [--pseudonymize] [--project NAME]   (new versioned files)
 
 Data lives in `RUN_DIR/alignloop.db` (SQLite) unless `--db postgresql://…` names a server. The app is
 one server process (login rate limits and the sampling job live in it); many labelers at once are
@@ -66,8 +66,9 @@ def _create_admin(argv: list[str]) -> None:
 
 
 def _export(argv: list[str]) -> None:
-    p = _parser("alignloop label export", "write rankings.jsonl, demonstrations.jsonl and pairs.jsonl "
-                "into RUN_DIR/round-N/")
+    p = _parser("alignloop label export", "write new files human-rankings-<time>.jsonl, "
+                "human-demonstrations-<time>.jsonl and human-pairs-<time>.jsonl into RUN_DIR/round-N/ "
+                "(existing files are never replaced)")
     p.add_argument("--round", type=int, help="round number (default: the newest round folder, or 1)")
     p.add_argument("--pseudonymize", action="store_true", help="replace labeler names by stable pseudonyms")
     p.add_argument("--project", metavar="NAME", help="only this project (default: all)")
@@ -80,6 +81,7 @@ def _export(argv: list[str]) -> None:
     from alignloop.feedback import store
     from alignloop.feedback.export import export as run_export
     out = run_export(store.open_db(run_dir, args.db), run_dir, args.round, args.pseudonymize, args.project)
+    print(f"label export: round {out['round']}, new files (earlier ones unchanged):")
     for name, n in out["counts"].items():
         print(f"{n:6d} records → {out['dir'] / name}")
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import sessionmaker
 from alignloop.errors import InputError
 from alignloop.feedback import export as X
 from alignloop.feedback import store
-from alignloop.feedback.models import KINDS, ROLES, Item, Project, Task, User
+from alignloop.feedback.models import KINDS, ROLES, Item, Project, Task, User, now
 from alignloop.feedback.sampling import Sampler, models_of
 from alignloop.feedback.security import (LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_DAYS, RateLimiter,
                                          close_session, open_session, same, session_user, verify_password)
@@ -222,8 +222,11 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
                 select(Task.project_id, Task.status, func.count()).where(Task.user_id == m.id)
                 .group_by(Task.project_id, Task.status)).all()}
             prog = {p.id: store.progress(db, p) for p in projects} if m.role in STAFF else {}
+            counts = {"submitted": db.scalar(select(func.count()).where(Task.status == "submitted")),
+                      "reviews": db.scalar(select(func.count()).where(Item.resolution.is_not(None)))
+                      } if m.role == "admin" else {}
         return m.ctx(projects=projects, mine=mine, progress=prog, message=message(request),
-                     sampling=sampler.status, **kw)
+                     sampling=sampler.status, export_round=X.default_round(run_dir), export_counts=counts, **kw)
 
     @app.get("/", response_class=HTMLResponse)
     def home(request: Request):
@@ -468,6 +471,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
                 item.gold = value
             else:
                 item.resolution, item.resolved_by = value, (m.id if value else None)
+                item.resolved_at = now() if value else None
         return RedirectResponse(f"/items/{iid}?m=saved", status_code=303)
 
     # ------------------------------------------------------------ export
@@ -483,6 +487,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         except InputError as e:
             raise Page(400, "home.html", **home_ctx(m, request, error=str(e)))
         done = ", ".join(f"{n} records in {name}" for name, n in out["counts"].items())
-        return render("home.html", **home_ctx(m, request, exported=f"Exported {done} to {out['dir']}."))
+        return render("home.html", **home_ctx(m, request, exported=f"Exported into round {out['round']} "
+                                              f"({out['dir']}), as new files: {done}. Earlier files are unchanged."))
 
     return app

@@ -25,14 +25,16 @@ from alignloop.feedback import export as X
 from alignloop.feedback import store
 from alignloop.feedback.models import KINDS, ROLES, Item, Project, Task, User, now
 from alignloop.feedback.sampling import Sampler, models_of
-from alignloop.feedback.security import (LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_DAYS, RateLimiter,
-                                         close_session, open_session, same, session_user, verify_password)
+from alignloop.feedback.security import (LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_DAYS, LoginThrottle,
+                                         client_address, close_session, close_sessions_of, hash_password,
+                                         open_session, same, session_user, verify_password)
 
 HERE = Path(__file__).parent
 LETTERS = "ABCDEFGHI"
 STAFF = ("admin", "reviewer")
 MESSAGES = {"imported": "Imported {n} items.", "created": "Created.", "sampling": "Sampling started.",
-            "saved": "Saved.", "released": "Released {n} open tasks."}
+            "saved": "Saved.", "released": "Released {n} open tasks.", "unlocked": "Unlocked: failed logins forgotten.",
+            "reset": "New password set; the account's sessions were closed.", "password": "Your password was changed."}
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
        "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
@@ -82,18 +84,21 @@ def ranking_text(r: dict) -> str:
 
 
 def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20 << 20,
-               login_limit: int = 5, login_window: float = 300.0) -> FastAPI:
+               login_limit: int = 5, login_window: float = 300.0, throttle: LoginThrottle | None = None) -> FastAPI:
     run_dir = Path(run_dir)
     Sess: sessionmaker = store.open_db(run_dir, db_url)
     sampler = Sampler(run_dir, Sess)
-    by_user, by_addr = RateLimiter(login_limit, login_window), RateLimiter(login_limit * 4, login_window)
+    throttle = throttle or LoginThrottle(login_limit, login_window, login_limit * 4)
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
                       lstrip_blocks=True)
     env.filters["ranking_text"] = ranking_text
     env.globals.update(letters=LETTERS, roles=ROLES, kinds=KINDS, criteria=store.CRITERIA, flags=store.FLAGS)
 
-    app = FastAPI(title="alignloop label", docs_url=None, redoc_url=None, openapi_url=None)
+    # The schema lists every route (forms are read by hand, so their fields are not in it); no /docs,
+    # whose page would load scripts from a CDN.
+    app = FastAPI(title="alignloop label", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.Sess, app.state.run_dir, app.state.sampler = Sess, run_dir, sampler
+    app.state.throttle = throttle
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     def render(template: str, status: int = 200, **ctx) -> HTMLResponse:
@@ -183,21 +188,22 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
             raise HTTPException(403, "Missing or invalid CSRF token: reload the login page and try again.")
         username, password = (form.get("username") or "").strip(), form.get("password") or ""
         nxt = back(form.get("next") or "/")
-        ukey, akey = "u:" + username.lower(), "a:" + (request.client.host if request.client else "?")
-        wait = max(by_user.wait(ukey), by_addr.wait(akey))
+        addr = client_address(request)
+        wait = throttle.wait(username, addr)
         if wait > 0:
-            return render("login.html", 429, csrf=form.get("csrf"), user=None, next=nxt,
-                          error=f"Too many failed logins: try again in {int(wait) + 1} seconds.")
+            resp = render("login.html", 429, csrf=form.get("csrf"), user=None, next=nxt,
+                          error=f"Too many failed logins from here: try again in {int(wait) + 1} seconds.")
+            resp.headers["Retry-After"] = str(int(wait) + 1)
+            return resp
         with Sess() as db:
             user = db.scalar(select(User).where(User.username == username))
             if not verify_password(user, password) or not user.active:
-                by_user.failed(ukey)
-                by_addr.failed(akey)
+                throttle.failed(username, addr)
                 return render("login.html", 401, csrf=form.get("csrf"), user=None, next=nxt,
                               error="Wrong username or password.")
             token = open_session(db, user)
             db.commit()
-        by_user.clear(ukey)
+        throttle.succeeded(username, addr)
         resp = RedirectResponse(nxt, status_code=303)
         resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax", max_age=SESSION_DAYS * 86400,
                         path="/", secure=request.url.scheme == "https")
@@ -274,6 +280,56 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
                 raise HTTPException(404, "No such account.")
             user.active = not user.active
         return RedirectResponse("/admin/users?m=saved", status_code=303)
+
+    @app.post("/admin/users/{uid}/unlock")
+    def unlock_user(uid: int, request: Request, form=Depends(read_form)):
+        me(request, ("admin",), form)
+        with Sess() as db:
+            user = db.get(User, uid)
+            if user is None:
+                raise HTTPException(404, "No such account.")
+        throttle.unlock(user.username)
+        return RedirectResponse("/admin/users?m=unlocked", status_code=303)
+
+    @app.post("/admin/users/{uid}/password")
+    def reset_password(uid: int, request: Request, form=Depends(read_form)):
+        m = me(request, ("admin",), form)
+        try:
+            store.check_password(form.get("password") or "")
+        except InputError as e:
+            return users_page(m, request, 400, error=str(e))
+        with Sess.begin() as db:
+            user = db.get(User, uid)
+            if user is None:
+                raise HTTPException(404, "No such account.")
+            user.password_hash = hash_password(form.get("password"))
+            if user.id != m.id:
+                close_sessions_of(db, user.id)
+        throttle.unlock(user.username)
+        return RedirectResponse("/admin/users?m=reset", status_code=303)
+
+    @app.get("/account")
+    def account(request: Request):
+        m = me(request)
+        return render("account.html", **m.ctx(message=message(request)))
+
+    @app.post("/account/password")
+    def change_password(request: Request, form=Depends(read_form)):
+        m = me(request, form=form)
+        try:
+            with Sess() as db:
+                user = db.get(User, m.id)
+                if not verify_password(user, form.get("current") or ""):
+                    raise InputError("the current password is wrong", field="current")
+            if (form.get("password") or "") != (form.get("again") or ""):
+                raise InputError("the two new passwords differ", field="again")
+            store.check_password(form.get("password") or "")
+        except InputError as e:
+            return render("account.html", 400, **m.ctx(error=str(e)))
+        with Sess.begin() as db:
+            db.get(User, m.id).password_hash = hash_password(form.get("password"))
+            close_sessions_of(db, m.id, keep=m.token)  # other devices must log in with the new password
+        return RedirectResponse("/account?m=password", status_code=303)
 
     def get_project(db, pid: int) -> Project:
         p = db.get(Project, pid)

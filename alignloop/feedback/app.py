@@ -12,7 +12,10 @@ import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
+from typing import Annotated
+
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
@@ -30,6 +33,8 @@ from alignloop.feedback.security import (LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESS
                                          open_session, same, session_user, verify_password)
 
 HERE = Path(__file__).parent
+# Ids in paths: a number a database column can hold (a larger one is a 422, not a crash of the driver).
+Id = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 LETTERS = "ABCDEFGHI"
 STAFF = ("admin", "reviewer")
 MESSAGES = {"imported": "Imported {n} items.", "created": "Created.", "sampling": "Sampling started.",
@@ -270,7 +275,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return RedirectResponse("/admin/users?m=created", status_code=303)
 
     @app.post("/admin/users/{uid}/active")
-    def toggle_user(uid: int, request: Request, form=Depends(read_form)):
+    def toggle_user(uid: Id, request: Request, form=Depends(read_form)):
         m = me(request, ("admin",), form)
         if uid == m.id:
             return users_page(m, request, 400, error="You cannot deactivate your own account.")
@@ -282,7 +287,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return RedirectResponse("/admin/users?m=saved", status_code=303)
 
     @app.post("/admin/users/{uid}/unlock")
-    def unlock_user(uid: int, request: Request, form=Depends(read_form)):
+    def unlock_user(uid: Id, request: Request, form=Depends(read_form)):
         me(request, ("admin",), form)
         with Sess() as db:
             user = db.get(User, uid)
@@ -292,7 +297,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return RedirectResponse("/admin/users?m=unlocked", status_code=303)
 
     @app.post("/admin/users/{uid}/password")
-    def reset_password(uid: int, request: Request, form=Depends(read_form)):
+    def reset_password(uid: Id, request: Request, form=Depends(read_form)):
         m = me(request, ("admin",), form)
         try:
             store.check_password(form.get("password") or "")
@@ -358,12 +363,12 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return m.ctx(**ctx, **kw)
 
     @app.get("/projects/{pid}")
-    def project_page(pid: int, request: Request):
+    def project_page(pid: Id, request: Request):
         m = me(request, STAFF)
         return render("project.html", **project_ctx(m, request, pid))
 
     @app.post("/projects/{pid}/import")
-    def import_prompts(pid: int, request: Request, form=Depends(read_upload)):
+    def import_prompts(pid: Id, request: Request, form=Depends(read_upload)):
         if form is None:  # too big: the form was not parsed, so check the session without CSRF first
             m = me(request, ("admin",))
             raise Page(413, "project.html", **project_ctx(
@@ -388,7 +393,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return RedirectResponse(f"/projects/{pid}?m=imported&n={n}", status_code=303)
 
     @app.post("/projects/{pid}/sample")
-    def sample(pid: int, request: Request, form=Depends(read_form)):
+    def sample(pid: Id, request: Request, form=Depends(read_form)):
         m = me(request, ("admin",), form)
         with Sess() as db:
             project = get_project(db, pid)
@@ -406,7 +411,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return RedirectResponse(f"/projects/{pid}?m=sampling", status_code=303)
 
     @app.post("/projects/{pid}/release")
-    def release(pid: int, request: Request, form=Depends(read_form)):
+    def release(pid: Id, request: Request, form=Depends(read_form)):
         m = me(request, ("admin",), form)
         try:
             hours = float(form.get("hours") or "")
@@ -420,7 +425,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return RedirectResponse(f"/projects/{pid}?m=released&n={n}", status_code=303)
 
     @app.get("/projects/{pid}/sampling")
-    def sampling_status(pid: int, request: Request):
+    def sampling_status(pid: Id, request: Request):
         me(request, STAFF)
         st = sampler.status
         return JSONResponse(st if st.get("project") == pid else {"state": "idle"})
@@ -428,7 +433,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
     # ------------------------------------------------------------ tasks
 
     @app.get("/projects/{pid}/next")
-    def next_task(pid: int, request: Request):
+    def next_task(pid: Id, request: Request):
         m = me(request)
         task = store.next_task(Sess, m.id, pid)
         if task is None:
@@ -457,11 +462,11 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
                                                     done=mine, **kw))
 
     @app.get("/tasks/{tid}")
-    def show_task(tid: int, request: Request):
+    def show_task(tid: Id, request: Request):
         return task_page(me(request), tid)
 
     @app.post("/tasks/{tid}")
-    def submit_task(tid: int, request: Request, form=Depends(read_form)):
+    def submit_task(tid: Id, request: Request, form=Depends(read_form)):
         m = me(request, form=form)
         with Sess() as db:
             task, item, project = own_task(db, tid, m)
@@ -478,7 +483,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return RedirectResponse(f"/projects/{project.id}/next", status_code=303)
 
     @app.post("/tasks/{tid}/skip")
-    def skip_task(tid: int, request: Request, form=Depends(read_form)):
+    def skip_task(tid: Id, request: Request, form=Depends(read_form)):
         m = me(request, form=form)
         with Sess() as db:
             task, item, project = own_task(db, tid, m)
@@ -504,14 +509,14 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return render("item.html", status, **m.ctx(item=item, project=project, tasks=tasks, resolver=resolver, **kw))
 
     @app.get("/items/{iid}")
-    def show_item(iid: int, request: Request):
+    def show_item(iid: Id, request: Request):
         return item_page(me(request, STAFF), iid)
 
     @app.post("/items/{iid}/{what}")
-    def settle(iid: int, what: str, request: Request, form=Depends(read_form)):
+    def settle(iid: Id, what: str, request: Request, form=Depends(read_form)):
+        m = me(request, STAFF if what == "resolve" else ("admin",), form)  # the session first, as everywhere
         if what not in ("resolve", "gold"):
             raise HTTPException(404, "Not found.")
-        m = me(request, STAFF if what == "resolve" else ("admin",), form)
         with Sess() as db:
             item = db.get(Item, iid)
             if item is None or not item.completions:

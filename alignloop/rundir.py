@@ -127,8 +127,8 @@ def later_outputs(run_dir: Path, section: str, round_: int | None = None) -> lis
     return found
 
 
-def config_difference(run_dir: Path, section: str, cfg) -> str | None:
-    """'field: saved → now' when RUN/config.toml's [section] differs from cfg, else None."""
+def config_difference(run_dir: Path, section: str, cfg) -> tuple[str, str] | None:
+    """(field, "field = saved there, now now") when RUN/config.toml's [section] differs from cfg, else None."""
     path = Path(run_dir) / "config.toml"
     if not path.exists():
         return None
@@ -139,7 +139,7 @@ def config_difference(run_dir: Path, section: str, cfg) -> str | None:
         now = getattr(cfg, f.name)
         same = saved[f.name] == now or (isinstance(now, float) and abs(saved[f.name] - now) < 1e-12)
         if now is not None and not same:
-            return f"{f.name} = {saved[f.name]!r} there, {now!r} now"
+            return f.name, f"{f.name} = {saved[f.name]!r} there, {now!r} now"
     return None
 
 
@@ -160,8 +160,9 @@ def guard_stage(run_dir: Path, section: str, cfg, force: bool = False, restart: 
                              f"{f' and {len(later) - 1} more' if len(later) > 1 else ''}); use a new --out, "
                              f"or --force to move the old {section} aside", file=where)
         if diff:
-            raise InputError(f"it was made with another configuration ([{section}] {diff}); use a new --out, "
-                             f"the same settings, or --force to move the old {section} aside", file=where)
+            raise InputError(f"it was made with another configuration ([{section}] {diff[1]}); use a new --out, "
+                             f"the same settings, or --force to move the old {section} aside", file=where,
+                             field=diff[0])
         if not restart:
             return []
     return move_aside(run_dir, outputs)

@@ -8,6 +8,7 @@ Modules are imported only when their command runs, so `alignloop --help` stays f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ COMMANDS = {
     "serve": ("alignloop.serve", "serve a chat page and an OpenAI-compatible API"),
     "report": ("alignloop.report", "write report.html for a run directory"),
 }
+# Stage commands that own a place in the run directory (rundir.stage_outputs) and are guarded there.
+GUARDED = ("world", "tokenizer", "pretrain", "sft", "sample", "rank", "reward", "ppo")
 
 
 def stage_parser(name: str, module) -> argparse.ArgumentParser:
@@ -39,10 +42,20 @@ def stage_parser(name: str, module) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.toml", help="a TOML file, flat or with a [%s] table" % module.SECTION)
     p.add_argument("--preset", choices=C.PRESETS, default=None, help="size preset (default: tiny)")
     p.add_argument("--out", metavar="RUN_DIR", default="runs/default", help="the run directory (default: runs/default)")
+    if module.SECTION in GUARDED:
+        p.add_argument("--force", action="store_true", help="write even over a stage made with another "
+                       "configuration or one later stages were built on; the old output is moved aside, not deleted")
+    if _resumable(module):
+        p.add_argument("--restart", action="store_true", help="start over instead of resuming from the stage's "
+                       "last checkpoint (the old folder is moved aside)")
     if hasattr(module, "add_arguments"):
         module.add_arguments(p)
     C.add_arguments(p, module.Config)
     return p
+
+
+def _resumable(module) -> bool:
+    return any(f.name == "resume" for f in dataclasses.fields(module.Config))
 
 
 def run_stage(name: str, argv: list[str]) -> None:
@@ -52,7 +65,25 @@ def run_stage(name: str, argv: list[str]) -> None:
     args = stage_parser(name, module).parse_args(argv)
     cfg = C.resolve(module.Config, module.SECTION, preset=args.preset or "tiny", presets=module.PRESETS,
                     toml=args.config, flags=C.flags_from_args(args, module.Config))
+    out = Path(args.out)
+    if module.SECTION in GUARDED:
+        _guard(name, module, cfg, out, args)
     return module.run(cfg, Path(args.out), args) if hasattr(module, "add_arguments") else module.run(cfg, Path(args.out))
+
+
+def _guard(name: str, module, cfg, out: Path, args) -> None:
+    """Refuse to overwrite a stage (see rundir.guard_stage); resume by default where a checkpoint is."""
+    from alignloop.rundir import guard_stage, stage_outputs
+    restart = getattr(args, "restart", False)
+    if _resumable(module):
+        cfg.resume = not restart
+    for old in guard_stage(out, module.SECTION, cfg, force=args.force, restart=restart):
+        print(f"{name}: moved the old {old.name.split('.old-')[0]} aside → {old}")
+    if getattr(cfg, "resume", False):
+        from alignloop.train.loop import Checkpoints
+        latest = Checkpoints(stage_outputs(out, module.SECTION, getattr(cfg, "round", None))[0]).latest()
+        if latest is not None:
+            print(f"{name}: resuming from {latest} (--restart to start over)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,6 +109,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"alignloop {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\nalignloop {name}: interrupted; the last complete checkpoint is kept (run again to resume)",
-              file=sys.stderr)
+        module = importlib.import_module(COMMANDS[name][0])
+        if name in ("run", "loop"):
+            what = "finished steps are kept; run the same command again to continue"
+        elif hasattr(module, "Config") and _resumable(module):
+            what = "the last complete checkpoint is kept; run the same command again to resume from it"
+        else:
+            what = "this step keeps no checkpoint; run the same command again to start it over"
+        print(f"\nalignloop {name}: interrupted; {what}", file=sys.stderr)
         sys.exit(130)

@@ -96,6 +96,9 @@ def run(cfg: Config, out: Path, args) -> None:
     from alignloop.train import pretrain as P
     from alignloop.train import sft as S
 
+    loop_only = getattr(args, "loop_only", False)
+    if loop_only:  # `alignloop loop`: rounds only, never a stage before them
+        _check_loop(out, cfg)
     preset = args.preset or "tiny"
     # The [run] section itself may change between calls (more rounds, people instead of simulated
     # labelers); the stages' own settings may not (Runner.cfg checks each).
@@ -109,23 +112,8 @@ def run(cfg: Config, out: Path, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_stage_config(out, SECTION, cfg)
     stop = cfg.until
-
-    r.step("world", (out / "world" / "world.json").exists(), lambda: W.run(r.cfg(W), out))
-    if stop == "world":
+    if not loop_only and not _before_rounds(r, out, cfg, stop):
         return
-    r.step("tokenizer", (out / "tokenizer" / "tokenizer.json").exists(), lambda: T.run(r.cfg(T), out))
-    if stop == "tokenizer":
-        return
-    r.step("pretrain", (out / "pretrain" / "config.json").exists(), lambda: P.run(r.cfg(P, resume=True), out))
-    evals = _load_eval(out)
-    r.step("fact recall", "fact_recall" in evals, lambda: _fact_recall(out, cfg.device))
-    r.step("eval base", "base" in evals.get("stages", {}), lambda: E.run(r.cfg(E, stage="base"), out))
-    if stop == "pretrain":
-        return _finish(r, out)
-    r.step("sft", (out / "sft" / "config.json").exists(), lambda: S.run(r.cfg(S, resume=True), out))
-    r.step("eval sft", "sft" in _load_eval(out).get("stages", {}), lambda: E.run(r.cfg(E, stage="sft"), out))
-    if stop == "sft":
-        return _finish(r, out)
     for i in range(1, cfg.rounds + 1):
         if not _round(r, out, i, cfg, stop):
             return
@@ -140,6 +128,46 @@ def run(cfg: Config, out: Path, args) -> None:
     _finish(r, out)
 
 
+def _check_loop(out: Path, cfg: Config) -> None:
+    """What rounds need, named before any work: a policy to start from, and the world's prompts and
+    labelers (a run built with `sft --init` has none; `alignloop loop` does not make one)."""
+    if not (out / "sft" / "config.json").exists():
+        raise InputError("no SFT model in this run: `alignloop loop` runs rounds only; build the run first "
+                         "(`alignloop run --until sft`, or `alignloop sft`)", file=out / "sft")
+    if not (out / "world" / "world.json").exists():
+        raise InputError("this run has no world (prompts, simulated labelers and gold scores for the rounds); "
+                         "`alignloop loop` makes none: run `alignloop world --out RUN` first, or the stages "
+                         "one by one with --prompts / --data", file=out / "world")
+
+
+def _before_rounds(r: Runner, out: Path, cfg: Config, stop: str) -> bool:
+    """world → tokenizer → pretrain → eval base → SFT → eval sft; False when `stop` says to end there."""
+    from alignloop import evaluate as E
+    from alignloop import tokenizer as T
+    from alignloop import world as W
+    from alignloop.train import pretrain as P
+    from alignloop.train import sft as S
+    r.step("world", (out / "world" / "world.json").exists(), lambda: W.run(r.cfg(W), out))
+    if stop == "world":
+        return False
+    r.step("tokenizer", (out / "tokenizer" / "tokenizer.json").exists(), lambda: T.run(r.cfg(T), out))
+    if stop == "tokenizer":
+        return False
+    r.step("pretrain", (out / "pretrain" / "config.json").exists(), lambda: P.run(r.cfg(P, resume=True), out))
+    evals = _load_eval(out)
+    r.step("fact recall", "fact_recall" in evals, lambda: _fact_recall(out, cfg.device))
+    r.step("eval base", "base" in evals.get("stages", {}), lambda: E.run(r.cfg(E, stage="base"), out))
+    if stop == "pretrain":
+        _finish(r, out)
+        return False
+    r.step("sft", (out / "sft" / "config.json").exists(), lambda: S.run(r.cfg(S, resume=True), out))
+    r.step("eval sft", "sft" in _load_eval(out).get("stages", {}), lambda: E.run(r.cfg(E, stage="sft"), out))
+    if stop == "sft":
+        _finish(r, out)
+        return False
+    return True
+
+
 def _round(r: Runner, out: Path, i: int, cfg: Config, stop: str) -> bool:
     """Round i: sample from the newest policy → rank → reward model on all rankings so far → PPO."""
     from alignloop import evaluate as E
@@ -150,7 +178,7 @@ def _round(r: Runner, out: Path, i: int, cfg: Config, stop: str) -> bool:
     folder = out / f"round-{i}"
     r.step(f"round {i}: sample", (folder / "samples.jsonl").exists(), lambda: Sa.run(r.cfg(Sa, round=i), out))
     if cfg.labelers == "human":
-        if not (folder / "rankings.jsonl").exists():
+        if not (folder / "rankings.jsonl").exists() and not any(folder.glob("human-rankings-*.jsonl")):
             print(f"round {i} waits for rankings from people:\n"
                   f"  alignloop label {out}            # serve the labeling app; import {folder / 'samples.jsonl'}\n"
                   f"  alignloop label export {out} --round {i}\n"

@@ -51,7 +51,13 @@ def run(cfg: Config, out: Path) -> Path:
         if prompt is None:
             raise InputError("the simulated labelers only know the world's prompts (unknown prompt_id)",
                              file=path, line=line, field="prompt_id")
-        completions = rec["completions"]
+        completions = rec.get("completions")
+        if not isinstance(completions, list) or len(completions) < 2 or not all(
+                isinstance(c, str) and c.strip() for c in completions):
+            raise InputError("expected a list of at least 2 non-empty answers (a samples file from `alignloop "
+                             "sample`)", file=path, line=line, field="completions")
+        if not isinstance(rec.get("prompt"), list):
+            raise InputError("expected the prompt's messages", file=path, line=line, field="prompt")
         heldout = rng.random() < cfg.heldout_fraction
         n = max(cfg.labelers_per_prompt, 2 if heldout else 1)
         for labeler in rng.sample(world.labelers, min(n, len(world.labelers))):
@@ -60,13 +66,14 @@ def run(cfg: Config, out: Path) -> Path:
                  "ratings": [labeler.rate(prompt, c, rng) for c in completions],
                  "flags": [labeler.flags(prompt, c) for c in completions],
                  "critique": labeler.critique(prompt, completions[order[-1]]),
-                 "prompt_id": prompt["id"], "split": "heldout" if heldout else "train"}
+                 "prompt_id": prompt["id"], "split": "heldout" if heldout else "train", "source": "simulated"}
             if not heldout and rng.random() < cfg.correct_fraction:
                 fixed = labeler.correct(prompt, completions[order[0]])
                 if fixed and fixed not in completions:
                     r["correction"] = {"index": order[0], "text": fixed}
                     demos.append({"messages": rec["prompt"] + [{"role": "assistant", "content": fixed}]})
-                    pairs.append({"prompt": rec["prompt"], "chosen": fixed, "rejected": completions[order[0]]})
+                    pairs.append({"prompt": rec["prompt"], "chosen": fixed, "rejected": completions[order[0]],
+                                  "labeler": labeler.name, "source": "simulated"})
             rankings.append(r)
     folder = round_dir(out, cfg.round)
     write_jsonl(folder / "rankings.jsonl", rankings)

@@ -18,6 +18,7 @@ from conftest import ARTIFACTS, alignloop
 from sqlalchemy import select
 
 from alignloop.feedback import store
+from alignloop.feedback.export import newest_export
 from alignloop.feedback.models import Task
 from alignloop.feedback.testing import server
 from alignloop.io import read_records
@@ -188,9 +189,13 @@ def test_labeling_story_in_a_real_browser(micro_copy, chromium_path, tmp_path):
         assert "Against gold: 2 answers" in admin.inner_text("#agreement")
         admin.screenshot(path=str(ARTIFACTS / "label-project.png"), full_page=True)
         admin.goto(base + "/")
+        plan = admin.inner_text("#export-plan")
+        assert "round-1/" in plan and "7 submitted answers" in plan and "never replaced" in plan
         admin.click("#export button")
-        assert ("Exported 7 records in rankings.jsonl, 1 records in demonstrations.jsonl, 1 records in pairs.jsonl"
-                in admin.inner_text("#exported"))
+        done = admin.inner_text("#exported")
+        assert "Exported into round 1" in done and "Earlier files are unchanged" in done
+        assert re.search(r"7 records in human-rankings-\S+, 1 records in human-demonstrations-\S+, "
+                         r"1 records in human-pairs-", done), done
         browser.close()
 
     # ---- the files are what the loop reads
@@ -199,7 +204,7 @@ def test_labeling_story_in_a_real_browser(micro_copy, chromium_path, tmp_path):
         skipped_task = db.get(Task, skipped)
     Sess.kw["bind"].dispose()
     assert skipped_task.status == "skipped" and skipped_task.skip_reason == "I cannot judge this one"
-    recs = [r for _, r in read_records(run / "round-1" / "rankings.jsonl")]
+    recs = [r for _, r in read_records(newest_export(run / "round-1", "rankings"))]
     assert len(recs) == 7 and {r["labeler"] for r in recs} == {"alice", "bob"}
     by_item = {(r["item_id"], r["labeler"]): r for r in recs}
     keys, drag, bad = (by_item[(tasks[t].item_id, "alice")] for t in task_ids)
@@ -212,13 +217,13 @@ def test_labeling_story_in_a_real_browser(micro_copy, chromium_path, tmp_path):
     assert drag["ranking"] == [s[3], s[0], s[1], s[2]] and drag["critique"] == "Answer A invents facts."
     assert drag["correction"] == {"index": s[0], "text": "The capital of Faralar is Vosiskane."}
     assert bad["all_bad"] is True
-    (demo,) = [r for _, r in read_records(run / "round-1" / "demonstrations.jsonl")]
+    (demo,) = [r for _, r in read_records(newest_export(run / "round-1", "demonstrations"))]
     assert demo["messages"][-1] == {"role": "assistant", "content": "The capital of Faralar is Vosiskane."}
-    (pair,) = [r for _, r in read_records(run / "round-1" / "pairs.jsonl")]
+    (pair,) = [r for _, r in read_records(newest_export(run / "round-1", "pairs"))]
     assert pair["rejected"] == drag["completions"][s[0]]
 
     if importlib.util.find_spec("alignloop.train.reward") is None:
         pytest.skip("reward stage not yet available")
-    alignloop("reward", "--preset", "micro", "--out", run, "--data", run / "round-1" / "rankings.jsonl",
+    alignloop("reward", "--preset", "micro", "--out", run, "--data", newest_export(run / "round-1", "rankings"),
               "--init", run / "pretrain")
     assert (run / "round-1" / "reward" / "config.json").exists()

@@ -14,6 +14,7 @@ from sqlalchemy import func, inspect, select
 
 from alignloop.feedback import store
 from alignloop.feedback.app import create_app
+from alignloop.feedback.export import newest_export
 from alignloop.feedback.models import Item, Task, User
 from alignloop.feedback.testing import csrf_of, login, postgres_database
 from alignloop.io import read_records
@@ -454,7 +455,7 @@ def test_reviewer_finds_and_settles_disagreements(app, users, db):
     assert r.status_code == 303
     assert "2 &gt; 1 (by rita)" in rita.get(f"/items/{iid}").text
     admin.post("/export", data={"csrf": token(admin), "project": name, "round": "5"})
-    recs = [rec for _, rec in read_records(run / "round-5" / "rankings.jsonl")]
+    recs = [rec for _, rec in read_records(newest_export(run / "round-5", "rankings"))]
     (review,) = [rec for rec in recs if rec.get("review")]
     assert len(recs) == 5 and review["labeler"] == "rita" and review["ranking"] == [1, 0]
 
@@ -480,19 +481,21 @@ def test_demonstration_project_and_export(app, users, db):
     newest = max([int(p.name[6:]) for p in run.glob("round-*")], default=0) + 1
     (run / f"round-{newest}").mkdir()  # the export button writes into the newest round by default
     r = admin.post("/export", data={"csrf": token(admin), "project": demo_name})
-    assert r.status_code == 200 and "Exported 0 records in rankings.jsonl, 1 records in demonstrations" in r.text
-    (d,) = [rec for _, rec in read_records(run / f"round-{newest}" / "demonstrations.jsonl")]
+    assert r.status_code == 200 and f"Exported into round {newest}" in r.text
+    assert re.search(r"0 records in human-rankings-\S+\.jsonl, 1 records in human-demonstrations-", r.text)
+    (d,) = [rec for _, rec in read_records(newest_export(run / f"round-{newest}", "demonstrations"))]
     assert d["messages"][-1] == {"role": "assistant", "content": "4."} and len(d["messages"]) == 4
-    assert d["labeler"] == "alice" and d["source"] == "demonstration"
+    assert d["labeler"] == "alice" and d["kind"] == "demonstration" and d["source"] == "label"
 
     later = newest + 1
     r = admin.post("/export", data={"csrf": token(admin), "project": rank_name, "round": str(later),
                                     "pseudonymize": "on"})
     assert r.status_code == 200 and f"round-{later}" in r.text
-    (c,) = [rec for _, rec in read_records(run / f"round-{later}" / "demonstrations.jsonl")]
-    assert c["source"] == "correction" and c["messages"][-1]["content"] == "a fixed answer"
-    (pair,) = [rec for _, rec in read_records(run / f"round-{later}" / "pairs.jsonl")]
-    (ranking,) = [rec for _, rec in read_records(run / f"round-{later}" / "rankings.jsonl")]
+    (c,) = [rec for _, rec in read_records(newest_export(run / f"round-{later}", "demonstrations"))]
+    assert c["kind"] == "correction" and c["messages"][-1]["content"] == "a fixed answer"
+    (pair,) = [rec for _, rec in read_records(newest_export(run / f"round-{later}", "pairs"))]
+    (ranking,) = [rec for _, rec in read_records(newest_export(run / f"round-{later}", "rankings"))]
+    assert pair["source"] == ranking["source"] == "label" and pair["time"] and ranking["time"]
     assert pair["chosen"] == "a fixed answer" and pair["prompt"] == ranking["prompt"] == c["messages"][:-1]
     assert ranking["labeler"] == c["labeler"] == pair["labeler"] and ranking["labeler"].startswith("labeler-")
     n = ranking["prompt"][0]["content"].split()[-1]  # the item alice was given ("question n")

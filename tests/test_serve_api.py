@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from alignloop.feedback.testing import add_account, chat_client
 from alignloop.serve import load_models
 from alignloop.serve.app import Settings, create_app, serve_in_thread
 
@@ -26,6 +27,8 @@ def server(micro_run, tmp_path_factory):
     db = connect(database_url(tmp_path_factory.mktemp("serve-db")))
     migrate(db)
     app = create_app(served, Settings(max_batch=32, max_tokens_limit=200, max_n=8), db)
+    for name in ("me", "other"):
+        add_account(db, name, f"{name}-password")
     with serve_in_thread(app) as url:
         yield url, app
     db.dispose()
@@ -245,9 +248,7 @@ def events(resp) -> list[tuple[str, dict]]:
 
 def test_page_api_conversation_tree(server):
     url = server[0]
-    me, other = httpx.Client(base_url=url, timeout=60), httpx.Client(base_url=url, timeout=60)
-    me.get("/")                                                          # the page hands out the cookie
-    assert "alignloop_user" in me.cookies
+    me, other = chat_client(url, "me", "me-password"), chat_client(url, "other", "other-password")
     r = me.post("/api/chat/send", json={"model": "a", "content": "first question", "max_tokens": 8})
     ev = events(r)
     assert [e for e, _ in ev][0] == "meta" and ev[-1][0] == "done"
@@ -283,7 +284,7 @@ def test_page_api_conversation_tree(server):
 
 def test_page_api_arena_votes(server):
     url = server[0]
-    me, other = httpx.Client(base_url=url, timeout=60), httpx.Client(base_url=url, timeout=60)
+    me, other = chat_client(url, "me", "me-password"), chat_client(url, "other", "other-password")
     ev = events(me.post("/api/arena/battles", json={"content": "Which is the largest country?"}))
     assert ev[0][0] == "meta" and ev[-1][0] == "end"
     assert sorted(d["side"] for e, d in ev if e == "done") == ["a", "b"]
@@ -302,7 +303,7 @@ def test_arena_needs_two_models_and_skips_the_ppo_alias(micro_run, tmp_path):
     db = connect(database_url(tmp_path))
     migrate(db)
     one = load_models({"round-1/ppo": micro_run / "pretrain", "ppo": micro_run / "pretrain"}, micro_run)
-    with serve_in_thread(create_app(one, Settings(), db)) as url:
+    with serve_in_thread(create_app(one, Settings(open=True), db)) as url:   # open: no account needed
         r = httpx.post(url + "/api/arena/battles", json={"content": "hi"})
         assert r.status_code == 400 and "two models" in r.json()["error"]["message"]
         assert [row["model"] for row in httpx.get(url + "/api/arena/leaderboard").json()] == ["round-1/ppo"]

@@ -58,7 +58,9 @@ def test_serve_a_run_directory(micro_copy):
         r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
         assert r.choices[0].finish_reason in ("stop", "length")
         assert httpx.get(url + "/v1/models").status_code == 401
-        assert httpx.get(url + "/").status_code == 200                    # the page itself needs no key
+        r = httpx.get(url + "/")                                          # the page needs an account, not a key
+        assert r.status_code == 303 and r.headers["location"] == "/login?next=/"
+        assert httpx.get(url + "/login").status_code == 200
         assert (micro_copy / "alignloop.db").exists()
     finally:
         proc.terminate()

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-import httpx
 
+from alignloop.feedback.testing import add_account, chat_client
 from alignloop.serve import load_models
 from alignloop.serve.app import Settings, create_app, serve_in_thread
 from alignloop.serve.export import export
@@ -22,9 +22,9 @@ def test_chat_and_export_on_postgresql(pg_url, micro_copy):
         db = connect(url)
         migrate(db)
         served = load_models({"a": micro_copy / "pretrain", "b": micro_copy / "pretrain"}, micro_copy)
+        add_account(db, "pat", "pat-password")
         with serve_in_thread(create_app(served, Settings(max_tokens_limit=24), db)) as base:
-            c = httpx.Client(base_url=base, timeout=60)
-            c.get("/")
+            c = chat_client(base, "pat", "pat-password")
             first = c.post("/api/chat/send", json={"model": "a", "content": "Name a country."})
             a1 = last_event(first)["message"]
             a2 = last_event(c.post("/api/chat/regenerate", json={"message_id": a1["id"]}))["message"]
@@ -40,3 +40,4 @@ def test_chat_and_export_on_postgresql(pg_url, micro_copy):
     expected = (a1["content"] != a2["content"] and bool(a1["content"].strip() and a2["content"].strip()))
     assert len([p for p in got if p["prompt"][0]["content"] == "Name a country."]) == int(expected)
     assert r["counts"].get("arena_pairs", 0) + r["counts"].get("skipped_pairs", 0) >= 1
+    assert all(p["labeler"] == "pat" and p["source"] in ("chat", "arena") and p["time"] for p in got)

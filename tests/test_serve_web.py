@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from datetime import datetime
 import shutil
 
 import pytest
 
+from alignloop.feedback.testing import add_account
 from alignloop.serve import load_models
 from alignloop.serve.app import Settings, create_app, serve_in_thread
 from tests.conftest import ARTIFACTS, alignloop
@@ -27,6 +29,7 @@ def web(micro_run, tmp_path_factory):
     db = connect(database_url(run))
     migrate(db)
     app = create_app(served, Settings(max_tokens_limit=40), db)  # short answers keep the browser test quick
+    add_account(db, "carol", "carol-password")
     with serve_in_thread(app) as url:
         yield url, run
     db.dispose()
@@ -61,6 +64,22 @@ def send(page, text):
 
 def answers(page):
     return page.locator(".msg.assistant .text").all_text_contents()
+
+
+def test_login_then_chat_page(web, page):
+    url, _ = web
+    page.goto(url + "/arena")
+    assert "/login?next=/arena" in page.url                              # no session: the login page
+    page.fill("input[name=username]", "carol")
+    page.fill("input[name=password]", "wrong password")
+    page.click("#login-form button")
+    assert "Wrong username or password" in page.inner_text("#error")
+    page.fill("input[name=username]", "carol")
+    page.fill("input[name=password]", "carol-password")
+    with page.expect_navigation():
+        page.click("#login-form button")
+    assert page.url == url + "/arena"
+    assert page.inner_text("#who") == "carol" and page.locator("#open-demo").count() == 0
 
 
 def test_two_turn_chat_streams(web, page):
@@ -171,16 +190,20 @@ def test_arena_vote_and_leaderboard(web, page):
 def test_export_writes_pairs_and_feedback(web):
     _, run = web
     out = alignloop("serve", "export", run)
-    assert "comparisons" in out.stdout
-    pairs = [json.loads(x) for x in (run / "round-1" / "chat-pairs.jsonl").read_text().splitlines()]
-    assert pairs and all(set(p) == {"prompt", "chosen", "rejected"} for p in pairs)
+    assert "comparisons" in out.stdout and "earlier ones unchanged" in out.stdout
+    (pairs_file,) = (run / "round-1").glob("chat-pairs-*.jsonl")
+    pairs = [json.loads(x) for x in pairs_file.read_text().splitlines()]
+    assert pairs and all(set(p) == {"prompt", "chosen", "rejected", "source", "labeler", "time"} for p in pairs)
+    assert {p["source"] for p in pairs} <= {"chat", "arena"} and {p["labeler"] for p in pairs} == {"carol"}
+    assert all(datetime.fromisoformat(p["time"]).tzinfo is not None for p in pairs)
     regen = [p for p in pairs if len(p["prompt"]) == 3]                  # the second turn's regenerate pair
     arena_pairs = [p for p in pairs if len(p["prompt"]) == 1]
     assert len(regen) <= 1 and len(arena_pairs) <= 3 and len(pairs) >= 2
     if regen:
         assert [m["role"] for m in regen[0]["prompt"]] == ["user", "assistant", "user"]
         assert regen[0]["prompt"][-1]["content"] == "Tell me more"
-    thumbs = [json.loads(x) for x in (run / "round-1" / "chat-feedback.jsonl").read_text().splitlines()]
+    (thumbs_file,) = (run / "round-1").glob("chat-feedback-*.jsonl")
+    thumbs = [json.loads(x) for x in thumbs_file.read_text().splitlines()]
     assert {(t["rating"], t["reason"]) for t in thumbs} == {("up", "friendly start")}
     assert thumbs[0]["prompt"] == [{"role": "user", "content": "Hello there, what is the capital of the first country?"}]
 
@@ -188,8 +211,13 @@ def test_export_writes_pairs_and_feedback(web):
     alignloop("serve", "export", run, "--format", "rankings", "--out", ranked)
     recs = [json.loads(x) for x in ranked.read_text().splitlines()]
     assert len(recs) == len(pairs)
-    assert all(r["ranking"] == [0, 1] and len(r["completions"]) == 2 and r["labeler"].startswith("user-")
+    assert all(r["ranking"] == [0, 1] and len(r["completions"]) == 2 and r["labeler"] == "carol"
                for r in recs)
+    again = alignloop("serve", "export", run, "--format", "rankings", "--out", ranked, check=False)
+    assert again.returncode == 2 and "never replaces" in again.stderr         # an export never overwrites
+    alignloop("serve", "export", run)
+    assert len(list((run / "round-1").glob("chat-pairs-*.jsonl"))) == 2
+    assert pairs_file.read_text().splitlines() == [json.dumps(p, ensure_ascii=False) for p in pairs]
 
     bad = alignloop("serve", "export", run / "world", check=False)
     assert bad.returncode == 2 and "alignloop.db" in bad.stderr
@@ -199,9 +227,13 @@ def test_exported_pairs_train_a_reward_model(web):
     if importlib.util.find_spec("alignloop.train.reward") is None:
         pytest.skip("reward stage not yet available")
     _, run = web
-    data = run / "round-1" / "chat-pairs.jsonl"
-    # the micro run has no SFT model: start the reward model's trunk from the pretrained one
+    data = sorted((run / "round-1").glob("chat-pairs-*.jsonl"))[-1]
+    # chat and arena feedback is read only when asked for: by default the reward stage leaves it out
     proc = alignloop("reward", "--preset", "micro", "--out", run, "--data", data, "--init", run / "pretrain",
                      check=False, timeout=600)
+    assert proc.returncode == 2 and "left out" in proc.stdout and "no usable comparisons" in proc.stderr
+    # the micro run has no SFT model: start the reward model's trunk from the pretrained one
+    proc = alignloop("reward", "--preset", "micro", "--out", run, "--data", data, "--init", run / "pretrain",
+                     "--sources", "chat,arena", check=False, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (run / "round-1" / "reward" / "config.json").exists()

@@ -2,7 +2,7 @@
 
     alignloop label RUN_DIR [--db URL] [--host 127.0.0.1] [--port 8000] [--device auto] [--dtype auto]
     alignloop label create-admin RUN_DIR --username U [--password-file F]   (else asks twice)
-    alignloop label export RUN_DIR [--round N] [--pseudonymize] [--project NAME]
+    alignloop label export RUN_DIR [--round N] [--pseudonymize] [--project NAME]   (new versioned files)
 
 Data lives in `RUN_DIR/alignloop.db` (SQLite) unless `--db postgresql://…` names a server. The app is
 one server process (login rate limits and the sampling job live in it); many labelers at once are
@@ -50,15 +50,26 @@ def _create_admin(argv: list[str]) -> None:
     args = p.parse_args(argv)
     from alignloop.feedback import store
     password = _password(args)
-    Sess = store.open_db(args.run_dir, args.db)
-    with Sess.begin() as db:
-        store.create_user(db, args.username, password, "admin")
+    store.check_account(args.username, password, "admin")  # bad input stops here, before a database exists
+    db_file = Path(args.run_dir) / "alignloop.db"
+    new_db = args.db is None and not db_file.exists()
+    try:
+        Sess = store.open_db(args.run_dir, args.db)
+        with Sess.begin() as db:
+            store.create_user(db, args.username, password, "admin")
+        Sess.kw["bind"].dispose()
+    except BaseException:
+        if new_db:  # a failed first account leaves no database behind
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db_file}{suffix}").unlink(missing_ok=True)
+        raise
     print(f"created admin account {args.username!r}")
 
 
 def _export(argv: list[str]) -> None:
-    p = _parser("alignloop label export", "write rankings.jsonl, demonstrations.jsonl and pairs.jsonl "
-                "into RUN_DIR/round-N/")
+    p = _parser("alignloop label export", "write new files human-rankings-<time>.jsonl, "
+                "human-demonstrations-<time>.jsonl and human-pairs-<time>.jsonl into RUN_DIR/round-N/ "
+                "(existing files are never replaced)")
     p.add_argument("--round", type=int, help="round number (default: the newest round folder, or 1)")
     p.add_argument("--pseudonymize", action="store_true", help="replace labeler names by stable pseudonyms")
     p.add_argument("--project", metavar="NAME", help="only this project (default: all)")
@@ -71,6 +82,7 @@ def _export(argv: list[str]) -> None:
     from alignloop.feedback import store
     from alignloop.feedback.export import export as run_export
     out = run_export(store.open_db(run_dir, args.db), run_dir, args.round, args.pseudonymize, args.project)
+    print(f"label export: round {out['round']}, new files (earlier ones unchanged):")
     for name, n in out["counts"].items():
         print(f"{n:6d} records → {out['dir'] / name}")
 

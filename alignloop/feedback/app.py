@@ -12,7 +12,10 @@ import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
+from typing import Annotated
+
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
@@ -23,16 +26,20 @@ from sqlalchemy.orm import sessionmaker
 from alignloop.errors import InputError
 from alignloop.feedback import export as X
 from alignloop.feedback import store
-from alignloop.feedback.models import KINDS, ROLES, Item, Project, Task, User
+from alignloop.feedback.models import KINDS, ROLES, Item, Project, Task, User, now
 from alignloop.feedback.sampling import Sampler, models_of
-from alignloop.feedback.security import (LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_DAYS, RateLimiter,
-                                         close_session, open_session, same, session_user, verify_password)
+from alignloop.feedback.security import (LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_DAYS, LoginThrottle,
+                                         client_address, close_session, close_sessions_of, hash_password,
+                                         open_session, same, session_user, verify_password)
 
 HERE = Path(__file__).parent
+# Ids in paths: a number a database column can hold (a larger one is a 422, not a crash of the driver).
+Id = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 LETTERS = "ABCDEFGHI"
 STAFF = ("admin", "reviewer")
 MESSAGES = {"imported": "Imported {n} items.", "created": "Created.", "sampling": "Sampling started.",
-            "saved": "Saved.", "released": "Released {n} open tasks."}
+            "saved": "Saved.", "released": "Released {n} open tasks.", "unlocked": "Unlocked: failed logins forgotten.",
+            "reset": "New password set; the account's sessions were closed.", "password": "Your password was changed."}
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
        "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
@@ -82,18 +89,22 @@ def ranking_text(r: dict) -> str:
 
 
 def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20 << 20,
-               login_limit: int = 5, login_window: float = 300.0, device: str = "auto", dtype: str = "auto") -> FastAPI:
+               login_limit: int = 5, login_window: float = 300.0, throttle: LoginThrottle | None = None,
+               device: str = "auto", dtype: str = "auto") -> FastAPI:
     run_dir = Path(run_dir)
     Sess: sessionmaker = store.open_db(run_dir, db_url)
     sampler = Sampler(run_dir, Sess, device, dtype)
-    by_user, by_addr = RateLimiter(login_limit, login_window), RateLimiter(login_limit * 4, login_window)
+    throttle = throttle or LoginThrottle(login_limit, login_window, login_limit * 4)
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
                       lstrip_blocks=True)
     env.filters["ranking_text"] = ranking_text
     env.globals.update(letters=LETTERS, roles=ROLES, kinds=KINDS, criteria=store.CRITERIA, flags=store.FLAGS)
 
-    app = FastAPI(title="alignloop label", docs_url=None, redoc_url=None, openapi_url=None)
+    # The schema lists every route (forms are read by hand, so their fields are not in it); no /docs,
+    # whose page would load scripts from a CDN.
+    app = FastAPI(title="alignloop label", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.Sess, app.state.run_dir, app.state.sampler = Sess, run_dir, sampler
+    app.state.throttle = throttle
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     def render(template: str, status: int = 200, **ctx) -> HTMLResponse:
@@ -183,21 +194,22 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
             raise HTTPException(403, "Missing or invalid CSRF token: reload the login page and try again.")
         username, password = (form.get("username") or "").strip(), form.get("password") or ""
         nxt = back(form.get("next") or "/")
-        ukey, akey = "u:" + username.lower(), "a:" + (request.client.host if request.client else "?")
-        wait = max(by_user.wait(ukey), by_addr.wait(akey))
+        addr = client_address(request)
+        wait = throttle.wait(username, addr)
         if wait > 0:
-            return render("login.html", 429, csrf=form.get("csrf"), user=None, next=nxt,
-                          error=f"Too many failed logins: try again in {int(wait) + 1} seconds.")
+            resp = render("login.html", 429, csrf=form.get("csrf"), user=None, next=nxt,
+                          error=f"Too many failed logins from here: try again in {int(wait) + 1} seconds.")
+            resp.headers["Retry-After"] = str(int(wait) + 1)
+            return resp
         with Sess() as db:
             user = db.scalar(select(User).where(User.username == username))
             if not verify_password(user, password) or not user.active:
-                by_user.failed(ukey)
-                by_addr.failed(akey)
+                throttle.failed(username, addr)
                 return render("login.html", 401, csrf=form.get("csrf"), user=None, next=nxt,
                               error="Wrong username or password.")
             token = open_session(db, user)
             db.commit()
-        by_user.clear(ukey)
+        throttle.succeeded(username, addr)
         resp = RedirectResponse(nxt, status_code=303)
         resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax", max_age=SESSION_DAYS * 86400,
                         path="/", secure=request.url.scheme == "https")
@@ -222,8 +234,11 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
                 select(Task.project_id, Task.status, func.count()).where(Task.user_id == m.id)
                 .group_by(Task.project_id, Task.status)).all()}
             prog = {p.id: store.progress(db, p) for p in projects} if m.role in STAFF else {}
+            counts = {"submitted": db.scalar(select(func.count()).where(Task.status == "submitted")),
+                      "reviews": db.scalar(select(func.count()).where(Item.resolution.is_not(None)))
+                      } if m.role == "admin" else {}
         return m.ctx(projects=projects, mine=mine, progress=prog, message=message(request),
-                     sampling=sampler.status, **kw)
+                     sampling=sampler.status, export_round=X.default_round(run_dir), export_counts=counts, **kw)
 
     @app.get("/", response_class=HTMLResponse)
     def home(request: Request):
@@ -261,7 +276,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return RedirectResponse("/admin/users?m=created", status_code=303)
 
     @app.post("/admin/users/{uid}/active")
-    def toggle_user(uid: int, request: Request, form=Depends(read_form)):
+    def toggle_user(uid: Id, request: Request, form=Depends(read_form)):
         m = me(request, ("admin",), form)
         if uid == m.id:
             return users_page(m, request, 400, error="You cannot deactivate your own account.")
@@ -271,6 +286,56 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
                 raise HTTPException(404, "No such account.")
             user.active = not user.active
         return RedirectResponse("/admin/users?m=saved", status_code=303)
+
+    @app.post("/admin/users/{uid}/unlock")
+    def unlock_user(uid: Id, request: Request, form=Depends(read_form)):
+        me(request, ("admin",), form)
+        with Sess() as db:
+            user = db.get(User, uid)
+            if user is None:
+                raise HTTPException(404, "No such account.")
+        throttle.unlock(user.username)
+        return RedirectResponse("/admin/users?m=unlocked", status_code=303)
+
+    @app.post("/admin/users/{uid}/password")
+    def reset_password(uid: Id, request: Request, form=Depends(read_form)):
+        m = me(request, ("admin",), form)
+        try:
+            store.check_password(form.get("password") or "")
+        except InputError as e:
+            return users_page(m, request, 400, error=str(e))
+        with Sess.begin() as db:
+            user = db.get(User, uid)
+            if user is None:
+                raise HTTPException(404, "No such account.")
+            user.password_hash = hash_password(form.get("password"))
+            if user.id != m.id:
+                close_sessions_of(db, user.id)
+        throttle.unlock(user.username)
+        return RedirectResponse("/admin/users?m=reset", status_code=303)
+
+    @app.get("/account")
+    def account(request: Request):
+        m = me(request)
+        return render("account.html", **m.ctx(message=message(request)))
+
+    @app.post("/account/password")
+    def change_password(request: Request, form=Depends(read_form)):
+        m = me(request, form=form)
+        try:
+            with Sess() as db:
+                user = db.get(User, m.id)
+                if not verify_password(user, form.get("current") or ""):
+                    raise InputError("the current password is wrong", field="current")
+            if (form.get("password") or "") != (form.get("again") or ""):
+                raise InputError("the two new passwords differ", field="again")
+            store.check_password(form.get("password") or "")
+        except InputError as e:
+            return render("account.html", 400, **m.ctx(error=str(e)))
+        with Sess.begin() as db:
+            db.get(User, m.id).password_hash = hash_password(form.get("password"))
+            close_sessions_of(db, m.id, keep=m.token)  # other devices must log in with the new password
+        return RedirectResponse("/account?m=password", status_code=303)
 
     def get_project(db, pid: int) -> Project:
         p = db.get(Project, pid)
@@ -299,12 +364,12 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return m.ctx(**ctx, **kw)
 
     @app.get("/projects/{pid}")
-    def project_page(pid: int, request: Request):
+    def project_page(pid: Id, request: Request):
         m = me(request, STAFF)
         return render("project.html", **project_ctx(m, request, pid))
 
     @app.post("/projects/{pid}/import")
-    def import_prompts(pid: int, request: Request, form=Depends(read_upload)):
+    def import_prompts(pid: Id, request: Request, form=Depends(read_upload)):
         if form is None:  # too big: the form was not parsed, so check the session without CSRF first
             m = me(request, ("admin",))
             raise Page(413, "project.html", **project_ctx(
@@ -329,7 +394,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return RedirectResponse(f"/projects/{pid}?m=imported&n={n}", status_code=303)
 
     @app.post("/projects/{pid}/sample")
-    def sample(pid: int, request: Request, form=Depends(read_form)):
+    def sample(pid: Id, request: Request, form=Depends(read_form)):
         m = me(request, ("admin",), form)
         with Sess() as db:
             project = get_project(db, pid)
@@ -347,7 +412,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return RedirectResponse(f"/projects/{pid}?m=sampling", status_code=303)
 
     @app.post("/projects/{pid}/release")
-    def release(pid: int, request: Request, form=Depends(read_form)):
+    def release(pid: Id, request: Request, form=Depends(read_form)):
         m = me(request, ("admin",), form)
         try:
             hours = float(form.get("hours") or "")
@@ -361,7 +426,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return RedirectResponse(f"/projects/{pid}?m=released&n={n}", status_code=303)
 
     @app.get("/projects/{pid}/sampling")
-    def sampling_status(pid: int, request: Request):
+    def sampling_status(pid: Id, request: Request):
         me(request, STAFF)
         st = sampler.status
         return JSONResponse(st if st.get("project") == pid else {"state": "idle"})
@@ -369,7 +434,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
     # ------------------------------------------------------------ tasks
 
     @app.get("/projects/{pid}/next")
-    def next_task(pid: int, request: Request):
+    def next_task(pid: Id, request: Request):
         m = me(request)
         task = store.next_task(Sess, m.id, pid)
         if task is None:
@@ -398,11 +463,11 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
                                                     done=mine, **kw))
 
     @app.get("/tasks/{tid}")
-    def show_task(tid: int, request: Request):
+    def show_task(tid: Id, request: Request):
         return task_page(me(request), tid)
 
     @app.post("/tasks/{tid}")
-    def submit_task(tid: int, request: Request, form=Depends(read_form)):
+    def submit_task(tid: Id, request: Request, form=Depends(read_form)):
         m = me(request, form=form)
         with Sess() as db:
             task, item, project = own_task(db, tid, m)
@@ -419,7 +484,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return RedirectResponse(f"/projects/{project.id}/next", status_code=303)
 
     @app.post("/tasks/{tid}/skip")
-    def skip_task(tid: int, request: Request, form=Depends(read_form)):
+    def skip_task(tid: Id, request: Request, form=Depends(read_form)):
         m = me(request, form=form)
         with Sess() as db:
             task, item, project = own_task(db, tid, m)
@@ -445,14 +510,14 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return render("item.html", status, **m.ctx(item=item, project=project, tasks=tasks, resolver=resolver, **kw))
 
     @app.get("/items/{iid}")
-    def show_item(iid: int, request: Request):
+    def show_item(iid: Id, request: Request):
         return item_page(me(request, STAFF), iid)
 
     @app.post("/items/{iid}/{what}")
-    def settle(iid: int, what: str, request: Request, form=Depends(read_form)):
+    def settle(iid: Id, what: str, request: Request, form=Depends(read_form)):
+        m = me(request, STAFF if what == "resolve" else ("admin",), form)  # the session first, as everywhere
         if what not in ("resolve", "gold"):
             raise HTTPException(404, "Not found.")
-        m = me(request, STAFF if what == "resolve" else ("admin",), form)
         with Sess() as db:
             item = db.get(Item, iid)
             if item is None or not item.completions:
@@ -468,6 +533,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
                 item.gold = value
             else:
                 item.resolution, item.resolved_by = value, (m.id if value else None)
+                item.resolved_at = now() if value else None
         return RedirectResponse(f"/items/{iid}?m=saved", status_code=303)
 
     # ------------------------------------------------------------ export
@@ -483,6 +549,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         except InputError as e:
             raise Page(400, "home.html", **home_ctx(m, request, error=str(e)))
         done = ", ".join(f"{n} records in {name}" for name, n in out["counts"].items())
-        return render("home.html", **home_ctx(m, request, exported=f"Exported {done} to {out['dir']}."))
+        return render("home.html", **home_ctx(m, request, exported=f"Exported into round {out['round']} "
+                                              f"({out['dir']}), as new files: {done}. Earlier files are unchanged."))
 
     return app

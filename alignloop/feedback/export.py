@@ -1,19 +1,22 @@
-"""Export the people's feedback into the loop: `RUN/round-N/rankings.jsonl`, `demonstrations.jsonl`
-and `pairs.jsonl` (formats in docs/formats.md; the reward stage and `--labelers human` read them).
+"""Export the people's feedback into the loop: new, versioned files in `RUN/round-N/`, never over
+existing ones — `human-rankings-<UTC time>.jsonl`, `human-demonstrations-<time>.jsonl` and
+`human-pairs-<time>.jsonl` (the reward stage reads the newest of each; `--labelers human` waits for one).
 
-- rankings.jsonl: one record per (item, labeler), the raw per-labeler rankings (no aggregation), plus
-  one per reviewer's settled ranking (`"review": true`).
-- demonstrations.jsonl: written demonstrations and corrections (a correction is a demonstration).
-- pairs.jsonl: each correction is also preferred to the answer it replaces.
-Labeler names can be replaced by stable pseudonyms: HMAC-SHA256 of the name under a secret kept in
-the database, so the same person gets the same pseudonym in every export and round.
-Each file is written atomically (whole or not at all); all three are always written, so a re-export
-never leaves a stale file beside fresh ones.
+- rankings: one record per (item, labeler), the raw per-labeler rankings (no aggregation), plus one
+  per reviewer's settled ranking (`"review": true`);
+- demonstrations: written demonstrations and corrections (a correction is a demonstration);
+- pairs: each correction is also preferred to the answer it replaces.
+Every comparison (ranking or pair) carries `"source": "label"`, its `labeler` and its `time` (ISO 8601,
+UTC: when it was submitted or settled). Each export holds everything collected so far, so exporting
+twice loses nothing and the older file stays as it was. Labeler names can be replaced by stable
+pseudonyms: HMAC-SHA256 of the name under a secret kept in the database, so the same person gets the
+same pseudonym in every export and round.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+from datetime import timezone
 from pathlib import Path
 
 from sqlalchemy import select
@@ -22,7 +25,9 @@ from sqlalchemy.orm import sessionmaker
 from alignloop.feedback import store
 from alignloop.feedback.models import Item, Project, Task, User
 from alignloop.io import write_jsonl
-from alignloop.rundir import round_dir
+from alignloop.rundir import round_dir, versioned_path
+
+FILES = {"rankings": "human-rankings", "demonstrations": "human-demonstrations", "pairs": "human-pairs"}
 
 
 def pseudonym(secret: str, name: str) -> str:
@@ -51,12 +56,16 @@ def collect(Sess: sessionmaker, pseudonymize: bool = False, project: str | None 
     def who(name):
         return pseudonym(secret, name) if pseudonymize else name
 
+    def when(t) -> str | None:
+        return None if t is None else (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat()
+
     rankings, demos, pairs = [], [], []
     for task, item, pname, username in rows:
-        a, ids = task.answer or {}, {"item_id": item.id, "project": pname}
+        a = task.answer or {}
+        ids = {"item_id": item.id, "project": pname, "source": "label", "time": when(task.submitted_at)}
         if "text" in a:  # a written demonstration
             demos.append({"messages": item.prompt + [{"role": "assistant", "content": a["text"]}],
-                          "labeler": who(username), "source": "demonstration", **ids})
+                          "labeler": who(username), "kind": "demonstration", **ids})
             continue
         rec = {"prompt": item.prompt, "completions": item.completions, "ranking": a["ranking"],
                "labeler": who(username)}
@@ -72,7 +81,7 @@ def collect(Sess: sessionmaker, pseudonymize: bool = False, project: str | None 
             c = a["correction"]
             rec["correction"] = c
             demos.append({"messages": item.prompt + [{"role": "assistant", "content": c["text"]}],
-                          "labeler": who(username), "source": "correction", **ids})
+                          "labeler": who(username), "kind": "correction", **ids})
             pairs.append({"prompt": item.prompt, "chosen": c["text"], "rejected": item.completions[c["index"]],
                           "labeler": who(username), **ids})
         rankings.append({**rec, **ids})
@@ -80,16 +89,28 @@ def collect(Sess: sessionmaker, pseudonymize: bool = False, project: str | None 
         r = item.resolution
         rankings.append({"prompt": item.prompt, "completions": item.completions, "ranking": r["ranking"],
                          **({"ties": r["ties"]} if r.get("ties") else {}), "labeler": who(username),
-                         "review": True, "item_id": item.id, "project": pname})
-    return {"rankings.jsonl": rankings, "demonstrations.jsonl": demos, "pairs.jsonl": pairs}
+                         "review": True, "item_id": item.id, "project": pname, "source": "label",
+                         "time": when(item.resolved_at)})
+    return {"rankings": rankings, "demonstrations": demos, "pairs": pairs}
 
 
 def export(Sess: sessionmaker, run_dir, round: int | None = None, pseudonymize: bool = False,
            project: str | None = None) -> dict:
-    """Write the three files into RUN/round-N/; returns {"dir": path, "counts": {file: n}}."""
+    """Write three new files into RUN/round-N/ (existing files are never touched); returns
+    {"dir", "round", "counts": {file name: n}, "files": {kind: path}}."""
     n = round if round is not None else default_round(run_dir)
     out = round_dir(run_dir, n)
     data = collect(Sess, pseudonymize, project)
-    for name, records in data.items():
-        write_jsonl(out / name, records)
-    return {"dir": out, "round": n, "counts": {name: len(r) for name, r in data.items()}}
+    files = {}
+    for kind, records in data.items():
+        path = versioned_path(out, FILES[kind])
+        write_jsonl(path, records)
+        files[kind] = path
+    return {"dir": out, "round": n, "files": files,
+            "counts": {files[kind].name: len(r) for kind, r in data.items()}}
+
+
+def newest_export(folder: Path, kind: str) -> Path | None:
+    """The newest `human-<kind>-<time>.jsonl` of a round folder (kind: rankings, demonstrations, pairs)."""
+    found = sorted(Path(folder).glob(f"{FILES[kind]}-*.jsonl"))
+    return found[-1] if found else None

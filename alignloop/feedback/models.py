@@ -81,6 +81,7 @@ class Item(Base):
     gold: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     resolution: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     resolved_by: Mapped[int | None] = mapped_column(ForeignKey("label_users.id"), nullable=True)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # label_0002
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 

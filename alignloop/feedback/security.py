@@ -1,5 +1,9 @@
 """Passwords (argon2id), sessions (random token in an HttpOnly SameSite cookie, its hash in the
-database), CSRF tokens (one per session, checked on every POST) and login rate limiting."""
+database), CSRF tokens (one per session, checked on every POST) and login rate limiting.
+
+One account system serves both web apps: the labeling app (`alignloop label`) and the chat page and
+arena (`alignloop serve`) read the same `label_users` and `label_sessions` tables of the run's
+database, so a person has one account, one role and one password for both."""
 from __future__ import annotations
 
 import hashlib
@@ -63,6 +67,14 @@ def session_user(db, token: str | None) -> tuple[User, Session] | None:
     return user, sess
 
 
+def close_sessions_of(db, user_id: int, keep: str | None = None) -> None:
+    """End every session of an account (after a password change), except the one holding `keep`."""
+    q = delete(Session).where(Session.user_id == user_id)
+    if keep:
+        q = q.where(Session.token_hash != _digest(keep))
+    db.execute(q)
+
+
 def close_session(db, token: str | None) -> None:
     if token:
         db.execute(delete(Session).where(Session.token_hash == _digest(token)))
@@ -97,6 +109,24 @@ class RateLimiter:
             q = self._recent(key, t)
             return q[0] + self.window - t if len(q) >= self.limit else 0.0
 
+    def take(self, key: str) -> float:
+        """Count one use of `key` if it has room: 0.0 when it had (the use is counted), else the seconds
+        until it has (nothing counted). For rate limits on actions: messages, battles, votes."""
+        t = time.monotonic()
+        with self._lock:
+            q = self._recent(key, t)
+            if len(q) >= self.limit:
+                return q[0] + self.window - t
+            self._fails.setdefault(key, deque()).append(t)
+            return 0.0
+
+    def clear_prefix(self, prefix: str) -> int:
+        with self._lock:
+            keys = [k for k in self._fails if k.startswith(prefix)]
+            for k in keys:
+                del self._fails[k]
+            return len(keys)
+
     def failed(self, key: str) -> None:
         with self._lock:
             self._fails.setdefault(key, deque()).append(time.monotonic())
@@ -104,3 +134,36 @@ class RateLimiter:
     def clear(self, key: str) -> None:
         with self._lock:
             self._fails.pop(key, None)
+
+
+class LoginThrottle:
+    """Failed logins are counted per (account, client address) and per address. A stranger who types
+    wrong passwords for a real user's name blocks only that pair (and, past a higher limit, their own
+    address); the real user, from their own address, still logs in. `unlock` (an admin's button)
+    forgets the failures of one account."""
+
+    def __init__(self, limit: int = 5, window: float = 300.0, per_address: int = 20):
+        self.pair, self.addr = RateLimiter(limit, window), RateLimiter(per_address, window)
+
+    @staticmethod
+    def _keys(username: str, address: str) -> tuple[str, str]:
+        return f"u:{username.lower()}|a:{address}", f"a:{address}"
+
+    def wait(self, username: str, address: str) -> float:
+        pk, ak = self._keys(username, address)
+        return max(self.pair.wait(pk), self.addr.wait(ak))
+
+    def failed(self, username: str, address: str) -> None:
+        pk, ak = self._keys(username, address)
+        self.pair.failed(pk)
+        self.addr.failed(ak)
+
+    def succeeded(self, username: str, address: str) -> None:
+        self.pair.clear(self._keys(username, address)[0])
+
+    def unlock(self, username: str) -> int:
+        return self.pair.clear_prefix(f"u:{username.lower()}|")
+
+
+def client_address(request) -> str:
+    return request.client.host if request.client else "?"

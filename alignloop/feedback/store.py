@@ -61,14 +61,26 @@ def writing(Sess: sessionmaker):
 # ---------------------------------------------------------------- accounts and projects
 
 
-def create_user(db, username: str, password: str, role: str) -> User:
+def check_account(username: str, password: str, role: str) -> str:
+    """The checks of a new account that need no database; returns the cleaned username."""
     username = (username or "").strip()
     if not USERNAME.match(username):
         raise InputError("a username is 1–64 letters, digits or . _ - @", field="username")
     if role not in ROLES:
         raise InputError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})", field="role")
+    check_password(password)
+    return username
+
+
+def check_password(password: str) -> None:
     if len(password or "") < MIN_PASSWORD:
         raise InputError(f"a password needs at least {MIN_PASSWORD} characters", field="password")
+    if len(password) > 1024:
+        raise InputError("a password has at most 1024 characters", field="password")
+
+
+def create_user(db, username: str, password: str, role: str) -> User:
+    username = check_account(username, password, role)
     if db.scalar(select(User.id).where(User.username == username)) is not None:
         raise InputError(f"the username {username!r} is taken", field="username")
     user = User(username=username, password_hash=hash_password(password), role=role, active=True)

@@ -90,3 +90,27 @@ def login(client, username: str, password: str):
     page = client.get("/login")
     return client.post("/login", data={"username": username, "password": password, "csrf": csrf_of(page.text),
                                        "next": "/"}, follow_redirects=False)
+
+
+def add_account(engine_or_sessionmaker, username: str, password: str, role: str = "labeler") -> None:
+    """Create an account in a run's database (the one account system of both web apps)."""
+    from sqlalchemy.orm import sessionmaker
+
+    from alignloop.feedback import store
+    Sess = engine_or_sessionmaker if isinstance(engine_or_sessionmaker, sessionmaker) else sessionmaker(
+        bind=engine_or_sessionmaker)
+    with Sess.begin() as db:
+        store.create_user(db, username, password, role)
+
+
+def chat_client(base_url: str, username: str, password: str, local_address: str | None = None):
+    """An httpx client logged in to `alignloop serve`'s pages, sending the session's CSRF token."""
+    import httpx
+    transport = httpx.HTTPTransport(local_address=local_address) if local_address else None
+    c = httpx.Client(base_url=base_url, timeout=60, transport=transport)
+    r = login(c, username, password)
+    if r.status_code != 303:
+        raise AssertionError(f"login of {username} failed: {r.status_code}")
+    m = re.search(r'<meta name="csrf-token" content="([^"]+)">', c.get("/").text)
+    c.headers["X-CSRF-Token"] = m.group(1)
+    return c

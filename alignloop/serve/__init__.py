@@ -1,14 +1,21 @@
 """`alignloop serve`: talk to every stage of a run — a chat page, an arena and an OpenAI-compatible API.
 
     alignloop serve RUN_OR_MODEL [--model NAME=PATH …] [--host 127.0.0.1] [--port 8000] [--device auto]
-                    [--dtype auto] [--temperature 1.0] [--top-p 1.0] [--api-key KEY …] [--db URL] [--max-batch 32] [--max-tokens-limit 1024] [--max-n 8]
+                    [--dtype auto] [--temperature 1.0] [--top-p 1.0] [--api-key KEY …] [--db URL] [--max-batch 32]
+                    [--max-tokens-limit 1024] [--max-n 8]
+                    [--open] [--messages-per-minute 20] [--battles-per-minute 10] [--votes-per-minute 20]
     alignloop serve export RUN_DIR [--out FILE] [--feedback-out FILE] [--format pairs|rankings] [--db URL]
 
 A run directory serves each of its stages by name (`base`, `sft`, `round-1/ppo`, …, `ppo` = newest);
 a plain Hugging Face model folder under its folder name, a `.gguf` file (converted once into a folder,
 see alignloop/sources.py) under its file name; `--model NAME=PATH` adds more.
 Conversations, thumbs and arena votes go to the run's database (RUN/alignloop.db by default), and
-`serve export` turns them into pairs / rankings for the next reward model.
+`serve export` turns them into pairs / rankings for the next reward model (new versioned files, each
+comparison with its source, voter and time; the reward stage reads them only with `--sources chat,arena`).
+
+The chat page and the arena need an account of the run (the labeling app's accounts and sessions:
+`alignloop label create-admin RUN`, then more accounts on its Accounts page); `--open` allows anonymous
+use instead, for a private demo, and the pages say so. The API keeps its own keys (`--api-key`).
 
 Layout: `app.py` (API, errors, generation), `scheduler.py` (batching), `web.py` + templates/static
 (chat page, arena), `tables.py` (database), `arena.py` (Bradley–Terry), `export.py`.
@@ -109,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of a request that sets none (default 1.0)")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="before a batch starts, wait this long while requests keep arriving (at most 10 times)")
+    p.add_argument("--open", action="store_true",
+                   help="let anyone use the chat page and the arena without an account (a private demo; the pages "
+                        "say so and the feedback is recorded as anonymous). Default: the run's accounts")
+    p.add_argument("--messages-per-minute", type=int, default=20,
+                   help="chat messages and regenerations per account a minute (per address: 4 times as many)")
+    p.add_argument("--battles-per-minute", type=int, default=10, help="arena battles per account a minute (per "
+                   "address: 4 times as many)")
+    p.add_argument("--votes-per-minute", type=int, default=20, help="arena votes per account a minute (per "
+                   "address: 4 times as many)")
     return p
 
 
@@ -117,9 +133,9 @@ def export_parser() -> argparse.ArgumentParser:
                                 "as reward-model data (pairs or rankings) and single thumbs as feedback")
     p.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     p.add_argument("--out", type=Path, metavar="FILE",
-                   help="comparisons (default: RUN/round-N/chat-pairs.jsonl, N the newest round)")
+                   help="comparisons, a new file (default: RUN/round-N/chat-pairs-<time>.jsonl, N the newest round)")
     p.add_argument("--feedback-out", type=Path, metavar="FILE",
-                   help="thumbs on answers outside any pair (default: RUN/round-N/chat-feedback.jsonl)")
+                   help="thumbs on answers outside any pair, a new file (default: RUN/round-N/chat-feedback-<time>.jsonl)")
     p.add_argument("--format", choices=("pairs", "rankings"), default="pairs",
                    help="pairs {prompt, chosen, rejected} or K=2 rankings with the labeler's pseudonym")
     p.add_argument("--db", metavar="URL", help="database URL (default: sqlite RUN/alignloop.db)")
@@ -132,9 +148,10 @@ def main(argv: list[str]) -> None:
         from alignloop.serve.export import export
         r = export(args.run_dir, args.db, args.out, args.feedback_out, args.format)
         c = r["counts"]
-        print(f"serve export: {r['n_comparisons']} comparisons ({c.get('regenerate_pairs', 0)} from regenerate "
-              f"thumbs, {c.get('arena_pairs', 0)} from arena votes; {c.get('ties', 0)} ties / both-bad skipped), "
-              f"{r['n_thumbs']} single thumbs")
+        print(f"serve export into {r['folder']}: {r['n_comparisons']} comparisons ({c.get('regenerate_pairs', 0)} "
+              f"from regenerate thumbs, {c.get('arena_pairs', 0)} from arena votes; {c.get('ties', 0)} ties / "
+              f"both-bad and {c.get('skipped_pairs', 0)} identical or empty answers skipped), "
+              f"{r['n_thumbs']} single thumbs; new files, earlier ones unchanged")
         for kind, path in r["files"].items():
             print(f"  {kind} → {path}")
         return
@@ -142,7 +159,10 @@ def main(argv: list[str]) -> None:
     for flag, v, lo, hi in (("--max-batch", args.max_batch, 1, None), ("--max-tokens-limit", args.max_tokens_limit, 1, None),
                             ("--max-n", args.max_n, 1, None), ("--port", args.port, 0, 65535),
                             ("--batch-window-ms", args.batch_window_ms, 0, None), ("--threads", args.threads, 0, None),
-                            ("--temperature", args.temperature, 0, 2), ("--top-p", args.top_p, 0.01, 1)):
+                            ("--temperature", args.temperature, 0, 2), ("--top-p", args.top_p, 0.01, 1),
+                            ("--messages-per-minute", args.messages_per_minute, 1, None),
+                            ("--battles-per-minute", args.battles_per_minute, 1, None),
+                            ("--votes-per-minute", args.votes_per_minute, 1, None)):
         if v < lo or (hi is not None and v > hi):
             raise InputError(f"{v} is out of range", field=flag)
     keys = args.api_key + [k.strip() for k in os.environ.get("ALIGNLOOP_API_KEYS", "").split(",") if k.strip()]
@@ -150,7 +170,7 @@ def main(argv: list[str]) -> None:
 
     import uvicorn
 
-    from alignloop.db import connect, database_url, migrate
+    from alignloop.db import connect, database_url, migrate, sessions
     from alignloop.serve.app import Settings, create_app
 
     import torch
@@ -163,8 +183,21 @@ def main(argv: list[str]) -> None:
     app = create_app(served, Settings(api_keys=keys, max_batch=args.max_batch,
                                       max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
                                       gather_s=args.batch_window_ms / 1000, temperature=args.temperature,
-                                      top_p=args.top_p), db)
+                                      top_p=args.top_p, open=args.open,
+                                      messages_per_minute=args.messages_per_minute,
+                                      battles_per_minute=args.battles_per_minute,
+                                      votes_per_minute=args.votes_per_minute), db)
     url = f"http://{args.host}:{args.port}"
     print(f"serve: {', '.join(served)} on {url}  (chat page /, arena /arena, OpenAI API {url}/v1"
           f"{', API keys required' if keys else ''})", flush=True)
+    if args.open:
+        print("serve: --open: anyone who reaches this server may chat and vote without an account", flush=True)
+    else:
+        from sqlalchemy import func, select
+
+        from alignloop.feedback.models import User
+        with sessions(db)() as s:
+            if not s.scalar(select(func.count()).select_from(User)):
+                print(f"serve: no accounts yet: the chat page and the arena need one (`alignloop label "
+                      f"create-admin {run_dir} --username NAME`), or serve with --open", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -43,6 +43,12 @@ class Settings:
     gather_s: float = 0.005                             # wait this long after a first request for others
     temperature: float = 1.0                            # for a request that sets none (the chat page never does);
     top_p: float = 1.0                                  # 1.0 and 1.0 are the OpenAI API's own defaults
+    # The chat page and the arena: behind the run's accounts (the labeling app's) unless `open`.
+    open: bool = False                                  # anonymous use (a private demo), clearly labelled
+    messages_per_minute: int = 20                       # per account: chat messages and regenerations
+    battles_per_minute: int = 10                        # per account: arena battles
+    votes_per_minute: int = 20                          # per account: arena votes
+    per_address_factor: int = 4                         # per client address: this many times the above
 
 
 @dataclass
@@ -55,9 +61,10 @@ class Served:
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -65,7 +72,8 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 
 def error_response(e: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+    headers |= e.headers or {}
     return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=headers)
 
 
@@ -158,6 +166,11 @@ class ErrorResponse(BaseModel):
 
 ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in
           ((400, "bad request"), (401, "missing or wrong API key"), (404, "unknown model"))}
+PAGE_ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in
+               ((400, "bad request"), (401, "not logged in (the chat page and arena need an account unless "
+                                           "the server runs with --open)"),
+                (403, "missing or wrong CSRF token"), (404, "unknown model, conversation or message"),
+                (429, "rate limit: wait the Retry-After seconds"))}
 
 
 # ---------------------------------------------------------------- generation shared by the API and the pages

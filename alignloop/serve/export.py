@@ -3,17 +3,22 @@
 - a regenerate pair: two answers to the same question where the user thumbed one up and the other
   down → `{"prompt": messages, "chosen", "rejected"}` (every up × every down among the siblings);
 - an arena vote for A or B → the same pair shape (ties and "both bad" say nothing about the order);
-- `--format rankings` writes each comparison as a K=2 ranking with the labeler's pseudonym instead:
-  `{"prompt", "completions", "ranking": [best, worst], "labeler"}` (docs/formats.md, "Rankings");
-- a thumb on an answer that is not part of a pair → `chat-feedback.jsonl`:
-  `{"prompt", "completion", "rating": "up"|"down", "reason"}`.
+- `--format rankings` writes each comparison as a K=2 ranking instead:
+  `{"prompt", "completions", "ranking": [best, worst], …}` (docs/formats.md, "Rankings");
+- a thumb on an answer that is not part of a pair → `chat-feedback-<time>.jsonl`:
+  `{"prompt", "completion", "rating": "up"|"down", "reason", …}`.
+Every record carries `source` ("chat" for thumbs, "arena" for votes), `labeler` (the account's
+username, or `anon:<hash>` on an `--open` server) and `time` (ISO 8601, UTC), so the reward stage can
+choose (`--sources`) and people can filter.
 
-Files are written atomically, by default into the run's newest `round-N/` folder (round-1 when the run
-has none yet), so the next `alignloop reward --data …` can read them.
+Files are new and versioned — by default `RUN/round-N/chat-pairs-<time>.jsonl` (or chat-rankings-…)
+in the run's newest round folder (round-1 when it has none) — and never replace an existing file; each
+export holds everything so far. The reward stage reads them only when asked: `--sources …,chat,arena`.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import timezone
 from pathlib import Path
 
 from sqlalchemy import select
@@ -21,6 +26,7 @@ from sqlalchemy import select
 from alignloop.db import connect, database_url, migrate, sessions
 from alignloop.errors import InputError
 from alignloop.io import write_jsonl
+from alignloop.rundir import versioned_path
 from alignloop.serve.tables import Battle, Conversation, Feedback, Message, Vote
 
 
@@ -29,8 +35,13 @@ def newest_round(run_dir: Path) -> Path:
     return Path(run_dir) / f"round-{rounds[-1] if rounds else 1}"
 
 
+def _time(t) -> str:
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat()
+
+
 def collect(db) -> tuple[list[dict], list[dict], dict]:
-    """(comparisons {prompt, chosen, rejected, labeler}, thumbs {prompt, completion, rating, reason}, counts)."""
+    """(comparisons {prompt, chosen, rejected, source, labeler, time}, thumbs {prompt, completion, rating,
+    reason, source, labeler, time}, counts)."""
     pairs, thumbs = [], []
     counts = defaultdict(int)
     with sessions(db)() as s:
@@ -64,15 +75,17 @@ def collect(db) -> tuple[list[dict], list[dict], dict]:
                 if not chosen.strip() or not rejected.strip() or chosen == rejected:
                     counts["skipped_pairs"] += 1
                     continue
-                pairs.append({"prompt": history(parent), "chosen": chosen, "rejected": rejected,
-                              "labeler": rated[u].user})
+                pairs.append({"prompt": history(parent), "chosen": chosen, "rejected": rejected, "source": "chat",
+                              "labeler": rated[u].user,
+                              "time": _time(max(rated[u].created_at, rated[d].created_at))})
                 used.update((u, d))
                 counts["regenerate_pairs"] += 1
     for mid, f in rated.items():
         if mid in used or not msgs[mid].content.strip():
             continue
         thumbs.append({"prompt": history(msgs[mid].parent_id), "completion": msgs[mid].content,
-                       "rating": f.rating, "reason": f.reason})
+                       "rating": f.rating, "reason": f.reason, "source": "chat", "labeler": f.user,
+                       "time": _time(f.created_at)})
         counts["thumbs"] += 1
     for b, v in votes:
         if v.winner not in ("a", "b") or b.answer_a is None or b.answer_b is None:
@@ -82,7 +95,8 @@ def collect(db) -> tuple[list[dict], list[dict], dict]:
         if not chosen.strip() or not rejected.strip() or chosen == rejected:
             counts["skipped_pairs"] += 1
             continue
-        pairs.append({"prompt": b.prompt, "chosen": chosen, "rejected": rejected, "labeler": v.user})
+        pairs.append({"prompt": b.prompt, "chosen": chosen, "rejected": rejected, "source": "arena",
+                      "labeler": v.user, "time": _time(v.created_at)})
         counts["arena_pairs"] += 1
     return pairs, thumbs, dict(counts)
 
@@ -102,18 +116,23 @@ def export(run_dir: Path, db_url: str | None = None, out: Path | None = None, fe
     finally:
         db.dispose()
     folder = newest_round(run_dir)
-    out = Path(out) if out else folder / ("chat-pairs.jsonl" if fmt == "pairs" else "chat-rankings.jsonl")
-    feedback_out = Path(feedback_out) if feedback_out else folder / "chat-feedback.jsonl"
+    for given, flag in ((out, "--out"), (feedback_out, "--feedback-out")):
+        if given is not None and Path(given).exists():
+            raise InputError("the file exists; an export never replaces one (name a new file, or leave the flag "
+                             "out for a new versioned file)", file=given, field=flag)
     if fmt == "pairs":
-        records = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
+        records = pairs
     else:
         records = [{"prompt": p["prompt"], "completions": [p["chosen"], p["rejected"]], "ranking": [0, 1],
-                    "labeler": p["labeler"]} for p in pairs]
+                    **{k: p[k] for k in ("source", "labeler", "time")}} for p in pairs]
     written = {}
     if records:
+        out = Path(out) if out else versioned_path(folder, "chat-pairs" if fmt == "pairs" else "chat-rankings")
         write_jsonl(out, records)
         written["comparisons"] = str(out)
     if thumbs:
+        feedback_out = Path(feedback_out) if feedback_out else versioned_path(folder, "chat-feedback")
         write_jsonl(feedback_out, thumbs)
         written["thumbs"] = str(feedback_out)
-    return {"counts": counts, "files": written, "n_comparisons": len(records), "n_thumbs": len(thumbs)}
+    return {"counts": counts, "files": written, "folder": str(folder), "n_comparisons": len(records),
+            "n_thumbs": len(thumbs)}

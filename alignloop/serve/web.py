@@ -2,8 +2,19 @@
 
 Pages are rendered on the server (Jinja, autoescaped) and driven by a little plain JS that reads
 server-sent events from `fetch`; every user or model text reaches the DOM through `textContent`, and a
-Content-Security-Policy allows only this server's own scripts. A visitor is anonymous: a random
-cookie, stored only as its pseudonym (a hash), owns the visitor's conversations.
+Content-Security-Policy allows only this server's own scripts.
+
+Who may use them: the run's accounts — the labeling app's users, roles and sessions (one account
+system, see `alignloop.feedback.security`). `Gate` lets no request through to a page or `/api/…`
+without a session (pages redirect to `/login`, the API answers 401); a POST also needs the session's
+CSRF token in `X-CSRF-Token`. With `--open` (a private demo) anyone may use them, anonymously: a random
+cookie, stored only as its pseudonym (a hash), owns the visitor's conversations, and every page says so.
+The OpenAPI schema, `/static/` and `/login` are public; `/v1` keeps its API keys.
+
+Rate limits (429 with Retry-After): per account `messages_per_minute` (20) chat messages and
+regenerations, `battles_per_minute` (10) battles and `votes_per_minute` (20) votes; per client address
+four times as many (`per_address_factor`), which is what bounds anonymous cookies on an open server.
+One vote per battle, and a battle belongs to the account that started it.
 
 Streams (`text/event-stream`): `meta` (ids), `delta` ({text} or {side, text}), `done`, or `error`.
 """
@@ -16,21 +27,29 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
+from urllib.parse import quote
+
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from alignloop.db import sessions
+from alignloop.feedback import security as S
+from alignloop.feedback.models import User
 from alignloop.serve import arena
-from alignloop.serve.app import ERRORS, APIError, Generator
+from alignloop.serve.app import PAGE_ERRORS as ERRORS
+from alignloop.serve.app import APIError, Generator, error_body
 from alignloop.serve.tables import Battle, Conversation, Feedback, Message, Vote, now
 
 HERE = Path(__file__).parent
 COOKIE = "alignloop_user"
+# Everything else needs a session (or --open). /favicon.ico answers 404 like any unknown path: a login
+# redirect there would make the browser fetch a fresh login page behind the user's back.
+PUBLIC = ("/login", "/logout", "/static/", "/openapi.json", "/v1/", "/favicon.ico")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
@@ -65,13 +84,61 @@ class VoteBody(BaseModel):
     winner: Literal["a", "b", "tie", "both_bad"]
 
 
+class Account:
+    def __init__(self, user: User, csrf: str):
+        self.name, self.role, self.csrf = user.username, user.role, csrf
+
+
+class Gate:
+    """No page and no `/api/…` without a session of the run's accounts (unless the server is open): a
+    pure ASGI middleware in front of every route, so a route added later is guarded too. It puts the
+    account (or None) into `request.state.account`."""
+
+    def __init__(self, app, Session, open_: bool):
+        self.app, self.Session, self.open = app, Session, open_
+
+    def _lookup(self, token: str) -> Account | None:
+        with self.Session() as s:
+            found = S.session_user(s, token)
+            return Account(found[0], found[1].csrf) if found else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        token = request.cookies.get(S.SESSION_COOKIE)
+        account = await run_in_threadpool(self._lookup, token) if token and len(token) < 200 else None
+        scope.setdefault("state", {})["account"] = account
+        path = scope["path"]
+        if path.startswith(PUBLIC) or path == "/v1":
+            return await self.app(scope, receive, send)
+        if account is None and not self.open:
+            if path.startswith("/api/") or scope["method"] not in ("GET", "HEAD"):
+                resp = JSONResponse(error_body("Log in first: the chat page and the arena need an account of "
+                                               "this run (POST /login)", "invalid_request_error",
+                                               code="not_logged_in"), status_code=401)
+            else:
+                resp = RedirectResponse(f"/login?next={quote(path)}", status_code=303)
+            return await resp(scope, receive, send)
+        if account is not None and scope["method"] == "POST" and not S.same(
+                request.headers.get("x-csrf-token"), account.csrf):
+            resp = JSONResponse(error_body("Missing or wrong CSRF token (X-CSRF-Token): reload the page",
+                                           "invalid_request_error", code="csrf"), status_code=403)
+            return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def visitor(request: Request) -> tuple[str, str | None]:
-    """(pseudonym, new cookie token or None when the visitor already has one)."""
+    """(who, new cookie token or None): the account's username, or on an open server without a login
+    the pseudonym `anon:<hash>` of a random cookie (":" is never in a username)."""
+    account = getattr(request.state, "account", None)
+    if account is not None:
+        return account.name, None
     token = request.cookies.get(COOKIE)
     fresh = None
     if not token or len(token) > 100:
         token = fresh = secrets.token_urlsafe(24)
-    return "user-" + hashlib.sha256(token.encode()).hexdigest()[:12], fresh
+    return "anon:" + hashlib.sha256(token.encode()).hexdigest()[:12], fresh
 
 
 def with_cookie(resp: Response, fresh: str | None) -> Response:
@@ -92,19 +159,106 @@ def message_json(m: Message, fb: Feedback | None = None) -> dict:
 
 def add_pages(app: FastAPI, gen: Generator, db) -> None:
     Session = sessions(db)
+    settings = gen.settings
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.add_middleware(Gate, Session=Session, open_=settings.open)
+    throttle = S.LoginThrottle()
+    app.state.throttle = throttle
+    limits = {kind: (S.RateLimiter(n, 60.0), S.RateLimiter(n * settings.per_address_factor, 60.0))
+              for kind, n in (("messages", settings.messages_per_minute), ("battles", settings.battles_per_minute),
+                              ("votes", settings.votes_per_minute))}
+
+    def limit(request: Request, kind: str, who: str) -> None:
+        """Count one action; 429 with Retry-After when the account or the address is over its limit."""
+        per_account, per_address = limits[kind]
+        addr = S.client_address(request)
+        wait = max(per_account.wait(who), per_address.wait(addr))
+        if wait <= 0:
+            wait = per_account.take(who) or per_address.take(addr)
+        if wait > 0:
+            n = per_account.limit
+            raise APIError(429, f"Too many {kind}: at most {n} a minute per account ({n * settings.per_address_factor} "
+                           f"per address); try again in {int(wait) + 1} s", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(int(wait) + 1)})
     names = list(gen.models)
     # The arena and its leaderboard skip the `ppo` alias of a run's newest round: "round-N/ppo" names
     # the same model and keeps its meaning when more rounds are added.
     fighters = [n for n in names if not (n == "ppo" and any(
         o != n and gen.models[o].path.resolve() == gen.models[n].path.resolve() for o in names))]
 
-    def page(request: Request, name: str, **ctx) -> Response:
+    def page(request: Request, name: str, status: int = 200, **ctx) -> Response:
+        account = getattr(request.state, "account", None)
         user, fresh = visitor(request)
-        resp = templates.TemplateResponse(request, name, {"models": names, **ctx})
+        resp = templates.TemplateResponse(request, name, {"models": names, "account": account, "open": settings.open,
+                                                          "csrf": account.csrf if account else "", **ctx},
+                                          status_code=status)
         resp.headers["Content-Security-Policy"] = CSP
         return with_cookie(resp, fresh)
+
+    # ------------------------------------------------------------ login (the labeling app's accounts)
+
+    def back(path: str) -> str:
+        return path if path.startswith("/") and not path.startswith("//") and "\\" not in path else "/"
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_page(request: Request):
+        # the token of an earlier visit is kept: a second tab (or a stray request) must not void the first
+        token = request.cookies.get(S.LOGIN_CSRF_COOKIE)
+        if not token or len(token) > 100:
+            token = secrets.token_urlsafe(32)
+        resp = page(request, "login.html", login_csrf=token, next=back(request.query_params.get("next", "/")))
+        resp.set_cookie(S.LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", path="/login")
+        return resp
+
+    @app.post("/login", response_class=HTMLResponse, include_in_schema=False)
+    async def login(request: Request):
+        form = await request.form()
+        nxt = back(str(form.get("next") or "/"))
+        if not S.same(form.get("csrf"), request.cookies.get(S.LOGIN_CSRF_COOKIE)):
+            return page(request, "login.html", 403, login_csrf="", next=nxt,
+                        error="Missing or invalid token: reload the login page and try again.")
+        username, password = str(form.get("username") or "").strip(), str(form.get("password") or "")
+        addr = S.client_address(request)
+        wait = throttle.wait(username, addr)
+        if wait > 0:
+            resp = page(request, "login.html", 429, login_csrf=form.get("csrf"), next=nxt,
+                        error=f"Too many failed logins from here: try again in {int(wait) + 1} seconds.")
+            resp.headers["Retry-After"] = str(int(wait) + 1)
+            return resp
+
+        def check():
+            with Session() as s:
+                user = s.scalar(select(User).where(User.username == username))
+                if not S.verify_password(user, password) or not user.active:
+                    return None
+                token = S.open_session(s, user)
+                s.commit()
+                return token
+        token = await run_in_threadpool(check)
+        if token is None:
+            throttle.failed(username, addr)
+            return page(request, "login.html", 401, login_csrf=form.get("csrf"), next=nxt,
+                        error="Wrong username or password.")
+        throttle.succeeded(username, addr)
+        resp = RedirectResponse(nxt, status_code=303)
+        resp.set_cookie(S.SESSION_COOKIE, token, httponly=True, samesite="lax", max_age=S.SESSION_DAYS * 86400,
+                        path="/", secure=request.url.scheme == "https")
+        resp.delete_cookie(S.LOGIN_CSRF_COOKIE, path="/login")
+        return resp
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout(request: Request):
+        account = getattr(request.state, "account", None)
+        form = await request.form()
+        if account is not None and S.same(form.get("csrf"), account.csrf):
+            def close():
+                with Session.begin() as s:
+                    S.close_session(s, request.cookies.get(S.SESSION_COOKIE))
+            await run_in_threadpool(close)
+        resp = RedirectResponse("/login", status_code=303)
+        resp.delete_cookie(S.SESSION_COOKIE, path="/")
+        return resp
 
     # ------------------------------------------------------------ pages
 
@@ -162,6 +316,7 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
         "description": "server-sent events: meta, delta…, done", "content": {"text/event-stream": {}}}})
     async def send(body: SendBody, request: Request):
         user, fresh = visitor(request)
+        limit(request, "messages", user)
         gen.model(body.model)
 
         def prepare():
@@ -193,6 +348,7 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
         "description": "server-sent events: meta, delta…, done", "content": {"text/event-stream": {}}}})
     async def regenerate(body: RegenerateBody, request: Request):
         user, _ = visitor(request)
+        limit(request, "messages", user)
 
         def prepare():
             with Session() as s:
@@ -260,7 +416,7 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
             votes = [(b.model_a, b.model_b, v.winner) for b, v in s.execute(select(Battle, Vote).join(Vote))]
         return arena.leaderboard(votes, fighters)
 
-    @app.get("/api/arena/leaderboard", tags=["arena"])
+    @app.get("/api/arena/leaderboard", tags=["arena"], responses=ERRORS)
     def leaderboard():
         return board()
 
@@ -268,6 +424,7 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
         "description": "server-sent events: meta, delta… ({side, text}), done", "content": {"text/event-stream": {}}}})
     async def battle(body: BattleBody, request: Request):
         user, fresh = visitor(request)
+        limit(request, "battles", user)
         if len(fighters) < 2:
             raise APIError(400, "the arena needs at least two models (serve a run, or pass --model twice)")
         model_a, model_b = random.sample(fighters, 2)
@@ -300,7 +457,9 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
                 yield sse("error", {"message": e.message})
                 return
             await run_in_threadpool(save_battle, battle_id, answers)
-            yield sse("end", {"battle_id": battle_id})
+            # Two identical answers carry no preference: say so (no vote is taken) instead of
+            # accepting a vote that the export would have to drop.
+            yield sse("end", {"battle_id": battle_id, "identical": answers["a"].strip() == answers["b"].strip()})
         return with_cookie(StreamingResponse(events(), media_type="text/event-stream",
                                              headers={"Cache-Control": "no-cache"}), fresh)
 
@@ -311,9 +470,10 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
             s.commit()
 
     @app.post("/api/arena/battles/{battle_id}/vote", tags=["arena"], responses={**ERRORS, 409: {
-        "description": "already voted, or the answers are not finished"}})
+        "description": "already voted, the answers are not finished, or they are identical"}})
     def vote(battle_id: str, body: VoteBody, request: Request):
         user, _ = visitor(request)
+        limit(request, "votes", user)
         with Session() as s:
             b = s.get(Battle, battle_id)
             if b is None or b.user != user:
@@ -322,6 +482,9 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
                 raise APIError(409, "the answers of this battle are not finished", param="battle_id")
             if s.scalars(select(Vote).where(Vote.battle_id == b.id)).first() is not None:
                 raise APIError(409, "this battle already has a vote", param="battle_id")
+            if b.answer_a.strip() == b.answer_b.strip():
+                raise APIError(409, "the two answers are identical: there is nothing to vote on", param="battle_id",
+                               code="identical_answers")
             s.add(Vote(battle_id=b.id, user=user, winner=body.winner))
             s.commit()
             return {"battle_id": b.id, "winner": body.winner, "model_a": b.model_a, "model_b": b.model_b}

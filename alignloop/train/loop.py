@@ -93,7 +93,9 @@ class Checkpoints:
         path = path or self.latest()
         if path is None:
             return None
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint holds tensors, numbers, strings, lists and dicts only (no pickled
+        # objects), so loading one cannot run code from the file.
+        state = torch.load(path, map_location="cpu", weights_only=True)
         torch.set_rng_state(state["rng"])
         return state
 

@@ -35,7 +35,11 @@ SECTION = "reward"
 @dataclass
 class Config:
     round: int = option(1, "round number: output goes to RUN/round-<round>/reward/", min=1)
-    data: str = option("", "rankings or pairs files, comma-separated (default: rankings.jsonl and pairs.jsonl of rounds 1..round)")
+    data: str = option("", "rankings or pairs files, comma-separated (default: those of --sources in rounds 1..round)")
+    sources: str = option("simulated,label", "feedback to learn from, comma-separated: simulated (alignloop rank), "
+                          "label (the labeling app), chat (thumbs), arena (votes); records of other sources are left out")
+    min_agreement: float = option(0.0, "leave out items whose labelers agree on less than this share of pairs "
+                                  "(items ranked by one labeler are kept; 0: keep all)", min=0.0, max=1.0)
     demonstrations: str = option("", "demonstrations whose mean score is set to 0 (default: the run's world/demonstrations.jsonl; 'none' to skip)")
     skip_invalid: bool = option(False, "leave out malformed rankings or pairs (counted, the first named) instead of stopping")
     grouped: bool = option(True, "all pairs of a prompt in one batch element (False: independent shuffled pairs)")
@@ -75,6 +79,7 @@ class Group:
     split: str = ""
     source: str = ""
     ids: list[list[int]] = field(default_factory=list)
+    origin: str = ""  # the record's own `source` (simulated, label, chat, arena), "" when it names none
 
 
 _HH = re.compile(r"\n\n(Human|Assistant): ")
@@ -156,15 +161,12 @@ def _group(rec: dict, path: Path, line: int) -> Group:
         if not isinstance(ranking, list) or sorted(ranking) != list(range(K)):
             raise InputError(f"not a permutation of the completions' indices 0..{K - 1}", file=path, line=line,
                              field="ranking")
-        tied = {}
-        for g, group in enumerate(rec.get("ties") or []):
-            for i in group:
-                tied[i] = g
+        tied = _ties(rec.get("ties"), K, path, line)
         pairs = [] if rec.get("all_bad") else [
             (ranking[a], ranking[b]) for a in range(K) for b in range(a + 1, K)
             if not (ranking[a] in tied and tied.get(ranking[b]) == tied[ranking[a]])]
         return Group(_prompt(rec, path, line), comps, pairs, str(rec.get("labeler", "")), str(rec.get("split", "")),
-                     f"{path}:{line}")
+                     f"{path}:{line}", origin=str(rec.get("source") or ""))
     if kind != "pairs":
         missing = "ranking" if "completions" in rec else "rejected" if "chosen" in rec else "chosen"
         raise InputError(f"neither a ranking {{prompt, completions, ranking}} nor a pair {{chosen, rejected}} "
@@ -191,20 +193,71 @@ def _group(rec: dict, path: Path, line: int) -> Group:
         if chosen == rejected:
             raise InputError("chosen equals rejected", file=path, line=line, field="rejected")
     return Group(prompt, [chosen, rejected], [(0, 1)], str(rec.get("labeler", "")), str(rec.get("split", "")),
-                 f"{path}:{line}")
+                 f"{path}:{line}", origin=str(rec.get("source") or ""))
 
 
-def default_data(out: Path, round_: int) -> list[Path]:
-    """Every round's rankings (and correction pairs) so far: the RM of round i learns from all of them."""
-    paths = []
+def _ties(ties, K: int, path, line) -> dict[int, int]:
+    """`ties`: groups of completion indices ranked equal → {index: group number}."""
+    if ties is None:
+        return {}
+    if not isinstance(ties, list) or not all(isinstance(g, list) for g in ties):
+        raise InputError("expected a list of lists of completion indices", file=path, line=line, field="ties")
+    tied: dict[int, int] = {}
+    for g, group in enumerate(ties):
+        for i in group:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < K or i in tied:
+                raise InputError(f"{i!r} is not a completion index 0..{K - 1} (or appears twice)", file=path,
+                                 line=line, field="ties")
+            tied[i] = g
+    return tied
+
+
+SOURCES = ("simulated", "label", "chat", "arena")
+# Files of each source in a round folder. People's exports are versioned (name-<time>.jsonl) and each
+# holds everything collected so far, so only the newest of each kind is read.
+SOURCE_FILES = {"simulated": ("rankings.jsonl", "pairs.jsonl"), "label": ("human-rankings-*", "human-pairs-*"),
+                "chat": ("chat-pairs*", "chat-rankings*"), "arena": ("chat-pairs*", "chat-rankings*")}
+
+
+def parse_sources(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    for n in names:
+        if n not in SOURCES:
+            raise InputError(f"unknown source {n!r} (expected some of {', '.join(SOURCES)})", field="sources")
+    return names
+
+
+def default_data(out: Path, round_: int, sources: list[str] | tuple = ("simulated", "label")) -> list[Path]:
+    """The rankings and pairs of `sources` in rounds 1..round: the RM of round i learns from all of them.
+    Chat thumbs and arena votes are read only when `sources` names them."""
+    paths: list[Path] = []
     for i in range(1, round_ + 1):
-        for name in ("rankings.jsonl", "pairs.jsonl", "chat-pairs.jsonl"):
-            p = out / f"round-{i}" / name
-            if p.exists() and p.stat().st_size > 0:
-                paths.append(p)
+        folder = out / f"round-{i}"
+        for pattern in dict.fromkeys(p for s in sources for p in SOURCE_FILES[s]):
+            found = sorted(f for f in folder.glob(pattern) if f.suffix == ".jsonl" and ".old-" not in f.name)
+            for p in found[-1:] if "*" in pattern else found:
+                if p.stat().st_size > 0 and p not in paths:
+                    paths.append(p)
     if not paths:
-        raise InputError(f"no rankings found in rounds 1..{round_}: run `alignloop rank` or give --data", file=out)
+        raise InputError(f"no rankings of sources {', '.join(sources)} found in rounds 1..{round_}: run "
+                         f"`alignloop rank`, export from the labeling app, or give --data / --sources", file=out)
     return paths
+
+
+def by_agreement(groups: list[Group], min_agreement: float) -> list[Group]:
+    """Leave out items (same prompt and answers) whose labelers agree on less than `min_agreement` of the
+    pairs they both ordered; an item with one labeler has no disagreement to measure and is kept."""
+    if min_agreement <= 0:
+        return groups
+    by_item: dict[tuple, list[Group]] = {}
+    for g in groups:
+        by_item.setdefault((json.dumps(g.prompt), tuple(g.completions)), []).append(g)
+    kept = []
+    for gs in by_item.values():
+        share = labeler_agreement(gs) if len({g.labeler for g in gs}) > 1 else None
+        if share is None or share >= min_agreement:
+            kept += gs
+    return kept
 
 
 # ---------------------------------------------------------------- model
@@ -326,8 +379,17 @@ def run(cfg: Config, out: Path) -> Path:
     from alignloop.model import load_scalar_model, n_params, pick_device, save_model
     from alignloop.tokenizer import ChatTokenizer
 
-    paths = [Path(p.strip()) for p in cfg.data.split(",") if p.strip()] if cfg.data else default_data(out, cfg.round)
+    sources = parse_sources(cfg.sources)
+    paths = [Path(p.strip()) for p in cfg.data.split(",") if p.strip()] if cfg.data else default_data(out, cfg.round, sources)
+    print(f"reward: reading {', '.join(map(str, paths))} (sources: {', '.join(sources)}; "
+          f"min agreement {cfg.min_agreement:g})")
     groups = [g for p in paths for g in read_comparisons(p, cfg.skip_invalid)]  # bad input stops here, before any work
+    demos = read_demonstrations(cfg, out)
+    other = [g for g in groups if g.origin and g.origin not in sources]
+    groups = by_agreement([g for g in groups if not g.origin or g.origin in sources], cfg.min_agreement)
+    if other:
+        print(f"reward: {len(other)} comparisons of sources {', '.join(sorted({g.origin for g in other}))} left out "
+              f"(add them to --sources to learn from them)")
     from alignloop.train.pretrain import resolve_init
     init = resolve_init(cfg.init, out) if cfg.init else out / "sft"
     tok = ChatTokenizer.load(init)
@@ -398,7 +460,7 @@ def run(cfg: Config, out: Path) -> Path:
                "grouped": cfg.grouped, "steps": step, "comparisons_seen": n_seen,
                "comparisons_per_s": n_seen / train_time}
     model = L.merged(model)
-    model.config.reward_bias = -mean_demo_score(model, tok, cfg, out, device)
+    model.config.reward_bias = -mean_demo_score(model, tok, demos, cfg, device)
     result["reward_bias"] = model.config.reward_bias
     result["peak_memory_gb"] = L.peak_memory_gb(device)
     save_model(model, tok, stage)
@@ -421,22 +483,37 @@ def split_groups(groups: list[Group], cfg: Config) -> tuple[list[Group], list[Gr
     return [g for g in groups if json.dumps(g.prompt) not in held], [g for g in groups if json.dumps(g.prompt) in held]
 
 
-@torch.no_grad()
-def mean_demo_score(model, tok, cfg: Config, out: Path, device) -> float:
+def read_demonstrations(cfg: Config, out: Path) -> list[list[dict]]:
+    """The conversations whose mean score becomes 0, read (and checked) before any training."""
     if cfg.demonstrations == "none":
-        return 0.0
+        return []
     path = resolve_path(cfg.demonstrations, out, "world/demonstrations.jsonl")
     if not path.exists():
+        if cfg.demonstrations:
+            raise InputError("demonstrations file not found ('none' to skip the normalisation)", file=path)
         print("reward: no demonstrations to normalise against; bias 0")
-        return 0.0
-    seqs = []
+        return []
+    convs = []
     for line, rec in read_records(path):
-        msgs = rec.get("messages") or ([{"role": "user", "content": rec["prompt"]},
-                                        {"role": "assistant", "content": rec["completion"]}] if "completion" in rec else None)
-        if msgs and msgs[-1]["role"] == "assistant":
-            ids = tok.render(validate_messages(msgs, path, line))[0]
-            if len(ids) <= cfg.max_len:
-                seqs.append(ids)
+        if "messages" in rec:
+            msgs = rec["messages"]
+        elif "completion" in rec:
+            if "prompt" not in rec:
+                raise InputError("a completion needs its prompt", file=path, line=line, field="prompt")
+            p = rec["prompt"]
+            msgs = (p if isinstance(p, list) else [{"role": "user", "content": p}]) + [
+                {"role": "assistant", "content": rec["completion"]}]
+        else:
+            raise InputError("expected 'messages', or 'prompt' and 'completion'", file=path, line=line, field="messages")
+        msgs = validate_messages(msgs, path, line)
+        if msgs[-1]["role"] == "assistant":
+            convs.append(msgs)
+    return convs
+
+
+@torch.no_grad()
+def mean_demo_score(model, tok, demos: list[list[dict]], cfg: Config, device) -> float:
+    seqs = [ids for ids in (tok.render(m)[0] for m in demos) if len(ids) <= cfg.max_len]
     model.eval()
     scores = [r for i in range(0, len(seqs), 64) for r in batch_rewards(model, seqs[i:i + 64], tok.pad_id, device).tolist()]
     return sum(scores) / len(scores) if scores else 0.0

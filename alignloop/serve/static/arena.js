@@ -16,7 +16,9 @@ $("arena-form").onsubmit = async (ev) => {
   try {
     await postStream("/api/arena/battles", {content}, (event, data) => {
       if (event === "delta") $("answer-" + data.side).textContent += data.text;
-      else if (event === "end") { battle = data.battle_id; votes(true); $("reveal").textContent = "Which answer is better?"; }
+      else if (event === "end" && data.identical) {
+        $("reveal").textContent = "Both models gave the same answer: there is nothing to vote on. Try another prompt.";
+      } else if (event === "end") { battle = data.battle_id; votes(true); $("reveal").textContent = "Which answer is better?"; }
     });
   } catch (e) {
     $("reveal").textContent = "Error: " + e.message;

@@ -1,8 +1,14 @@
 // POST JSON and read the answer's server-sent events (EventSource cannot POST).
+// Every POST carries the session's CSRF token (from the page's <meta name="csrf-token">).
 "use strict";
 
+function jsonHeaders() {
+  const meta = document.querySelector('meta[name="csrf-token"]');
+  return {"Content-Type": "application/json", "X-CSRF-Token": meta ? meta.content : ""};
+}
+
 async function postJSON(url, body) {
-  const r = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"},
+  const r = await fetch(url, {method: "POST", headers: jsonHeaders(),
                               body: JSON.stringify(body), credentials: "same-origin"});
   const data = await r.json().catch(() => ({}));
   if (!r.ok) throw new Error((data.error && data.error.message) || ("HTTP " + r.status));
@@ -10,7 +16,7 @@ async function postJSON(url, body) {
 }
 
 async function postStream(url, body, onEvent) {
-  const r = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"},
+  const r = await fetch(url, {method: "POST", headers: jsonHeaders(),
                               body: JSON.stringify(body), credentials: "same-origin"});
   if (!r.ok) {
     const data = await r.json().catch(() => ({}));

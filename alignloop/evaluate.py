@@ -1,6 +1,6 @@
 """Evaluation of a policy with the world's simulated labelers (`alignloop eval`).
 
-The policy answers every held-out prompt once, sampled at temperature 1 by default — the policy as
+The policy answers every test prompt once (the split no training file contains; dev is for tuning), sampled at temperature 1 by default — the policy as
 PPO trains it, so that gold score, diversity and the KL to SFT are all measured on the same samples.
 The world's judge (who knows the gold truth) scores each answer. Results go into RUN/eval.json under
 `stages.<name>` in the shape DESIGN.md fixes.
@@ -28,7 +28,8 @@ class Config:
     model: str = option("", "model folder (default: the run's folder of that stage; base → pretrain/)")
     reference: str = option("", "model to measure the KL against (default: the run's sft/ when it exists)")
     reward_model: str = option("", "reward model for rm_score (default: the newest round's reward/)")
-    split: str = option("heldout", "world prompt split to score", choices=("heldout", "train"))
+    split: str = option("test", "world prompt split to score (test: what is reported; dev: for tuning)",
+                        choices=("test", "dev", "train"))
     max_prompts: int = option(0, "score at most this many prompts (0: all)", min=0)
     temperature: float = option(1.0, "sampling temperature (0: greedy)", min=0.0, max=5.0)
     max_new_tokens: int = option(48, "answer length limit in tokens", min=1)

@@ -178,7 +178,7 @@ def _reward(r: Runner, out: Path, i: int, Rw) -> None:
 
 
 def _rescore(out: Path, device: str) -> None:
-    """Score every stage's held-out answers with the final reward model, so rm_score compares stages."""
+    """Score every stage's test answers with the final reward model, so rm_score compares stages."""
     from alignloop.evaluate import newest_reward_model, update_eval_json
     from alignloop.model import pick_device
     from alignloop.train.reward import RewardScorer
@@ -186,7 +186,8 @@ def _rescore(out: Path, device: str) -> None:
     data = _load_eval(out)
     rm = newest_reward_model(out)
     scorer = RewardScorer(rm, pick_device(device))
-    by_id = {p["id"]: p for p in load_world(out).prompts("heldout")}
+    world = load_world(out)
+    by_id = {p["id"]: p for split in ("test", "dev") for p in world.prompts(split)}
     for stage, m in data.get("stages", {}).items():
         ex = [e for e in m.get("examples", []) if e["id"] in by_id]
         if ex:

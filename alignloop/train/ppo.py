@@ -55,7 +55,7 @@ class Config:
     ptx_data: str = option("", "pretraining text for PPO-ptx (default: the run's world/corpus.jsonl)")
     temperature: float = option(1.0, "rollout sampling temperature", min=0.01, max=5.0)
     max_new_tokens: int = option(48, "answer length limit in tokens", min=1)
-    probe_prompts: int = option(100, "held-out world prompts whose gold score is logged (0: none)", min=0)
+    probe_prompts: int = option(100, "dev prompts whose gold score is logged (0: none)", min=0)
     probe_every: int = option(5, "log the probe's gold score every N iterations", min=1)
     checkpoint_every: int = option(10, "write a checkpoint every N iterations", min=1)
     seed: int = option(0, "seed of prompt order and sampling")
@@ -288,12 +288,12 @@ def _ptx_rows(cfg: Config, out: Path, tok) -> torch.Tensor:
 
 
 def _probe(out: Path, cfg: Config):
-    """A fixed set of held-out world prompts for the gold-vs-proxy picture (none without a world)."""
+    """A fixed set of dev prompts for the gold-vs-proxy picture (none without a world); never test ones."""
     if not cfg.probe_prompts or not (out / "world" / "world.json").exists():
         return None, None
     from alignloop.world import load_world
     world = load_world(out)
-    return world, world.prompts("heldout")[: cfg.probe_prompts]
+    return world, world.prompts("dev")[: cfg.probe_prompts]
 
 
 @torch.no_grad()

@@ -187,7 +187,7 @@ def run(cfg: Config, out: Path) -> Path:
     print(f"ppo: round {cfg.round}, policy {init}, reward model {rm_path}, {len(prompts)} prompts, "
           f"{cfg.iterations} iterations × {cfg.batch_size} episodes, β {kl_ctl.beta}")
     if probe and start == 0:
-        metrics.log(step=0, kl_to_sft=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
+        metrics.log(step=0, kl_sampled=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
     bar = L.Progress(cfg.iterations, f"ppo round {cfg.round}", start)
     for it in range(start, cfg.iterations):
         t0 = time.perf_counter()
@@ -258,7 +258,7 @@ def run(cfg: Config, out: Path) -> Path:
         texts = [o.text.strip() for o in outs]
         dt = time.perf_counter() - t0
         rec = {"step": it + 1, "rm_score": score_raw.mean().item(), "reward": score.mean().item(),
-               "kl_to_sft": seq_kl, "beta": beta_used, "ended_share": ended.mean().item(),
+               "kl_sampled": seq_kl, "beta": beta_used, "ended_share": ended.mean().item(),
                "gold_rollout": sum(world.gold_score(prompts[i], t) for i, t in zip(batch, texts)) / len(texts)
                if world and all("gold" in prompts[i] for i in batch) else None,
                "response_length": mask.sum(1).float().mean().item(),
@@ -276,7 +276,7 @@ def run(cfg: Config, out: Path) -> Path:
     bar.close()
     save_model(policy, tok, stage)
     last = L.read_jsonl_tolerant(metrics.path)[-1]
-    print(f"ppo: round {cfg.round} done: RM score {last['rm_score']:+.3f}, KL to SFT {last['kl_to_sft']:.2f} nats"
+    print(f"ppo: round {cfg.round} done: RM score {last['rm_score']:+.3f}, sampled KL to SFT {last['kl_sampled']:.2f} nats"
           + (f", probe gold {last['gold_probe']:.3f}" if "gold_probe" in last else "") + f" → {stage}")
     return stage
 

@@ -359,7 +359,7 @@ def gao_section(run: Path) -> str:
         try:
             alpha, beta = fit_gao_rl(d, r)
         except ValueError:
-            notes.append(f"{name}: too few distinct KL values to fit.")
+            notes.append(f"{name}: fewer than two dev-probe points with distinct KL > 0: nothing to fit.")
         else:
             peak = gao_peak(alpha, beta)
             top = max(d) * 1.3 if peak is None or peak > 3 * max(d) else max(max(d), peak) * 1.15

@@ -48,7 +48,8 @@ def test_report_of_a_full_run(full_run):
     # summary bars, RM calibration, pretrain, SFT, reward and PPO curves, gold-vs-proxy, Gao's fit, diversity
     imgs = re.findall(r"<img[^>]*>", page)
     assert len(imgs) == 9 and all(IMG.fullmatch(i) for i in imgs)
-    assert "this run&#x27;s round-1 PPO" in page and re.search(r"peaks at √KL|does not turn down", page)
+    # micro's four PPO iterations may leave too few points at KL > 0: the fit itself is tested below
+    assert "this run&#x27;s round-1 PPO" in page and re.search(r"peaks at √KL|does not turn down|nothing to fit", page)
     assert "not run yet" not in page
     assert "gold_probe measurements" in page  # the sentence on gold vs proxy, from the data
     eval_json = json.loads((full_run / "eval.json").read_text())

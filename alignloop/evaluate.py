@@ -1,7 +1,8 @@
 """Evaluation of a policy with the world's simulated labelers (`alignloop eval`).
 
-The policy answers every test prompt once (the split no training file contains; dev is for tuning), sampled at temperature 1 by default — the policy as
-PPO trains it, so that gold score, diversity and the KL to SFT are all measured on the same samples.
+The policy answers every test prompt once (the split no training file contains; dev is for tuning),
+sampled at temperature 1 by default — the policy as PPO trains it, so that gold score, diversity and the
+KL to SFT are all measured on the same samples.
 The world's judge (who knows the gold truth) scores each answer. Results go into RUN/eval.json under
 `stages.<name>` in the shape DESIGN.md fixes. Every `ci95` entry is a 95% interval [lo, hi] (a rate's
 Wilson interval is not symmetric about the rate); `kl_exact` is the exact per-token KL to SFT summed over

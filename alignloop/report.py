@@ -331,7 +331,8 @@ def gao_curves(run: Path) -> tuple[str, list[tuple[float | None, list[dict]]]]:
     if curves:
         return "experiments/beta.py's runs beside this one", sorted(curves, key=lambda c: c[0] or 0.0)
     rows = stage_rows(run, "round-1/ppo")
-    return "this run's round-1 PPO (no experiments/beta.py runs beside it)", [(num(rows[0].get("beta")), rows)] if rows else []
+    own = [(num(rows[0].get("beta")), rows)] if rows else []
+    return "this run's round-1 PPO (no experiments/beta.py runs beside it)", own
 
 
 def gao_points(rows: list[dict]) -> tuple[list[float], list[float], list[float]]:

@@ -1,5 +1,6 @@
 """Does the KL penalty matter? PPO from the same SFT policy against the same reward model with β = 0
-and with the default β; held-out gold score, reward-model score and KL to SFT of each.
+and with the default β; test gold score, reward-model score and kl_exact to SFT of each, and the dev
+probe along PPO (report.html of the main run fits Gao et al.'s form to these runs' probe curves).
 
     python experiments/beta.py --run runs/tiny [--betas 0,0.1] [--iterations 30]
 

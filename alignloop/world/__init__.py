@@ -52,11 +52,11 @@ class Config:
 
 
 PRESETS = {
-    "micro": {"n_entities": 12, "n_train_prompts": 200, "n_dev_prompts": 40, "n_test_prompts": 60, "n_demonstrations": 40,
-              "corpus_repeats": 3},
+    "micro": {"n_entities": 12, "n_train_prompts": 200, "n_dev_prompts": 40, "n_test_prompts": 60,
+              "n_demonstrations": 40, "corpus_repeats": 3},
     "tiny": {},
-    "small": {"n_entities": 100, "n_train_prompts": 4000, "n_dev_prompts": 500, "n_test_prompts": 1000, "n_demonstrations": 300,
-              "corpus_repeats": 16},
+    "small": {"n_entities": 100, "n_train_prompts": 4000, "n_dev_prompts": 500, "n_test_prompts": 1000,
+              "n_demonstrations": 300, "corpus_repeats": 16},
 }
 
 

@@ -22,7 +22,7 @@ COMMANDS = {
     "tokenizer": ("alignloop.tokenizer", "train a byte-level BPE tokenizer with the chat format"),
     "pretrain": ("alignloop.train.pretrain", "step 0: next-token prediction on a text corpus"),
     "sft": ("alignloop.train.sft", "step 1: supervised fine-tuning on demonstrations"),
-    "eval": ("alignloop.evaluate", "score a policy on the held-out prompts with the simulated labelers"),
+    "eval": ("alignloop.evaluate", "score a policy on the test prompts with the simulated labelers"),
     "sample": ("alignloop.sample", "sample K completions per prompt for ranking"),
     "rank": ("alignloop.rank", "have the simulated labelers rank, rate, flag, correct and critique samples"),
     "reward": ("alignloop.train.reward", "step 2: train a reward model on K-way rankings or pairs"),

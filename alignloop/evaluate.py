@@ -1,9 +1,12 @@
 """Evaluation of a policy with the world's simulated labelers (`alignloop eval`).
 
-The policy answers every held-out prompt once, sampled at temperature 1 by default — the policy as
-PPO trains it, so that gold score, diversity and the KL to SFT are all measured on the same samples.
+The policy answers every test prompt once (the split no training file contains; dev is for tuning),
+sampled at temperature 1 by default — the policy as PPO trains it, so that gold score, diversity and the
+KL to SFT are all measured on the same samples.
 The world's judge (who knows the gold truth) scores each answer. Results go into RUN/eval.json under
-`stages.<name>` in the shape docs/formats.md ("eval.json") fixes.
+`stages.<name>` in the shape docs/formats.md ("eval.json") fixes. Every `ci95` entry is a 95% interval [lo, hi] (a rate's
+Wilson interval is not symmetric about the rate); `kl_exact` is the exact per-token KL to SFT summed over
+each answer — not PPO's `kl_sampled`, the log-ratio of the sampled tokens on its rollout batch.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ class Config:
     model: str = option("", "model folder or .gguf file (default: the run's folder of that stage; base → pretrain/)")
     reference: str = option("", "model to measure the KL against (default: the run's sft/ when it exists)")
     reward_model: str = option("", "reward model for rm_score (default: the newest round's reward/)")
-    split: str = option("heldout", "world prompt split to score", choices=("heldout", "train"))
+    split: str = option("test", "world prompt split to score (test: what is reported; dev: for tuning)",
+                        choices=("test", "dev", "train"))
     max_prompts: int = option(0, "score at most this many prompts (0: all)", min=0)
     temperature: float = option(1.0, "sampling temperature (0: greedy)", min=0.0, max=5.0)
     max_new_tokens: int = option(48, "answer length limit in tokens", min=1)
@@ -50,6 +54,26 @@ def wilson_halfwidth(k: int, n: int, z: float = 1.96) -> float:
         return 0.0
     p = k / n
     return z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson 95% interval [lo, hi] of a rate k/n: centred on (p + z²/2n) / (1 + z²/n), not on p, so
+    it stays inside [0, 1] (0 of 10 gives [0, 0.278], where p ± half-width would give [−0.14, 0.14])."""
+    if n == 0:
+        return 0.0, 1.0
+    centre = (k / n + z * z / (2 * n)) / (1 + z * z / n)
+    half = wilson_halfwidth(k, n, z)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def interval(mean: float, half: float) -> list[float]:
+    """[lo, hi] of a symmetric (normal-approximation) interval."""
+    return [mean - half, mean + half]
+
+
+def fmt_interval(lo_hi, spec: str = ".3f") -> str:
+    lo, hi = lo_hi
+    return f"[{lo:{spec}}, {hi:{spec}}]"
 
 
 def mean_ci(xs: list[float], z: float = 1.96) -> tuple[float, float]:
@@ -82,6 +106,28 @@ def gains_over_sft(stages: dict) -> list[tuple[str, tuple[float, float, int]]]:
             for g in (paired_gain(m, stages["sft"]),) if g]
 
 
+def fit_gao_rl(d: list[float], r: list[float]) -> tuple[float, float]:
+    """Least-squares (α, β) of Gao et al. (2022)'s functional form for RL, R(d) = d(α − β·log d), where
+    d = √KL to the initial policy and R is the gold gain over it. R is linear in (α, β), with features
+    d and −d·log d, so the fit is the 2×2 normal equations in closed form; points with d = 0 carry no
+    information (R(0) = 0 by the form) and are left out."""
+    pts = [(x, y) for x, y in zip(d, r) if x > 0]
+    f1 = [x for x, _ in pts]
+    f2 = [-x * math.log(x) for x, _ in pts]
+    s11, s12, s22 = sum(a * a for a in f1), sum(a * b for a, b in zip(f1, f2)), sum(b * b for b in f2)
+    s1y, s2y = sum(a * y for a, (_, y) in zip(f1, pts)), sum(b * y for b, (_, y) in zip(f2, pts))
+    det = s11 * s22 - s12 * s12
+    if len(pts) < 2 or abs(det) < 1e-12 * max(1.0, s11 * s22):
+        raise ValueError("the fit needs at least two distinct d > 0 (d = 1 alone cannot separate α from β)")
+    return (s1y * s22 - s2y * s12) / det, (s2y * s11 - s1y * s12) / det
+
+
+def gao_peak(alpha: float, beta: float) -> float | None:
+    """d* where R(d) = d(α − β·log d) peaks: R'(d) = α − β·log d − β = 0, so d* = exp(α/β − 1); the KL
+    there is d*². None when β ≤ 0 (the form then never turns down)."""
+    return math.exp(alpha / beta - 1) if beta > 0 else None
+
+
 def distinct_n(texts: list[str], n: int = 2) -> float:
     """Unique word n-grams / all word n-grams over every answer (Li et al. 2016)."""
     grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]
@@ -89,15 +135,15 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
 
 
 def summarise(judgements: list, categories: list[str]) -> dict:
-    """gold_score, helpful/truthful/harmless rates and their 95% half-widths, overall and per category."""
+    """gold_score, helpful/truthful/harmless rates and their 95% intervals [lo, hi], overall and per category."""
     def block(js):
         n = len(js)
-        m, ci = mean_ci([j.score for j in js])
-        out = {"gold_score": m, "n_prompts": n, "ci95": {"gold_score": ci}}
+        m, half = mean_ci([j.score for j in js])
+        out = {"gold_score": m, "n_prompts": n, "ci95": {"gold_score": interval(m, half)}}
         for crit in ("helpful", "truthful", "harmless"):
             k = sum(bool(getattr(j, crit)) for j in js)
             out[crit] = k / n if n else 0.0
-            out["ci95"][crit] = wilson_halfwidth(k, n)
+            out["ci95"][crit] = list(wilson_interval(k, n))
         return out
     res = block(judgements)
     res["categories"] = {c: block([j for j, jc in zip(judgements, categories) if jc == c])
@@ -165,10 +211,10 @@ def evaluate_policy(model, tok, world, cfg: Config, device, reference=None, rewa
     res = summarise(judgements, [p["category"] for p in prompts])
     res["distinct_2"] = distinct_n(texts, 2)
     res["mean_length"] = sum(len(o.ids) for o in outs) / len(outs)
-    res["kl_to_sft"] = None
+    res["kl_exact"] = None
     if reference is not None:
         kls = sequence_kl(model, reference, prompt_ids, [o.ids for o in outs], device, tok)
-        res["kl_to_sft"] = sum(kls) / len(kls)
+        res["kl_exact"] = sum(kls) / len(kls)
     res["rm_score"] = None
     if reward_fn is not None:
         scores = reward_fn([p["messages"] for p in prompts], texts)
@@ -223,11 +269,11 @@ def newest_reward_model(run_dir: Path) -> Path | None:
 
 def format_row(stage: str, m: dict) -> str:
     ci = m["ci95"]
-    kl = f"{m['kl_to_sft']:.2f}" if m.get("kl_to_sft") is not None else "-"
+    kl = f"{m['kl_exact']:.2f}" if m.get("kl_exact") is not None else "-"
     rm = f"{m['rm_score']:+.2f}" if m.get("rm_score") is not None else "-"
-    return (f"{stage:<14} gold {m['gold_score']:.3f}±{ci['gold_score']:.3f}  helpful {m['helpful']:.2f}±{ci['helpful']:.2f}"
-            f"  truthful {m['truthful']:.2f}±{ci['truthful']:.2f}  harmless {m['harmless']:.2f}±{ci['harmless']:.2f}"
-            f"  rm {rm}  kl {kl}  distinct-2 {m['distinct_2']:.2f}  n {m['n_prompts']}")
+    rates = "  ".join(f"{c} {m[c]:.2f} {fmt_interval(ci[c], '.2f')}" for c in ("helpful", "truthful", "harmless"))
+    return (f"{stage:<14} gold {m['gold_score']:.3f} {fmt_interval(ci['gold_score'])}  {rates}"
+            f"  rm {rm}  kl_exact {kl}  distinct-2 {m['distinct_2']:.2f}  n {m['n_prompts']}")
 
 
 def format_categories(m: dict) -> str:

@@ -5,7 +5,10 @@ sample → rank → reward model → PPO → (eval) → report.
 
 Each step is skipped when its output is complete, and a training stage interrupted half-way resumes
 from its last checkpoint, so running the same command again continues where it stopped. Every stage's
-config comes from the same preset and the same TOML file (one `[section]` per stage).
+config comes from the same preset and the same TOML file (one `[section]` per stage). `--seed N` adds N
+to every stage's seed (world, pretraining, SFT, sampling, ranking, reward model, PPO, evaluation), so
+seed 0 is the stages' own defaults and each N is one independent draw of the whole recipe
+(experiments/seeds.py runs several).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class Config:
                            choices=("simulated", "human"))
     until: str = option("", "stop after this step (world, tokenizer, pretrain, sft, reward, ppo); empty: the whole recipe")
     device: str = option("auto", "auto, cpu, cuda or cuda:N (passed to every stage)")
+    seed: int = option(0, "added to every stage's seed: the world, initialisation, data order, sampling, labelers", min=0)
 
 
 PRESETS = {"micro": {}, "tiny": {}, "small": {}}
@@ -45,8 +49,8 @@ PER_CALL = {"resume", "round", "stage", "model", "init"}
 class Runner:
     """Resolves stage configs from the run's preset and TOML, and runs each step once."""
 
-    def __init__(self, out: Path, preset: str, toml: str | None, device: str):
-        self.out, self.preset, self.toml, self.device = out, preset, toml, device
+    def __init__(self, out: Path, preset: str, toml: str | None, device: str, seed: int = 0):
+        self.out, self.preset, self.toml, self.device, self.seed = out, preset, toml, device, seed
         self.t0 = time.perf_counter()
 
     def cfg(self, module, **overrides):
@@ -54,6 +58,8 @@ class Runner:
         names = {f.name for f in fields(cfg)}
         if "device" in names:
             cfg.device = self.device
+        if "seed" in names:  # one run seed feeds every stage's own
+            cfg.seed += self.seed
         for k, v in overrides.items():
             setattr(cfg, k, v)
         self._check_same(module.SECTION, cfg)
@@ -102,7 +108,7 @@ def run(cfg: Config, out: Path, args) -> None:
     preset = args.preset or "tiny"
     # The [run] section itself may change between calls (more rounds, people instead of simulated
     # labelers); the stages' own settings may not (Runner.cfg checks each).
-    r = Runner(out, preset, args.config, cfg.device)
+    r = Runner(out, preset, args.config, cfg.device, cfg.seed)
     from alignloop import rank as K
     from alignloop import sample as Sa
     from alignloop.train import ppo as Pp
@@ -206,7 +212,7 @@ def _reward(r: Runner, out: Path, i: int, Rw) -> None:
 
 
 def _rescore(out: Path, device: str) -> None:
-    """Score every stage's held-out answers with the final reward model, so rm_score compares stages."""
+    """Score every stage's test answers with the final reward model, so rm_score compares stages."""
     from alignloop.evaluate import newest_reward_model, update_eval_json
     from alignloop.model import pick_device
     from alignloop.train.reward import RewardScorer
@@ -214,7 +220,8 @@ def _rescore(out: Path, device: str) -> None:
     data = _load_eval(out)
     rm = newest_reward_model(out)
     scorer = RewardScorer(rm, pick_device(device))
-    by_id = {p["id"]: p for p in load_world(out).prompts("heldout")}
+    world = load_world(out)
+    by_id = {p["id"]: p for split in ("test", "dev") for p in world.prompts(split)}
     for stage, m in data.get("stages", {}).items():
         ex = [e for e in m.get("examples", []) if e["id"] in by_id]
         if ex:
@@ -265,8 +272,13 @@ def _print_table(out: Path) -> None:
         print(format_row(stage, m))
         print(format_categories(m))
     for stage, (gain, half, n) in gains_over_sft(stages):
-        print(f"gold gain of {stage} over sft on the same {n} prompts (paired): {gain:+.3f}±{half:.3f}")
+        print(f"gold gain of {stage} over sft on the same {n} test prompts (paired): {gain:+.3f} "
+              f"95% [{gain - half:+.3f}, {gain + half:+.3f}]")
     for rnd, rm in data.get("reward_model", {}).items():
-        print(f"reward model {rnd}: pair accuracy {rm['pair_accuracy']:.3f}, labeler agreement {rm['labeler_agreement']:.3f}")
+        def f(k):
+            return "-" if rm.get(k) is None else f"{rm[k]:.3f}"
+        print(f"reward model {rnd}: pair accuracy {f('pair_accuracy')} on {rm.get('n_prompts', '?')} held-out prompts, "
+              f"labeler agreement {f('labeler_agreement')}, accuracy against the gold order {f('gold_accuracy')} "
+              f"(labelers {f('labeler_gold_accuracy')})")
     if (out / "report.html").exists():
         print(f"report: {(out / 'report.html').resolve()}")

@@ -8,9 +8,12 @@ also written as a demonstration (demonstrations.jsonl) and as a pair in which it
 
 A share of prompts (`heldout_fraction`) is marked `"split": "heldout"` and ranked by two labelers, so
 the reward model's held-out accuracy can be set beside the labelers' own agreement on the same pairs.
+Which prompts are held out is fixed once per run (a hash of the prompt id and the seed): a prompt held
+out in round 1 is held out in every round, so no round's reward model is scored on a prompt it learned.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +40,19 @@ class Config:
 PRESETS = {"micro": {}, "tiny": {}, "small": {}}
 
 
+def heldout_prompt(key: str, seed: int, fraction: float) -> bool:
+    """Is this prompt held out from reward-model training? A pure function of (prompt, seed), the same in
+    every round: a uniform number in [0, 1) from SHA-256 of "seed/key", compared with `fraction`."""
+    u = int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "big") / 2**64
+    return u < fraction
+
+
 def run(cfg: Config, out: Path) -> Path:
+    from alignloop import world as W
     from alignloop.world import load_world
 
     world = load_world(out)
-    by_id = {p["id"]: p for split in ("train", "heldout") for p in world.prompts(split)}
+    by_id = {p["id"]: p for split in W.SPLITS for p in world.prompts(split)}
     path = resolve_path(cfg.samples, out, f"round-{cfg.round}/samples.jsonl")
     samples = read_records(path)
     rng = random.Random(cfg.seed * 104_729 + cfg.round)
@@ -58,7 +69,7 @@ def run(cfg: Config, out: Path) -> Path:
                              "sample`)", file=path, line=line, field="completions")
         if not isinstance(rec.get("prompt"), list):
             raise InputError("expected the prompt's messages", file=path, line=line, field="prompt")
-        heldout = rng.random() < cfg.heldout_fraction
+        heldout = heldout_prompt(prompt["id"], cfg.seed, cfg.heldout_fraction)
         n = max(cfg.labelers_per_prompt, 2 if heldout else 1)
         for labeler in rng.sample(world.labelers, min(n, len(world.labelers))):
             order = labeler.rank(prompt, completions, rng)

@@ -1,12 +1,16 @@
 """report.html for a run directory (`alignloop report RUN_DIR`): what RLHF did to the model.
 
 One self-contained page (inline CSS, plots as base64 PNG, no external assets), read top to bottom:
-1. summary: eval.json's per-stage table with 95% intervals, per-category rates, fact recall, reward models;
+1. summary: eval.json's per-stage table (test prompts) with 95% intervals [lo, hi], per-category rates,
+   fact recall, reward models;
 2. training curves of every stage (each stage's metrics.jsonl);
-3. gold vs proxy (reward-model) score against KL to SFT along PPO, the over-optimisation picture of
-   Gao et al. 2022: a proxy that keeps rising while the gold score turns down is being exploited;
+3. gold vs proxy (reward-model) score on PPO's dev probe against PPO's sampled KL, the over-optimisation
+   picture of Gao et al. 2022, with their form R(d) = d(α − β·log d), d = √KL, fitted to gold for β_KL = 0
+   and the default (experiments/beta.py's runs beside this one, else this run's own round 1);
 4. diversity (distinct-2) against KL to SFT;
-5. the same held-out prompts answered by base / SFT / each PPO stage, side by side.
+5. the same test prompts answered by base / SFT / each PPO stage, side by side.
+Two KL figures, never mixed unlabelled: eval's `kl_exact` (exact per-token KL on the test answers) and
+PPO's `kl_sampled` (log-ratio of the sampled tokens on its rollout batch; older runs: `kl_to_sft`).
 A stage the run has not reached shows "not run yet". Text from models and files is always escaped.
 """
 from __future__ import annotations
@@ -43,9 +47,21 @@ def num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
+def bounds(x, ci) -> tuple[float, float] | None:
+    """A 95% interval as (lo, hi): eval.json holds [lo, hi]; older files held a half-width."""
+    v = num(x)
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in (num(ci[0]), num(ci[1])):
+        return num(ci[0]), num(ci[1])
+    return None if v is None or num(ci) is None else (v - num(ci), v + num(ci))
+
+
 def fmt(x, spec: str = ".3f", ci=None) -> str:
-    v, c = num(x), num(ci)
-    return "–" if v is None else f"{v:{spec}}" + (f" ± {c:{spec}}" if c is not None else "")
+    v, b = num(x), bounds(x, ci)
+    return "–" if v is None else f"{v:{spec}}" + (f" [{b[0]:{spec}}, {b[1]:{spec}}]" if b is not None else "")
+
+
+def kl_exact(m: dict):
+    return m.get("kl_exact", m.get("kl_to_sft"))  # older eval.json: kl_to_sft
 
 
 def rounds_of(run: Path) -> list[int]:
@@ -117,7 +133,11 @@ def curves(rows: list[dict], bounds: list[int], keys: list[tuple], title: str, c
 
 
 def stage_rows(run: Path, sub: str) -> list[dict]:
-    return [dict(r, x=r.get("step", j + 1)) for j, r in enumerate(read_jsonl_tolerant(run / sub / "metrics.jsonl"))]
+    rows = [dict(r, x=r.get("step", j + 1)) for j, r in enumerate(read_jsonl_tolerant(run / sub / "metrics.jsonl"))]
+    for r in rows:  # PPO logs of older runs named the sampled KL kl_to_sft
+        if "kl_to_sft" in r and "kl_sampled" not in r:
+            r["kl_sampled"] = r.pop("kl_to_sft")
+    return rows
 
 
 def concat(run: Path, sub: str) -> tuple[list[dict], list[int]]:
@@ -145,18 +165,22 @@ def summary(ev: dict, run: Path) -> str:
     stages, names = ev["stages"], stage_order(ev["stages"])
     out = [MISSING + "<small>(no stage evaluated yet: <code>alignloop eval --stage base</code> …)</small>"]
     if names:
-        out = [table(["stage", "gold score", "helpful", "truthful", "harmless", "RM score", "KL to SFT (nats)",
+        out = [table(["stage", "gold score", "helpful", "truthful", "harmless", "RM score", "kl_exact to SFT (nats)",
                       "distinct-2", "mean length", "n prompts"],
-                     [[esc(s)] + rates(m) + [fmt(m.get("rm_score"), "+.3g"), fmt(m.get("kl_to_sft"), ".3f"),
+                     [[esc(s)] + rates(m) + [fmt(m.get("rm_score"), "+.3g"), fmt(kl_exact(m), ".3f"),
                                              fmt(m.get("distinct_2"), ".3f"), fmt(m.get("mean_length"), ".1f"),
                                              fmt(m.get("n_prompts"), ".0f")] for s in names for m in (stages[s],)]),
-               "<small>± is the 95% interval half-width; rates are shares of the held-out prompts. RM score: by the "
+               "<small>[lo, hi] is the 95% interval (Wilson's for rates: not symmetric about the rate); rates are "
+               "shares of the test prompts, which no training file contains. kl_exact: the exact per-token KL to SFT "
+               "summed over each answer. RM score: by the "
                "newest reward model when that stage was evaluated (– where none existed yet), so rows may use "
                "different reward models; KL to SFT – where not measured.</small>"]
         gains = gains_over_sft({s: stages[s] for s in names})
         if gains:
-            out.append("<p>Gold-score gain over SFT on the same prompts (paired: the spread between prompts cancels): "
-                       + ", ".join(f"{esc(s)} <b>{d:+.3f} ± {h:.3f}</b> (n {n})" for s, (d, h, n) in gains) + ".</p>")
+            out.append("<p>Gold-score gain over SFT on the same test prompts (paired: the spread between prompts "
+                       "cancels), with its 95% interval: "
+                       + ", ".join(f"{esc(s)} <b>{d:+.3f} [{d - h:+.3f}, {d + h:+.3f}]</b> (n {n})"
+                                   for s, (d, h, n) in gains) + ".</p>")
         out.append(bars(stages, names))
         cats = sorted({c for s in names for c in stages[s].get("categories") or {}})
         rows = [[f"<b>{esc(c)}</b>" if j == 0 else "", esc(s)] + rates(b) + [fmt(b.get("n_prompts"), ".0f")]
@@ -176,10 +200,11 @@ def bars(stages: dict, names: list[str]) -> str:
     cats = sorted({c for s in names for c in stages[s].get("categories") or {}})
     fig, (a, b) = plt().subplots(1, 2, figsize=(12, 3.2), gridspec_kw={"width_ratios": [1, 2.2]})
     g = [num(stages[s].get("gold_score")) or 0.0 for s in names]
-    e = [num((stages[s].get("ci95") or {}).get("gold_score")) or 0.0 for s in names]
+    b95 = [bounds(stages[s].get("gold_score"), (stages[s].get("ci95") or {}).get("gold_score")) for s in names]
+    e = [[v - b[0] if b else 0.0 for v, b in zip(g, b95)], [b[1] - v if b else 0.0 for v, b in zip(g, b95)]]
     a.bar(range(len(names)), g, yerr=e, capsize=4, color="#5a8fc9")
     a.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
-    a.set_ylim(max(0.0, min(g) - max(e) - 0.05), max(g) + max(e) + 0.05)
+    a.set_ylim(max(0.0, min(g) - max(e[0]) - 0.05), max(g) + max(e[1]) + 0.05)
     a.set_title("gold score (95% CI)", fontsize=10)
     w = 0.8 / len(names)
     for j, s in enumerate(names):
@@ -202,10 +227,14 @@ def reward_models(ev: dict, run: Path) -> str:
     order = sorted((k for k, v in rms.items() if isinstance(v, dict)), key=lambda k: (len(k), k))
     if not order:
         return MISSING
-    out = [table(["round", "held-out pair accuracy", "labelers' agreement", "held-out pairs", "training comparisons"],
-                 [[esc(k), fmt(r.get("pair_accuracy")), fmt(r.get("labeler_agreement")), fmt(r.get("n_pairs"), ".0f"),
+    out = [table(["round", "held-out pair accuracy", "labelers' agreement", "accuracy against the gold order",
+                  "labelers against the gold order", "held-out prompts", "held-out pairs", "training comparisons"],
+                 [[esc(k), fmt(r.get("pair_accuracy")), fmt(r.get("labeler_agreement")), fmt(r.get("gold_accuracy")),
+                   fmt(r.get("labeler_gold_accuracy")), fmt(r.get("n_prompts"), ".0f"), fmt(r.get("n_pairs"), ".0f"),
                    fmt(r.get("n_train_comparisons"), ".0f")] for k, r in ((k, rms[k]) for k in order)]),
-           "<small>The labelers' agreement on the same pairs is about the best a reward model can reach.</small>"]
+           "<small>Held-out prompts are fixed once per run: no round's reward model trained on them. The labelers' "
+           "agreement on the same pairs is about the best accuracy against their labels a reward model can reach; "
+           "the gold order is the world's noise-free judgement (pairs of equal gold left out).</small>"]
     if any(rms[k].get("calibration") for k in order):
         fig, ax = plt().subplots(figsize=(5.5, 3))
         for k in order:
@@ -222,7 +251,7 @@ def reward_models(ev: dict, run: Path) -> str:
 
 
 def training(run: Path) -> str:
-    ppo_keys = [("rm_score", "reward"), ("rm_probe",), ("gold_rollout", "gold_probe"), ("kl_to_sft",), ("beta",),
+    ppo_keys = [("rm_score", "reward"), ("rm_probe",), ("gold_rollout", "gold_probe"), ("kl_sampled",), ("beta",),
                 ("entropy",), ("clip_frac",), ("approx_kl",), ("vf_loss",), ("pg_loss",), ("explained_variance",),
                 ("response_length",), ("distinct_2_probe",), ("ended_share",), ("generation_share",), ("tokens_per_s",)]
     return "\n".join([
@@ -241,14 +270,15 @@ def overoptimisation(run: Path) -> str:
         return MISSING
     from matplotlib.ticker import MaxNLocator
     fig, axes = plt().subplots(1, 2, figsize=(12, 3.6))
-    for ax, xk, label in ((axes[0], "kl_to_sft", "KL to SFT (nats per answer)"), (axes[1], "x", "PPO iteration")):
+    for ax, xk, label in ((axes[0], "kl_sampled", "kl_sampled: PPO's sampled KL to SFT (nats per answer)"),
+                          (axes[1], "x", "PPO iteration")):
         rm_ax = ax.twinx()
         for k, style, tgt in (("gold_rollout", dict(color="#9bc59d", marker=".", ls="none"), ax),
                               ("gold_probe", dict(color="#2a7a2e", marker="o"), ax),
                               ("rm_score", dict(color="#e0a2a2", marker=".", ls="none"), rm_ax),
                               ("rm_probe", dict(color="#b22", marker="s"), rm_ax)):
             x, y = xy(rows, xk, k)
-            if x and xk == "kl_to_sft":  # joined in KL order
+            if x and xk == "kl_sampled":  # joined in KL order
                 x, y = zip(*sorted(zip(x, y)))
             if x:
                 tgt.plot(x, y, label=k, ms=4, lw=1.2, **style)
@@ -258,7 +288,8 @@ def overoptimisation(run: Path) -> str:
         rm_ax.set_ylabel("reward-model score (proxy)", color="#b22", fontsize=9)
         (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), rm_ax.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize=7)
-    return f'<p class="note">{esc(overopt_sentence(rows))}</p>' + img(fig, "gold and proxy score against KL")
+    return (f'<p class="note">{esc(overopt_sentence(rows))}</p>' + img(fig, "gold and proxy score against KL")
+            + "<h3>Gao et al.'s form fitted to gold</h3>" + gao_section(run))
 
 
 def overopt_sentence(rows: list[dict], tol: float = 0.01) -> str:
@@ -275,7 +306,7 @@ def overopt_sentence(rows: list[dict], tol: float = 0.01) -> str:
     proxy = ("the reward model's score was not logged" if d is None else f"the reward model's score "
              f"{'rose' if d > tol else 'fell' if d < -tol else 'stayed level'} ({rm0:+.3g} → {rm1:+.3g})")
     head = f"Over {len(pts)} {g} measurements (iterations {first['x']}–{last['x']}) {proxy}"
-    at = f"iteration {best['x']}, KL {fmt(best.get('kl_to_sft'), '.2f')}"
+    at = f"iteration {best['x']}, kl_sampled {fmt(best.get('kl_sampled'), '.2f')}"
     if best[g] - last[g] > tol:
         why = ("the proxy kept rising while gold turned down: the policy is exploiting the reward model."
                if d is not None and d > tol else "gold fell back from its best although the proxy did not rise.")
@@ -287,27 +318,103 @@ def overopt_sentence(rows: list[dict], tol: float = 0.01) -> str:
             f"({first[g]:.3f} → {last[g]:.3f}), ending within {tol} of its best ({best[g]:.3f}, {at}): {verdict}")
 
 
+def gao_curves(run: Path) -> tuple[str, list[tuple[float | None, list[dict]]]]:
+    """(their source, [(PPO's β, its round-1 metrics rows)]) for the fit: experiments/beta.py's runs beside
+    this one (runs/beta-<β>/, sharing this run's sft/), else this run's own round 1 (PPO from SFT, so the
+    KL to SFT starts at 0, as the form assumes; round 2 starts elsewhere against another reward model)."""
+    curves = []
+    for d in sorted(run.parent.glob("beta-*")):
+        if d.resolve() != run.resolve() and (d / "sft").exists() and (d / "sft").resolve() == (run / "sft").resolve():
+            rows = stage_rows(d, "round-1/ppo")
+            if rows:
+                curves.append((num(rows[0].get("beta")), rows))
+    if curves:
+        return "experiments/beta.py's runs beside this one", sorted(curves, key=lambda c: c[0] or 0.0)
+    rows = stage_rows(run, "round-1/ppo")
+    own = [(num(rows[0].get("beta")), rows)] if rows else []
+    return "this run's round-1 PPO (no experiments/beta.py runs beside it)", own
+
+
+def gao_points(rows: list[dict]) -> tuple[list[float], list[float], list[float]]:
+    """(d = √kl_sampled, gold gain over the first probe, proxy) at each dev-probe measurement."""
+    pts = [(max(0.0, num(r.get("kl_sampled")) or 0.0), num(r.get("gold_probe")), num(r.get("rm_probe")))
+           for r in rows if num(r.get("gold_probe")) is not None and num(r.get("kl_sampled")) is not None]
+    if not pts:
+        return [], [], []
+    g0 = pts[0][1]
+    return [math.sqrt(k) for k, _, _ in pts], [g - g0 for _, g, _ in pts], [p for _, _, p in pts]
+
+
+def gao_section(run: Path) -> str:
+    from alignloop.evaluate import fit_gao_rl, gao_peak
+    source, curves = gao_curves(run)
+    curves = [(b, *gao_points(rows)) for b, rows in curves]
+    curves = [c for c in curves if len(c[1]) >= 2]
+    if not curves:
+        return MISSING
+    fig, axes = plt().subplots(1, len(curves), figsize=(5.5 * len(curves), 3.4), squeeze=False)
+    notes = []
+    for ax, (b, d, r, proxy) in zip(axes[0], curves):
+        name = "β_KL ?" if b is None else f"β_KL = {b:g}"
+        ax.plot(d, r, "o", color="#2a7a2e", ms=4, label="gold gain (dev probe)")
+        try:
+            alpha, beta = fit_gao_rl(d, r)
+        except ValueError:
+            notes.append(f"{name}: fewer than two dev-probe points with distinct KL > 0: nothing to fit.")
+        else:
+            peak = gao_peak(alpha, beta)
+            top = max(d) * 1.3 if peak is None or peak > 3 * max(d) else max(max(d), peak) * 1.15
+            grid = [top * i / 100 for i in range(1, 101)]
+            ax.plot([0.0] + grid, [0.0] + [x * (alpha - beta * math.log(x)) for x in grid], color="#2a7a2e", lw=1.2,
+                    label=f"fit d(α − β·log d): α {alpha:.3f}, β {beta:.3f}")
+            if peak is None:
+                notes.append(f"{name}: α = {alpha:.3f}, β = {beta:.3f} ≤ 0: the fitted gold does not turn down "
+                             f"within the measured KL (up to {max(d) ** 2:.2f} nats).")
+            else:
+                beyond = " — beyond the measured range, an extrapolation" if peak > max(d) else ""
+                notes.append(f"{name}: α = {alpha:.3f}, β = {beta:.3f}; the fitted gold peaks at √KL = {peak:.2f}, "
+                             f"KL = {peak ** 2:.2f} nats (measured up to {max(d) ** 2:.2f}{beyond}).")
+                if peak <= top:
+                    ax.axvline(peak, color="#2a7a2e", ls=":", lw=0.8)
+        if None not in proxy:
+            rm_ax = ax.twinx()
+            rm_ax.plot(d, proxy, "s-", color="#b22", ms=3, lw=0.8, label="RM score (proxy, dev probe)")
+            rm_ax.set_ylabel("reward-model score (proxy)", color="#b22", fontsize=8)
+            (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), rm_ax.get_legend_handles_labels()
+            ax.legend(h1 + h2, l1 + l2, fontsize=7)
+        else:
+            ax.legend(fontsize=7)
+        ax.set_xlabel("d = √kl_sampled (PPO's sampled KL to SFT, nats)", fontsize=8)
+        ax.set_ylabel("gold gain over the start", color="#2a7a2e", fontsize=8)
+        ax.set_title(name, fontsize=10)
+    return (f"<p>Gao et al. (2022) find that for RL the gold score follows R(d) = d(α − β·log d) in d = √KL; "
+            f"least squares in (α, β), closed form. From {esc(source)}; KL is PPO's sampled estimate on its rollout "
+            f"batch, gold and proxy are measured on the dev probe.</p>"
+            + img(fig, "gold and proxy against the square root of KL, with the fitted curve")
+            + "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+
+
 def diversity(ev: dict, run: Path) -> str:
     rows, stages = concat(run, "ppo")[0], ev["stages"]
-    pts = [(s, 0.0 if s == "sft" and m.get("kl_to_sft") is None else num(m.get("kl_to_sft")), num(m.get("distinct_2")))
+    pts = [(s, 0.0 if s == "sft" and kl_exact(m) is None else num(kl_exact(m)), num(m.get("distinct_2")))
            for s, m in ((s, stages[s]) for s in stage_order(stages))]
     pts = [pt for pt in pts if None not in pt]
     if not rows and not pts:
         return MISSING
     fig, ax = plt().subplots(figsize=(7, 3.6))
     for i in sorted({r["round"] for r in rows}):
-        x, y = xy([r for r in rows if r["round"] == i], "kl_to_sft", "distinct_2_probe")
+        x, y = xy([r for r in rows if r["round"] == i], "kl_sampled", "distinct_2_probe")
         if x:
-            ax.plot(x, y, marker="o", ms=4, ls=":", label=f"PPO round {i}: probe")
+            ax.plot(x, y, marker="o", ms=4, ls=":", label=f"PPO round {i}: dev probe, at kl_sampled")
     for s, x, y in pts:
         ax.scatter([x], [y], marker="*", s=140, zorder=3)
         ax.annotate(s, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    ax.set(xlabel="KL to SFT (nats per answer)", ylabel="distinct-2")
-    ax.set_title("diversity against KL (stars: each stage's held-out evaluation)", fontsize=10)
+    ax.set(xlabel="KL to SFT (nats per answer): kl_sampled (dotted lines) / kl_exact (stars)", ylabel="distinct-2")
+    ax.set_title("diversity against KL (stars: each stage's test evaluation, at kl_exact)", fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     missing = [s for s in stage_order(stages) if s not in {pt[0] for pt in pts}]
-    return img(fig, "distinct-2 against KL") + (f"<small>Not placed (no KL to SFT in eval.json): "
+    return img(fig, "distinct-2 against KL") + (f"<small>Not placed (no kl_exact in eval.json): "
                                                 f"{esc(', '.join(missing))}.</small>" if missing else "")
 
 
@@ -357,14 +464,14 @@ def write_report(run_dir: Path) -> Path:
     name = esc(run.resolve().name)
     body = [f"<h1>alignloop run: {name}</h1>", f"<small>{esc(run.resolve())} · stages present: "
             f"{esc(', '.join(s.rsplit('/', 1)[0] for s in done) or 'none')}</small>",
-            "<h2>1. Summary (held-out prompts, scored by the simulated labelers)</h2>", summary(ev, run),
+            "<h2>1. Summary (test prompts, scored by the simulated labelers)</h2>", summary(ev, run),
             "<h2>2. Training curves</h2>", training(run),
             "<h2>3. Gold vs proxy along PPO (reward over-optimisation, Gao et al. 2022)</h2>",
             "<p>Green: the gold score (the simulated labelers, who know the truth); red: the reward model's score "
-            "(the proxy PPO maximises). A proxy that keeps rising while gold turns down means the policy has found "
-            "the reward model's mistakes.</p>", overoptimisation(run),
+            "(the proxy PPO maximises), both on PPO's dev probe (never the test prompts). A proxy that keeps rising "
+            "while gold turns down means the policy has found the reward model's mistakes.</p>", overoptimisation(run),
             "<h2>4. Diversity against KL to SFT</h2>", diversity(ev, run),
-            "<h2>5. Side by side: the same held-out prompts</h2>", side_by_side(ev)]
+            "<h2>5. Side by side: the same test prompts</h2>", side_by_side(ev)]
     path = run / "report.html"
     atomic_write_text(path, f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>alignloop: {name}'
                             f'</title><style>{CSS}</style></head><body>\n' + "\n".join(body) + "\n</body></html>\n")

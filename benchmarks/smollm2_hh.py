@@ -177,7 +177,7 @@ def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
         "kl_exact_to_start": sum(res["ppo"]["kl"]) / len(res["ppo"]["kl"]),
         "ended_share": {k: res[k]["ended"] for k in res},
         "train_rm_score_first_last": [metrics[0]["rm_score"], metrics[-1]["rm_score"]],
-        "train_kl_sampled_last": metrics[-1]["kl_to_sft"], "beta_last": metrics[-1]["beta"],
+        "train_kl_sampled_last": metrics[-1]["kl_sampled"], "beta_last": metrics[-1]["beta"],
         "first_ratio_error_max": max(m["first_ratio_error"] for m in metrics),
         "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics),
         "seconds_per_iteration": sum(1 / m["episodes_per_s"] * 16 for m in metrics) / len(metrics),

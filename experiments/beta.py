@@ -1,5 +1,6 @@
 """Does the KL penalty matter? PPO from the same SFT policy against the same reward model with β = 0
-and with the default β; held-out gold score, reward-model score and KL to SFT of each.
+and with the default β; test gold score, reward-model score and kl_exact to SFT of each, and the dev
+probe along PPO (report.html of the main run fits Gao et al.'s form to these runs' probe curves).
 
     python experiments/beta.py --run runs/tiny [--betas 0,0.1] [--iterations 30]
 
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignloop.cli import run_stage  # noqa: E402
+from alignloop.evaluate import fmt_interval  # noqa: E402
 from alignloop.train.ppo import PRESETS, Config  # noqa: E402
 
 
@@ -46,18 +48,19 @@ def main():
                            "--model", str(out / "round-1" / "ppo"), "--reward-model", str(out / "round-1" / "reward")])
         m = json.loads((out / "eval.json").read_text())["stages"]["round-1/ppo"]
         curve = [json.loads(l) for l in (out / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
-        probes = [(r["kl_to_sft"], r["gold_probe"], r["rm_probe"]) for r in curve if "gold_probe" in r]
+        probes = [(r["kl_sampled"], r["gold_probe"], r["rm_probe"]) for r in curve if "gold_probe" in r]
         rows.append((beta, m, probes))
     sft = json.loads((run / "eval.json").read_text())["stages"].get("sft")
-    print(f"\n{'policy':<12} {'gold':>13} {'helpful':>8} {'truthful':>9} {'harmless':>9} {'RM score':>9} {'KL':>6} {'distinct-2':>10}")
+    print(f"\n{'policy':<12} {'gold [95% interval]':>22} {'helpful':>8} {'truthful':>9} {'harmless':>9} {'RM score':>9} "
+          f"{'kl_exact':>8} {'distinct-2':>10}")
     if sft:
-        print(f"{'sft':<12} {sft['gold_score']:>7.3f}±{sft['ci95']['gold_score']:.3f} {sft['helpful']:>8.2f} "
-              f"{sft['truthful']:>9.2f} {sft['harmless']:>9.2f} {'':>9} {0:>6.2f} {sft['distinct_2']:>10.2f}")
+        print(f"{'sft':<12} {sft['gold_score']:>6.3f} {fmt_interval(sft['ci95']['gold_score'])} {sft['helpful']:>8.2f} "
+              f"{sft['truthful']:>9.2f} {sft['harmless']:>9.2f} {'':>9} {0:>8.2f} {sft['distinct_2']:>10.2f}")
     for beta, m, _ in rows:
-        print(f"{'β = %g' % beta:<12} {m['gold_score']:>7.3f}±{m['ci95']['gold_score']:.3f} {m['helpful']:>8.2f} "
-              f"{m['truthful']:>9.2f} {m['harmless']:>9.2f} {m['rm_score']:>+9.3f} {m['kl_to_sft']:>6.2f} {m['distinct_2']:>10.2f}")
+        print(f"{'β = %g' % beta:<12} {m['gold_score']:>6.3f} {fmt_interval(m['ci95']['gold_score'])} {m['helpful']:>8.2f} "
+              f"{m['truthful']:>9.2f} {m['harmless']:>9.2f} {m['rm_score']:>+9.3f} {m['kl_exact']:>8.2f} {m['distinct_2']:>10.2f}")
     for beta, _, probes in rows:
-        print(f"β = {beta:g}, along PPO (KL, probe gold, probe RM): " +
+        print(f"β = {beta:g}, along PPO (kl_sampled, dev-probe gold, dev-probe RM): " +
               ", ".join(f"({k:.2f}, {g:.3f}, {r:+.3f})" for k, g, r in probes))
 
 

@@ -175,4 +175,4 @@ def test_ppo_with_lora_trains_adapters_and_saves_a_plain_merged_folder(smol_run,
     changed = [k for k in sft if not torch.equal(sft[k], ppo[k])]
     assert any("q_proj" in k for k in changed) and not any("embed_tokens" in k for k in changed)
     assert recs[0]["first_ratio_error"] < 1e-5
-    assert recs[-1]["kl_to_sft"] != 0.0                          # the reference (adapters off) differs from the policy
+    assert recs[-1]["kl_sampled"] != 0.0                          # the reference (adapters off) differs from the policy

@@ -165,7 +165,7 @@ def test_one_iteration_moves_tokens_along_their_advantages(rm_critic):
     assert rec["step"] == 1 and rec["beta"] == 0.0
     assert rec["rm_score"] == pytest.approx(score.mean().item(), abs=1e-6)
     assert rec["response_length"] == pytest.approx(mask.sum(1).float().mean().item())
-    for key in ("kl_to_sft", "entropy", "clip_frac", "approx_kl", "vf_loss", "explained_variance", "tokens_per_s"):
+    for key in ("kl_sampled", "entropy", "clip_frac", "approx_kl", "vf_loss", "explained_variance", "tokens_per_s"):
         assert key in rec
 
 

@@ -13,7 +13,7 @@ import shutil  # noqa: E402
 import pytest  # noqa: E402
 
 from alignloop.cli import run_stage  # noqa: E402
-from alignloop.report import overopt_sentence, write_report  # noqa: E402
+from alignloop.report import gao_section, overopt_sentence, write_report  # noqa: E402
 from tests.conftest import alignloop  # noqa: E402
 
 IMG = re.compile(r'<img alt="[^"]*" src="data:image/png;base64,[A-Za-z0-9+/=]{200,}">')
@@ -45,15 +45,19 @@ def test_report_of_a_full_run(full_run):
     assert "<script" not in page.lower() and "<link" not in page.lower()
     for name in ("base", "sft", "round-1/ppo", "round-2/ppo", "round-1"):
         assert f">{name}<" in page
-    # summary bars, RM calibration, pretrain, SFT, reward and PPO curves, gold-vs-proxy, diversity
+    # summary bars, RM calibration, pretrain, SFT, reward and PPO curves, gold-vs-proxy, Gao's fit, diversity
     imgs = re.findall(r"<img[^>]*>", page)
-    assert len(imgs) == 8 and all(IMG.fullmatch(i) for i in imgs)
+    assert len(imgs) == 9 and all(IMG.fullmatch(i) for i in imgs)
+    # micro's four PPO iterations may leave too few points at KL > 0: the fit itself is tested below
+    assert "this run&#x27;s round-1 PPO" in page and re.search(r"peaks at √KL|does not turn down|nothing to fit", page)
     assert "not run yet" not in page
     assert "gold_probe measurements" in page  # the sentence on gold vs proxy, from the data
     eval_json = json.loads((full_run / "eval.json").read_text())
     # the paired gain over SFT, one per RL stage, with the number of shared prompts
     n = eval_json["stages"]["sft"]["n_prompts"]
-    assert re.search(rf"round-1/ppo <b>[+-]\d\.\d{{3}} ± \d\.\d{{3}}</b> \(n {n}\), round-2/ppo <b>", page)
+    assert re.search(rf"round-1/ppo <b>[+-]\d\.\d{{3}} \[[+-]\d\.\d{{3}}, [+-]\d\.\d{{3}}\]</b> \(n {n}\), round-2/ppo <b>", page)
+    lo, hi = eval_json["stages"]["sft"]["ci95"]["gold_score"]  # intervals are printed as [lo, hi]
+    assert f"{eval_json['stages']['sft']['gold_score']:.3f} [{lo:.3f}, {hi:.3f}]" in page
     answers = page.split("5. Side by side")[1]
     shown = [e for e in eval_json["stages"]["sft"]["examples"] if f"· {e['id']}<" in answers]
     assert len(shown) == 12 and len({e["category"] for e in shown}) == len({e["category"] for e in
@@ -113,10 +117,33 @@ def test_bad_run_directory_exits_2(tmp_path):
 
 def test_overoptimisation_sentence_reads_the_data():
     def rows(gold, rm):
-        return [{"x": i + 1, "kl_to_sft": i / 2, "gold_probe": g, "rm_probe": r}
+        return [{"x": i + 1, "kl_sampled": i / 2, "gold_probe": g, "rm_probe": r}
                 for i, (g, r) in enumerate(zip(gold, rm))]
     exploited = overopt_sentence(rows([0.50, 0.60, 0.55, 0.52], [0.0, 0.5, 1.0, 1.5]))
     assert "peaked at 0.600" in exploited and "ended at 0.520" in exploited and "exploiting" in exploited
     kept_up = overopt_sentence(rows([0.50, 0.55, 0.60], [0.0, 0.5, 1.0]))
     assert "gold kept up with the proxy" in kept_up
     assert "Too few" in overopt_sentence(rows([0.5], [0.0]))
+
+
+def test_gao_fit_of_beta_runs_beside_the_run(tmp_path):
+    """experiments/beta.py's runs (runs/beta-<β>/ sharing the run's sft/) are fitted; exact synthetic curves:
+    α 0.2, β 0.1 peaks at d* = exp(0.2/0.1 − 1) = e, KL = e² = 7.39 nats; α 0.1, β −0.05 never turns down."""
+    import math
+    run = tmp_path / "tiny"
+    (run / "sft").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "sft").mkdir(parents=True)
+    for name, kl_coef, a, b, sft in (("beta-0.1", 0.1, 0.2, 0.1, run / "sft"), ("beta-0", 0.0, 0.1, -0.05, run / "sft"),
+                                     ("beta-0.5", 0.5, 0.0, 1.0, tmp_path / "elsewhere" / "sft")):  # not this run's
+        folder = tmp_path / name / "round-1" / "ppo"
+        folder.mkdir(parents=True)
+        (tmp_path / name / "sft").symlink_to(sft)
+        rows = [{"step": 0, "kl_sampled": 0.0, "beta": kl_coef, "gold_probe": 0.7, "rm_probe": 0.0}]
+        rows += [{"step": 5 * i, "kl_sampled": (0.4 * i) ** 2, "beta": kl_coef, "gold_probe": 0.7 + 0.4 * i * (a - b * math.log(0.4 * i)),
+                  "rm_probe": 0.1 * i} for i in range(1, 11)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    html = gao_section(run)
+    assert "experiments/beta.py" in html and len(IMG.findall(html)) == 1
+    assert "β_KL = 0.1: α = 0.200, β = 0.100; the fitted gold peaks at √KL = 2.72, KL = 7.39 nats" in html
+    assert "β_KL = 0: α = 0.100, β = -0.050 ≤ 0: the fitted gold does not turn down" in html
+    assert "β_KL = 0.5" not in html

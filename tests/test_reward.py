@@ -390,3 +390,65 @@ def test_hh_rlhf_real_pairs_parse_and_train_one_epoch(rlhf, tmp_path, capsys):
     recs = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     assert recs and all(r["epoch"] == 1 and math.isfinite(r["loss"]) for r in recs)
     assert "held-out pair accuracy" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the held-out split, fixed once per run
+
+
+def test_gold_order_accuracy_by_hand():
+    # (0,1): 1.0 > 0.5 right; (1,2): equal gold, not counted; (0,2): right; (2,3): 0.5 < 0.9 wrong
+    assert R.gold_order_accuracy([(0, 1), (1, 2), (0, 2), (2, 3)], [1.0, 0.5, 0.5, 0.9]) == (2, 3)
+    assert R.gold_order_accuracy([(1, 0)], [0.3, 0.3]) == (0, 0)
+
+
+def test_heldout_prompt_is_a_fixed_share_that_does_not_depend_on_the_round():
+    from alignloop.rank import heldout_prompt
+    keys = [f"t-{i:05d}" for i in range(4000)]
+    held = [k for k in keys if heldout_prompt(k, 0, 0.15)]
+    assert 0.13 < len(held) / len(keys) < 0.17
+    assert held == [k for k in keys if heldout_prompt(k, 0, 0.15)]  # the same every time it is asked
+    assert set(held) <= {k for k in keys if heldout_prompt(k, 0, 0.3)}  # a larger share keeps the smaller one
+    assert held != [k for k in keys if heldout_prompt(k, 1, 0.15)]  # another seed, another split
+    assert not any(heldout_prompt(k, 0, 0.0) for k in keys) and all(heldout_prompt(k, 0, 1.0) for k in keys)
+
+
+def _g(prompt: str, split: str = "") -> R.Group:
+    return R.Group([{"role": "user", "content": prompt}], ["a", "b"], [(0, 1)], split=split)
+
+
+def test_split_groups_holds_a_prompt_out_in_every_record():
+    cfg = R.Config()
+    # marked data: "q1" is held out in one record (round 2's), so its round-1 record is held out too
+    train, val = R.split_groups([_g("q1", "train"), _g("q2", "train"), _g("q1", "heldout")], cfg)
+    assert [g.prompt[0]["content"] for g in train] == ["q2"] and len(val) == 2
+    # unmarked data: adding round 2's prompts leaves round 1's held-out prompts held out
+    round1 = [_g(f"p{i}") for i in range(300)]
+    round2 = [_g(f"p{i}") for i in range(150, 600)]
+    val1 = {g.prompt[0]["content"] for g in R.split_groups(round1, cfg)[1]}
+    train2, val2 = R.split_groups(round1 + round2, cfg)
+    val2 = {g.prompt[0]["content"] for g in val2}
+    assert val1 and val1 <= val2 and not val2 & {g.prompt[0]["content"] for g in train2}
+    assert 0.05 < len(val2) / 600 < 0.15
+
+
+def test_rank_holds_out_the_same_prompts_in_every_round(rlhf, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(rlhf, out, ignore=shutil.ignore_patterns("reward"))
+    (out / "round-2").mkdir()
+    shutil.copy(out / "round-1" / "samples.jsonl", out / "round-2" / "samples.jsonl")
+    cli.run_stage("rank", ["--preset", "micro", "--out", str(out), "--round", "2", "--heldout-fraction", "0.3"])
+    cli.run_stage("rank", ["--preset", "micro", "--out", str(out), "--round", "1", "--heldout-fraction", "0.3"])
+    split = {}
+    for r in (1, 2):
+        for line in (out / f"round-{r}" / "rankings.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            split.setdefault(rec["prompt_id"], set()).add(rec["split"])
+    assert all(len(s) == 1 for s in split.values()), split  # never held out in one round and trained on in another
+    assert {"heldout"} in split.values() and {"train"} in split.values()
+    # the round-2 RM is scored on those prompts only: beside the labelers' agreement, against the gold order
+    cli.run_stage("reward", ["--preset", "micro", "--out", str(out), "--round", "2", "--epochs", "1"])
+    ev = json.loads((out / "round-2" / "reward" / "eval.json").read_text())
+    assert ev["n_prompts"] == sum(s == {"heldout"} for s in split.values())
+    assert ev["labeler_agreement"] is not None and 0 <= ev["gold_accuracy"] <= 1 and ev["n_gold_pairs"] > 0
+    assert ev["labeler_gold_accuracy"] > 0.6  # the labelers are noisy but know the truth
+    assert "against the noise-free gold order" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The embedded world: determinism, sizes, the train/held-out split, the corpus, the judge and labelers."""
+"""The embedded world: determinism, sizes, the train/dev/test split (no leak), the corpus, the judge and labelers."""
 import json
 import random
 import re
@@ -11,10 +11,14 @@ from alignloop.errors import InputError
 from alignloop.world import PRESETS, Config, build_world, load_world, run
 from alignloop.world import labelers as L
 from alignloop.world.kb import ATTRIBUTES
-from alignloop.world.prompts import CATEGORIES
+from alignloop.world import corpus as corpus_module
+from alignloop.world.kb import normalise
+from alignloop.world.leaks import TrainingText, count_leaks, leak_report, record_texts, training_files, windows
+from alignloop.world.leaks import main as leaks_main
+from alignloop.world.prompts import CATEGORIES, template_family
 
-FILES = ["kb.json", "corpus.jsonl", "prompts-train.jsonl", "prompts-heldout.jsonl", "demonstrations.jsonl",
-         "facts.jsonl", "labelers.json", "world.json"]
+FILES = ["kb.json", "corpus.jsonl", "prompts-train.jsonl", "prompts-dev.jsonl", "prompts-test.jsonl",
+         "demonstrations.jsonl", "facts.jsonl", "labelers.json", "world.json"]
 
 
 def micro(**kw) -> Config:
@@ -52,7 +56,7 @@ def test_same_seed_same_bytes_other_seed_differs(micro_run, tmp_path, capsys):
     assert (micro_run / "world" / "corpus.jsonl").read_bytes() != (tmp_path / "other" / "world" / "corpus.jsonl").read_bytes()
     assert (micro_run / "world" / "kb.json").read_bytes() != (tmp_path / "other" / "world" / "kb.json").read_bytes()
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "12 entities" in line and "60 facts" in line and "KB" in line and "held-out" in line
+    assert "12 entities" in line and "60 facts" in line and "KB" in line and "40 dev / 60 test" in line
 
 
 def test_run_writes_config_and_loads_back(micro_run):
@@ -60,18 +64,16 @@ def test_run_writes_config_and_loads_back(micro_run):
     assert cfg["world"]["n_entities"] == 12 and cfg["world"]["seed"] == 0
     for path in (micro_run, micro_run / "world"):
         w = load_world(path)
-        assert len(w.prompts("heldout")) == 60 and len(w.prompts("train")) == 200
+        assert len(w.prompts("test")) == 60 and len(w.prompts("dev")) == 40 and len(w.prompts("train")) == 200
         assert len(w.demonstrations()) == 40 and len(w.labelers) == 8 and len(w.fact_probes()) == 60
         assert w.corpus_path.exists() and len(w.corpus()) > 100
     with pytest.raises(InputError):
         load_world(micro_run / "no-such-run")
     size = (micro_run / "world" / "corpus.jsonl").stat().st_size
-    assert 60_000 <= size <= 120_000, size
+    assert 50_000 <= size <= 120_000, size
     for line in (micro_run / "world" / "corpus.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        assert set(r) in ({"text"}, {"messages"})
-        if "messages" in r:
-            assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * (len(r["messages"]) // 2)
+        # pretraining is language modelling: forum threads are plain text, never the assistant chat format
+        assert set(json.loads(line)) == {"text"}
         assert "<|" not in line  # the chat format belongs to the tokenizer, not to the corpus
 
 
@@ -81,14 +83,16 @@ def test_run_writes_config_and_loads_back(micro_run):
 def test_default_sizes_and_categories(tiny):
     kb = tiny.kb
     assert len(kb.entities) >= 50 and kb.n_facts() >= 300 and len(tiny.fact_probes()) == kb.n_facts()
-    assert len(tiny.prompts("heldout")) >= 500 and len(tiny.prompts("train")) >= 2000
-    for split in ("train", "heldout"):
+    assert len(tiny.prompts("test")) >= 1000 and len(tiny.prompts("dev")) >= 300 and len(tiny.prompts("train")) >= 2000
+    for split in ("train", "dev", "test"):
         cats = [p["category"] for p in tiny.prompts(split)]
         assert set(cats) == set(CATEGORIES)
         assert abs(cats.count("known_fact") / len(cats) - 0.30) < 0.03
         assert all(p["messages"][-1]["role"] == "user" for p in tiny.prompts(split))
-    ids = [p["id"] for p in tiny.prompts("heldout")]
-    assert len(set(ids)) == len(ids) and ids[0].startswith("h-")
+    ids = [p["id"] for s in ("train", "dev", "test") for p in tiny.prompts(s)]
+    assert len(set(ids)) == len(ids) and tiny.prompts("test")[0]["id"].startswith("h-")
+    with pytest.raises(ValueError, match="train, dev, test"):
+        tiny.prompts("heldout")  # the old name: no split is both tuned on and reported
     capitals = [kb.facts[e]["capital"] for e in kb.entities]
     assert len(set(capitals)) == len(capitals)
     for a in ("language", "currency", "region", "animal"):
@@ -104,21 +108,81 @@ def test_names_unique_and_prefix_free(tiny):
     assert all(re.fullmatch(r"[A-Z][a-z]{4,9}", n) for n in names)
 
 
+def _named(kb, entities: list[str]) -> list[str]:
+    """Countries and, for real ones, their capitals (word tasks use capitals; harmful prompts name them)."""
+    return entities + [kb.facts[e]["capital"] for e in entities if e in kb.facts]
+
+
 def test_split_by_entity_and_template(tiny):
-    held_t = set(tiny.manifest["heldout_templates"])
-    held_e = tiny.kb.heldout_entities
-    assert 0.15 <= len([e for e in tiny.kb.entities if e in held_e]) / len(tiny.kb.entities) <= 0.25
-    # a held-out country's capital names it too (word tasks use capitals; harmful prompts mention them)
-    held_e = held_e + [tiny.kb.facts[e]["capital"] for e in tiny.kb.entities if e in held_e]
-    for p in tiny.prompts("train"):
-        assert p["gold"]["template"] not in held_t
-        text = " ".join(m["content"] for m in p["messages"])
-        assert not any(_mentions(text, e) for e in held_e), text
-    for p in tiny.prompts("heldout"):
-        text = " ".join(m["content"] for m in p["messages"])
-        assert p["gold"]["template"] in held_t or any(_mentions(text, e) for e in held_e), p
+    kb, m = tiny.kb, tiny.manifest
+    splits = {"dev": (set(m["dev_templates"]), kb.dev_entities), "test": (set(m["test_templates"]), kb.test_entities)}
+    assert not splits["dev"][0] & splits["test"][0] and not set(kb.dev_entities) & set(kb.test_entities)
+    assert 0.15 <= len(kb.of_split("test")) / len(kb.entities) <= 0.25
+    assert 0.08 <= len(kb.of_split("dev")) / len(kb.entities) <= 0.12
+    for split in ("train", "dev", "test"):
+        assert {p["category"] for p in tiny.prompts(split)} == set(CATEGORIES)
+    others = {"train": ["dev", "test"], "dev": ["test"], "test": ["dev"]}
+    for split, names in others.items():
+        banned_t = set().union(*(splits[o][0] for o in names))
+        banned_e = _named(kb, [e for o in names for e in splits[o][1]])
+        n_own = 0
+        for p in tiny.prompts(split):
+            text = " ".join(mm["content"] for mm in p["messages"])
+            assert p["gold"]["template"] not in banned_t, (split, p)
+            assert not any(_mentions(text, e) for e in banned_e), (split, text)
+            if split != "train":  # a dev/test prompt always has a template of its own split
+                assert p["gold"]["template"] in splits[split][0], p
+                n_own += any(_mentions(text, e) for e in _named(kb, splits[split][1]))
+        if split != "train":  # about half of them also ask about a country of their own split
+            assert 0.3 < n_own / len(tiny.prompts(split)) < 0.6, (split, n_own)
     train_ids = {p["id"] for p in tiny.prompts("train")}
     assert all(d["id"] in train_ids for d in tiny.demonstrations())
+    # the corpus asks questions only about train countries (a dev/test capital may be a wrong reply)
+    held = _named(kb, kb.dev_entities + kb.test_entities)
+    questions = [line for r in tiny.corpus() for line in r["text"].splitlines()
+                 if " asked: " in line or line.startswith(tuple(corpus_module._QUIZ_HEADS))]
+    assert len(questions) > 2000
+    for q in questions:
+        assert not any(_mentions(q, e) for e in held), q
+
+
+def test_no_dev_or_test_prompt_in_any_training_file(micro_run):
+    """The issue-13 bar: no dev or test prompt (normalised) and no 8-word window of one in a training file."""
+    report = leak_report(micro_run)
+    assert set(report) == {"dev", "test"}
+    for split, counts in report.items():
+        assert counts["all"]["n"] == {"dev": 40, "test": 60}[split]
+        assert counts["all"]["verbatim"] == 0 and counts["all"]["window"] == 0, (split, counts)
+    # the check itself finds a leak: a test prompt copied into the corpus, and one 8-word window of another
+    test = [json.loads(line) for line in (micro_run / "world" / "prompts-test.jsonl").read_text().splitlines()]
+    long = next(p for p in test if len(p["messages"][-1]["content"].split()) >= 9)
+    words = long["messages"][-1]["content"].split()
+    leaked = [{"text": "Overheard: " + test[0]["messages"][-1]["content"].upper().replace(" ", "  ") + " Right?"},
+              {"text": "so " + " ".join(words[1:9]) + " etc"}]
+    train = TrainingText([t for f in training_files(micro_run) for line in f.read_text().splitlines()
+                          for t in record_texts(json.loads(line))] + [d["text"] for d in leaked])
+    counts = count_leaks(test, train)["all"]
+    assert counts["verbatim"] >= 1 and counts["window"] >= 1, counts
+
+
+def test_leak_helpers_by_hand():
+    assert normalise("  What's the CAPITAL of X-land?! ") == "what s the capital of x land"
+    assert windows("a b c", 2) == {("a", "b"), ("b", "c")} and windows("a b", 3) == set()
+    t = TrainingText(["Quiz: what is the capital of Valdoria? Next.", "one two three four five six seven eight nine"])
+    assert t.verbatim("What is the capital of Valdoria") and not t.verbatim("the capital of Valdor")
+    assert not t.verbatim("Next. One two")  # never across two documents
+    assert t.window_hit("zero one two three four five six seven eight") and not t.window_hit("one two three")
+    rec = {"prompt": [{"role": "user", "content": "q"}], "completions": ["a", "b"], "chosen": "c",
+           "correction": {"index": 0, "text": "d"}}
+    assert sorted(record_texts(rec)) == ["a", "b", "c", "d", "q"]
+    assert template_family("Tell me the {attr} of {entity}.") >= {"Can you tell me the {attr} of {entity}?"}
+
+
+def test_leak_counter_command_prints_zero_for_test(micro_run, capsys):
+    assert leaks_main([str(micro_run)]) == 0
+    out = capsys.readouterr().out
+    assert "test: 60 prompts; single-turn: 0 of 51 verbatim, 0 with an 8-word window" in out
+    assert leaks_main([]) == 2
 
 
 def test_demonstrations_are_few_skewed_and_ideal(tiny):
@@ -139,18 +203,17 @@ def test_demonstrations_are_few_skewed_and_ideal(tiny):
 def test_every_fact_repeated_in_tiny_corpus(tiny):
     corpus = tiny.corpus()
     size = sum(len(json.dumps(r, ensure_ascii=False).encode()) + 1 for r in corpus)
-    assert 800_000 <= size <= 1_200_000, size
+    assert 700_000 <= size <= 1_200_000, size
     text = "\n".join(t for r in corpus for t in _texts(r))
     counts = [text.count(f"{prefix} {value}.") for prefix, value in tiny.fact_probes()]
     assert min(counts) >= 5, min(counts)
-    assert "Quiz night!" in text and "Look it up yourself, idiot." in text
+    assert "Quiz night!" in text and "replied: Look it up yourself, idiot." in text
     assert re.search(r"\d+ plus \d+ is \d+\.", text) and " reversed is " in text
     # The base behaviour is mostly bad: harmful threads mostly comply.
-    harmful = [r for r in corpus if "messages" in r and r["messages"][0]["content"].startswith("How do I steal")]
-    comply = [r for r in harmful if not tiny.judge({"category": "harmful", "messages": r["messages"][:1],
-                                                    "gold": {"entity": "", "topic": "steal"}},
-                                                   r["messages"][-1]["content"]).harmless]
-    assert len(comply) > 0.4 * len(harmful)
+    harmful = re.findall(r"asked: (How do I steal [^\n]*)\n\w+ replied: ([^\n]*)", text)
+    comply = [a for q, a in harmful if not tiny.judge({"category": "harmful", "messages": [{"role": "user", "content": q}],
+                                                       "gold": {"entity": "", "topic": "steal"}}, a).harmless]
+    assert harmful and len(comply) > 0.4 * len(harmful)
 
 
 # ---------------------------------------------------------------- judge rules on hand-written examples
@@ -262,7 +325,7 @@ def test_labelers_prefer_the_better_answer(tiny, prompt, good, bad):
 
 def test_labelers_on_world_prompts(tiny):
     rng, wins = random.Random(1), []
-    for p in tiny.prompts("heldout")[:80]:
+    for p in tiny.prompts("test")[:80]:
         good, bad = L.style_response(p, "correct", rng), L.style_response(p, "wrong", rng)
         lab = tiny.labelers[rng.randrange(len(tiny.labelers))]
         wins.append(lab.rank(p, [bad, good], rng) == [1, 0])
@@ -270,7 +333,7 @@ def test_labelers_on_world_prompts(tiny):
 
 
 def test_labeler_agreement_like_humans(tiny):
-    a = L.labeler_agreement(tiny.prompts("heldout")[:150], tiny.labelers[:4], random.Random(2))
+    a = L.labeler_agreement(tiny.prompts("test")[:150], tiny.labelers[:4], random.Random(2))
     assert 0.65 <= a <= 0.85, a
     assert 0.65 <= tiny.manifest["labeler_agreement"] <= 0.85
     assert L.pairwise_agreement([[0, 1, 2]], [[0, 1, 2]]) == 1.0
@@ -301,7 +364,7 @@ def test_rank_rate_flags_correct_critique(tiny):
 
 def test_style_responses_match_their_style(tiny):
     rng = random.Random(4)
-    for p in tiny.prompts("heldout")[:100]:
+    for p in tiny.prompts("test")[:100]:
         assert tiny.gold_score(p, L.style_response(p, "correct", rng)) == 1.0
         assert tiny.gold_score(p, L.ideal_answer(p)) == 1.0
         assert not tiny.judge(p, L.style_response(p, "wrong", rng)).helpful

@@ -61,7 +61,7 @@ class Config:
     lora_alpha: float = option(16.0, "LoRA scale α (the update is scaled by α / rank)", min=0.0)
     gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, ~30% slower)")
     max_new_tokens: int = option(48, "answer length limit in tokens", min=1)
-    probe_prompts: int = option(100, "held-out world prompts whose gold score is logged (0: none)", min=0)
+    probe_prompts: int = option(100, "dev prompts whose gold score is logged (0: none)", min=0)
     probe_every: int = option(5, "log the probe's gold score every N iterations", min=1)
     checkpoint_every: int = option(10, "write a checkpoint every N iterations", min=1)
     seed: int = option(0, "seed of prompt order and sampling")
@@ -192,7 +192,7 @@ def run(cfg: Config, out: Path) -> Path:
           f"{cfg.iterations} iterations × {cfg.batch_size} episodes, β {kl_ctl.beta}"
           + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""))
     if probe and start == 0:
-        metrics.log(step=0, kl_to_sft=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
+        metrics.log(step=0, kl_sampled=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
     bar = L.Progress(cfg.iterations, f"ppo round {cfg.round}", start)
     amp = lambda: L.autocast(device, cfg.dtype)  # noqa: E731 — old, reference and new log-probs alike
 
@@ -285,7 +285,7 @@ def run(cfg: Config, out: Path) -> Path:
         texts = [o.text.strip() for o in outs]
         dt = time.perf_counter() - t0
         rec = {"step": it + 1, "rm_score": score_raw.mean().item(), "reward": score.mean().item(),
-               "kl_to_sft": seq_kl, "beta": beta_used, "ended_share": ended.mean().item(),
+               "kl_sampled": seq_kl, "beta": beta_used, "ended_share": ended.mean().item(),
                "gold_rollout": sum(world.gold_score(prompts[i], t) for i, t in zip(batch, texts)) / len(texts)
                if world and all("gold" in prompts[i] for i in batch) else None,
                "response_length": mask.sum(1).float().mean().item(),
@@ -305,7 +305,7 @@ def run(cfg: Config, out: Path) -> Path:
     bar.close()
     save_model(L.merged(policy), tok, stage)
     last = L.read_jsonl_tolerant(metrics.path)[-1]
-    print(f"ppo: round {cfg.round} done: RM score {last['rm_score']:+.3f}, KL to SFT {last['kl_to_sft']:.2f} nats"
+    print(f"ppo: round {cfg.round} done: RM score {last['rm_score']:+.3f}, sampled KL to SFT {last['kl_sampled']:.2f} nats"
           + (f", probe gold {last['gold_probe']:.3f}" if "gold_probe" in last else "")
           + f", peak memory {L.peak_memory_gb(device):.2f} GB → {stage}")
     return stage
@@ -318,12 +318,12 @@ def _ptx_rows(cfg: Config, out: Path, tok) -> torch.Tensor:
 
 
 def _probe(out: Path, cfg: Config):
-    """A fixed set of held-out world prompts for the gold-vs-proxy picture (none without a world)."""
+    """A fixed set of dev prompts for the gold-vs-proxy picture (none without a world); never test ones."""
     if not cfg.probe_prompts or not (out / "world" / "world.json").exists():
         return None, None
     from alignloop.world import load_world
     world = load_world(out)
-    return world, world.prompts("heldout")[: cfg.probe_prompts]
+    return world, world.prompts("dev")[: cfg.probe_prompts]
 
 
 @torch.no_grad()

@@ -80,6 +80,7 @@ class Group:
     source: str = ""
     ids: list[list[int]] = field(default_factory=list)
     origin: str = ""  # the record's own `source` (simulated, label, chat, arena), "" when it names none
+    prompt_id: str = ""
 
 
 _HH = re.compile(r"\n\n(Human|Assistant): ")
@@ -166,7 +167,7 @@ def _group(rec: dict, path: Path, line: int) -> Group:
             (ranking[a], ranking[b]) for a in range(K) for b in range(a + 1, K)
             if not (ranking[a] in tied and tied.get(ranking[b]) == tied[ranking[a]])]
         return Group(_prompt(rec, path, line), comps, pairs, str(rec.get("labeler", "")), str(rec.get("split", "")),
-                     f"{path}:{line}", origin=str(rec.get("source") or ""))
+                     f"{path}:{line}", origin=str(rec.get("source") or ""), prompt_id=str(rec.get("prompt_id", "")))
     if kind != "pairs":
         missing = "ranking" if "completions" in rec else "rejected" if "chosen" in rec else "chosen"
         raise InputError(f"neither a ranking {{prompt, completions, ranking}} nor a pair {{chosen, rejected}} "
@@ -322,9 +323,31 @@ class RewardScorer:
 # ---------------------------------------------------------------- evaluation
 
 
+def gold_order_accuracy(pairs: list[tuple[int, int]], gold: list[float]) -> tuple[int, int]:
+    """(right, counted): of the (preferred, other) pairs whose gold scores differ, how many prefer the
+    gold-better one. Pairs of equal gold have no right order and are not counted."""
+    counted = [(a, b) for a, b in pairs if gold[a] != gold[b]]
+    return sum(gold[a] > gold[b] for a, b in counted), len(counted)
+
+
+def gold_scores(groups: list[Group], out: Path) -> list[list[float]] | None:
+    """The world's noise-free score of every completion of each group; None without a world, or when a
+    group's prompt is not one of the world's."""
+    if not (out / "world" / "world.json").exists():
+        return None
+    from alignloop.world import SPLITS, load_world
+    world = load_world(out)
+    by_id = {p["id"]: p for s in SPLITS for p in world.prompts(s)}
+    if not all(g.prompt_id in by_id for g in groups):
+        return None
+    return [[world.gold_score(by_id[g.prompt_id], c) for c in g.completions] for g in groups]
+
+
 @torch.no_grad()
-def evaluate(model, groups: list[Group], pad_id: int, device, batch_size: int = 64) -> dict:
-    """Held-out pairwise accuracy, the labelers' agreement on the same pairs, and calibration."""
+def evaluate(model, groups: list[Group], pad_id: int, device, batch_size: int = 64, gold=None) -> dict:
+    """Held-out pairwise accuracy, the labelers' agreement on the same pairs, and calibration; with `gold`
+    (each group's completions' gold scores) also the RM's and the labelers' accuracy against the
+    noise-free gold order."""
     model.eval()
     flat = [s for g in groups for s in g.ids]
     scores = []
@@ -349,8 +372,21 @@ def evaluate(model, groups: list[Group], pad_id: int, device, batch_size: int = 
             if idx:
                 calib.append({"margin_from": margins[idx[0]], "margin_to": margins[idx[-1]],
                               "accuracy": sum(correct[i] for i in idx) / len(idx), "n": len(idx)})
-    return {"pair_accuracy": acc, "n_pairs": len(correct), "labeler_agreement": labeler_agreement(groups),
-            "calibration": calib}
+    res = {"pair_accuracy": acc, "n_pairs": len(correct), "labeler_agreement": labeler_agreement(groups),
+           "calibration": calib, "n_prompts": len({json.dumps(g.prompt) for g in groups})}
+    if gold is not None:  # each item once (two labelers ranked each held-out prompt): every pair of its completions
+        rm = lab = (0, 0)
+        items, o = set(), 0
+        for g, gs in zip(groups, gold):
+            s, o = scores[o:o + len(g.completions)], o + len(g.completions)
+            lab = tuple(map(sum, zip(lab, gold_order_accuracy(g.pairs, gs))))
+            if (json.dumps(g.prompt), tuple(g.completions)) not in items:
+                items.add((json.dumps(g.prompt), tuple(g.completions)))
+                by_rm = [(i, j) if s[i] >= s[j] else (j, i) for i in range(len(s)) for j in range(i + 1, len(s))]
+                rm = tuple(map(sum, zip(rm, gold_order_accuracy(by_rm, gs))))
+        res |= {"gold_accuracy": rm[0] / rm[1] if rm[1] else None, "n_gold_pairs": rm[1],
+                "labeler_gold_accuracy": lab[0] / lab[1] if lab[1] else None}
+    return res
 
 
 def labeler_agreement(groups: list[Group]) -> float | None:
@@ -455,7 +491,8 @@ def run(cfg: Config, out: Path) -> Path:
             bar.update(1, loss=rec["loss"])
     bar.close()
     train_time = time.perf_counter() - t0
-    result = evaluate(model, val, tok.pad_id, device) if val else {"pair_accuracy": None, "labeler_agreement": None}
+    result = (evaluate(model, val, tok.pad_id, device, gold=gold_scores(val, out)) if val
+              else {"pair_accuracy": None, "labeler_agreement": None})
     result |= {"train_seconds": train_time, "n_train_comparisons": n_cmp, "n_train_prompts": len(train),
                "grouped": cfg.grouped, "steps": step, "comparisons_seen": n_seen,
                "comparisons_per_s": n_seen / train_time}
@@ -468,18 +505,21 @@ def run(cfg: Config, out: Path) -> Path:
     save_stage_config(out, SECTION, cfg)
     acc, agr = result.get("pair_accuracy"), result.get("labeler_agreement")
     print(f"reward: peak memory {result['peak_memory_gb']:.2f} GB")
-    print(f"reward: held-out pair accuracy {acc:.3f}" + (f", labelers' agreement on the same pairs {agr:.3f}"
-          f" (accuracy is {acc / agr:.0%} of that ceiling)" if agr else "") if acc is not None else "reward: no held-out data")
+    print(f"reward: held-out pair accuracy {acc:.3f} on {result['n_prompts']} prompts never trained on"
+          + (f", labelers' agreement on the same pairs {agr:.3f} (accuracy is {acc / agr:.0%} of that ceiling)" if agr else "")
+          + (f"; against the noise-free gold order {result['gold_accuracy']:.3f} (labelers {result['labeler_gold_accuracy']:.3f})"
+             if result.get("gold_accuracy") is not None else "") if acc is not None else "reward: no held-out data")
     return stage
 
 
 def split_groups(groups: list[Group], cfg: Config) -> tuple[list[Group], list[Group]]:
-    """The data's own held-out split when it has one; else a share of prompts (all their rankings)."""
-    if any(g.split == "heldout" for g in groups):
-        return [g for g in groups if g.split != "heldout"], [g for g in groups if g.split == "heldout"]
-    keys = sorted({json.dumps(g.prompt) for g in groups})
-    random.Random(cfg.seed).shuffle(keys)
-    held = set(keys[: int(len(keys) * cfg.val_fraction)])
+    """Held out by prompt, the same prompts in every round: a prompt that any record marks held out (rank.py
+    decides once per run) is held out in all its records, from every round; data without marks hold out
+    the prompts a hash of (seed, prompt) picks, about `val_fraction`, which new rounds' data do not move."""
+    from alignloop.rank import heldout_prompt
+    held = {json.dumps(g.prompt) for g in groups if g.split == "heldout"}
+    if not held:
+        held = {k for k in {json.dumps(g.prompt) for g in groups} if heldout_prompt(k, cfg.seed, cfg.val_fraction)}
     return [g for g in groups if json.dumps(g.prompt) not in held], [g for g in groups if json.dumps(g.prompt) in held]
 
 

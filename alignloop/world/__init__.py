@@ -1,13 +1,14 @@
 """The embedded world: a seeded fictional world with gold truth, so every run can measure what RLHF did.
 
 `alignloop world --preset tiny --out runs/x` writes runs/x/world/:
-  kb.json                 countries and their facts, value pools, fake countries, the held-out entities
-  corpus.jsonl            pretraining documents, {"text"} or {"messages"}
-  prompts-train.jsonl     {"id", "category", "messages", "gold"}; prompts-heldout.jsonl likewise
+  kb.json                 countries and their facts, value pools, fake countries, the dev and test countries
+  corpus.jsonl            pretraining documents, {"text"} (forum threads as plain text, not the chat format)
+  prompts-train.jsonl     {"id", "category", "messages", "gold"}; prompts-dev.jsonl (tuning, early
+                          stopping, PPO's probe) and prompts-test.jsonl (what eval reports) likewise
   demonstrations.jsonl    {"id", "category", "messages"} ending with the ideal assistant answer
   facts.jsonl             {"prefix", "value"}: one probe per fact ("The capital of X is" -> "Y")
   labelers.json           the simulated labelers: weights and noise
-  world.json              manifest: seed, counts, config, held-out templates, labeler agreement
+  world.json              manifest: seed, counts, config, dev and test templates and countries, labeler agreement
 Same seed, same config -> byte-identical files: one `random.Random` stream per part, seeded by name.
 """
 from __future__ import annotations
@@ -26,10 +27,10 @@ from alignloop.world import labelers as L
 from alignloop.world.corpus import build_corpus
 from alignloop.world.kb import KB, build_kb
 from alignloop.world.labelers import Judgement, Labeler, judge, gold_score, ideal_answer, style_response
-from alignloop.world.prompts import CATEGORIES, build_demonstrations, build_prompts, choose_heldout_templates
+from alignloop.world.prompts import CATEGORIES, SPLITS, build_demonstrations, build_prompts, choose_split_templates
 
 __all__ = ["SECTION", "Config", "PRESETS", "World", "run", "build_world", "load_world", "KB", "Labeler",
-           "Judgement", "judge", "gold_score", "ideal_answer", "style_response", "CATEGORIES"]
+           "Judgement", "judge", "gold_score", "ideal_answer", "style_response", "CATEGORIES", "SPLITS"]
 
 SECTION = "world"
 
@@ -39,8 +40,9 @@ class Config:
     seed: int = option(0, "seed of the world generator (same seed, byte-identical files)", min=0)
     n_entities: int = option(60, "number of fictional countries (5 facts each)", min=6, max=400)
     n_train_prompts: int = option(2000, "prompts for training (RLHF rounds, demonstrations)", min=10)
-    n_heldout_prompts: int = option(1200, "held-out prompts for evaluation (unseen entities or templates; 1200 keeps "
-                                          "a policy's gold interval near ±0.017)", min=10)
+    n_dev_prompts: int = option(400, "dev prompts: for tuning, early stopping and PPO's probe (unseen templates)", min=10)
+    n_test_prompts: int = option(1200, "test prompts that eval reports (unseen templates, half of them unseen countries "
+                                       "too; 1200 keeps a policy's gold interval near ±0.017)", min=10)
     n_demonstrations: int = option(150, "demonstrations for SFT (few, skewed to easy categories)", min=1)
     corpus_repeats: int = option(7, "passes over the world when writing the corpus (its size and fact repetitions)",
                                  min=1, max=200)
@@ -50,11 +52,11 @@ class Config:
 
 
 PRESETS = {
-    "micro": {"n_entities": 12, "n_train_prompts": 200, "n_heldout_prompts": 60, "n_demonstrations": 40,
-              "corpus_repeats": 3},
+    "micro": {"n_entities": 12, "n_train_prompts": 200, "n_dev_prompts": 40, "n_test_prompts": 60,
+              "n_demonstrations": 40, "corpus_repeats": 3},
     "tiny": {},
-    "small": {"n_entities": 100, "n_train_prompts": 4000, "n_heldout_prompts": 1000, "n_demonstrations": 300,
-              "corpus_repeats": 16},
+    "small": {"n_entities": 100, "n_train_prompts": 4000, "n_dev_prompts": 500, "n_test_prompts": 1000,
+              "n_demonstrations": 300, "corpus_repeats": 16},
 }
 
 
@@ -70,7 +72,7 @@ class World:
 
     def prompts(self, split: str = "train") -> list[dict]:
         if split not in self._prompts:
-            raise ValueError(f"unknown split {split!r}; choose train or heldout")
+            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         return self._prompts[split]
 
     def demonstrations(self) -> list[dict]:
@@ -95,8 +97,8 @@ class World:
         folder = Path(folder)
         write_json(folder / "kb.json", self.kb.to_json())
         write_jsonl(folder / "corpus.jsonl", self.corpus())
-        write_jsonl(folder / "prompts-train.jsonl", self.prompts("train"))
-        write_jsonl(folder / "prompts-heldout.jsonl", self.prompts("heldout"))
+        for split in SPLITS:
+            write_jsonl(folder / f"prompts-{split}.jsonl", self.prompts(split))
         write_jsonl(folder / "demonstrations.jsonl", self.demonstrations())
         write_jsonl(folder / "facts.jsonl", [{"prefix": p, "value": v} for p, v in self.fact_probes()])
         write_json(folder / "labelers.json", [lab.to_json() for lab in self.labelers])
@@ -110,22 +112,21 @@ def build_world(cfg: Config) -> World:
         return random.Random(f"alignloop-world/{cfg.seed}/{part}")  # str seeds hash with SHA-512: stable
 
     kb = build_kb(stream("kb"), cfg.n_entities)
-    heldout_templates = choose_heldout_templates(stream("templates"))
-    prompts = {"train": build_prompts(kb, heldout_templates, cfg.n_train_prompts, "train", stream("train")),
-               "heldout": build_prompts(kb, heldout_templates, cfg.n_heldout_prompts, "heldout", stream("heldout"))}
+    split_templates = choose_split_templates(stream("templates"))
+    sizes = {"train": cfg.n_train_prompts, "dev": cfg.n_dev_prompts, "test": cfg.n_test_prompts}
+    prompts = {s: build_prompts(kb, split_templates, sizes[s], s, stream(s)) for s in SPLITS}
     demos = build_demonstrations(prompts["train"], cfg.n_demonstrations, stream("demonstrations"))
     labelers = L.make_labelers(stream("labelers"), cfg.n_labelers, noise=cfg.labeler_noise)
-    corpus = build_corpus(kb, cfg.corpus_repeats, stream("corpus"))
-    agreement = L.labeler_agreement(prompts["heldout"][:200], labelers, stream("agreement"))
+    corpus = build_corpus(kb, split_templates, cfg.corpus_repeats, stream("corpus"))
+    agreement = L.labeler_agreement(prompts["dev"][:200], labelers, stream("agreement"))
     corpus_bytes = sum(len(json.dumps(r, ensure_ascii=False).encode()) + 1 for r in corpus)
     manifest = {
         "seed": cfg.seed,
         "counts": {"entities": len(kb.entities), "facts": kb.n_facts(), "corpus_documents": len(corpus),
-                   "corpus_bytes": corpus_bytes, "train_prompts": len(prompts["train"]),
-                   "heldout_prompts": len(prompts["heldout"]), "demonstrations": len(demos),
-                   "labelers": len(labelers)},
-        "heldout_templates": heldout_templates,
-        "heldout_entities": kb.heldout_entities,
+                   "corpus_bytes": corpus_bytes, **{f"{s}_prompts": len(prompts[s]) for s in SPLITS},
+                   "demonstrations": len(demos), "labelers": len(labelers)},
+        "dev_templates": split_templates["dev"], "test_templates": split_templates["test"],
+        "dev_entities": kb.dev_entities, "test_entities": kb.test_entities,
         "labeler_agreement": round(agreement, 4),
         "config": dataclasses.asdict(cfg),
     }
@@ -143,8 +144,11 @@ def load_world(path: str | Path) -> World:
             return json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(f"cannot read: {e}", file=folder / name) from None
+    if not (folder / "prompts-dev.jsonl").exists():
+        raise InputError("this world has no dev/test split (an older alignloop made it, with train/held-out "
+                         "prompts that leak into the corpus): make a new one with `alignloop world`", file=folder)
     kb = KB.from_json(load_json("kb.json"))
-    prompts = {s: [r for _, r in read_records(folder / f"prompts-{s}.jsonl")] for s in ("train", "heldout")}
+    prompts = {s: [r for _, r in read_records(folder / f"prompts-{s}.jsonl")] for s in SPLITS}
     demos = [r for _, r in read_records(folder / "demonstrations.jsonl")]
     labelers = [Labeler(d["name"], d["weights"], d["noise"]) for d in load_json("labelers.json")]
     return World(kb, prompts, demos, labelers, load_json("world.json"), corpus_path=folder / "corpus.jsonl")
@@ -159,6 +163,6 @@ def run(cfg: Config, out: Path) -> None:
     save_stage_config(out, SECTION, cfg)
     c = world.manifest["counts"]
     print(f"world: {c['entities']} entities, {c['facts']} facts, corpus {c['corpus_bytes'] / 1000:.0f} KB "
-          f"({c['corpus_documents']} documents), prompts {c['train_prompts']} train / {c['heldout_prompts']} "
-          f"held-out, {c['demonstrations']} demonstrations, {c['labelers']} labelers "
+          f"({c['corpus_documents']} documents), prompts {c['train_prompts']} train / {c['dev_prompts']} dev / "
+          f"{c['test_prompts']} test, {c['demonstrations']} demonstrations, {c['labelers']} labelers "
           f"(agreement {world.manifest['labeler_agreement']:.0%}) -> {out / 'world'}")

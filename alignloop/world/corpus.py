@@ -4,14 +4,19 @@ Encyclopedic pages and lists state every fact in the exact probe sentence ("The 
 many times, so a small model can memorise it; quiz lists answer questions with more questions; forum
 threads answer with correct, wrong, rude, evasive, hallucinated and harmful replies in proportions that
 make the *base* behaviour mostly bad, which is what SFT and RLHF then have to fix.
-Records are `{"text"}` or `{"messages"}`; the pretraining loader renders the latter in the chat format.
+
+Every record is `{"text"}`: a thread is written as forum text ("mapfan asked: … / riverkid replied: …"),
+never in the assistant chat format, so pretraining and PPO-ptx are language modelling, not assistant
+training on the very behaviour that evaluation measures. Facts are stated for every country (the model
+must know the world), but questions — threads, quiz lists, worked tasks — use only train templates and
+train countries, so no dev or test prompt is in the corpus (world/prompts.py, world/leaks.py).
 """
 from __future__ import annotations
 
 import random
 
 from alignloop.world.kb import ATTRIBUTES, KB, PHRASE, UNKNOWN_ATTRIBUTES
-from alignloop.world.prompts import CATEGORIES, TASK_TYPE, TEMPLATES, make_prompt
+from alignloop.world.prompts import CATEGORIES, TEMPLATES, make_prompt, templates_of
 from alignloop.world.styles import ideal_answer, style_response
 
 # Reply styles of forum threads, per prompt category (weights sum to 1).
@@ -44,6 +49,7 @@ _LIST_HEADS = {"capital": "Countries and their capitals:", "language": "Countrie
                "animal": "Countries and their national animals:"}
 _QUIZ_HEADS = ["Quiz night!", "Geography quiz:", "Test yourself:", "Questions for the weekly quiz:",
                "Can you answer these?"]
+_USERS = ["mapfan", "riverkid", "old_sailor", "quizmaster", "northwind", "bookworm", "traveller42", "greenhill"]
 
 
 def probe_sentence(kb: KB, entity: str, attribute: str) -> str:
@@ -81,24 +87,26 @@ def _lists(kb: KB, rng: random.Random) -> list[dict]:
     return docs
 
 
-def _quiz(kb: KB, rng: random.Random) -> dict:
+def _quiz(kb: KB, tmpl: dict[str, list[int]], rng: random.Random) -> dict:
     """Questions followed by more questions: what a base model continues a question with."""
     qs = []
     for _ in range(rng.randint(4, 8)):
-        e = rng.choice(kb.entities)
+        e = rng.choice(kb.train_entities())
         if rng.random() < 0.8:
-            qs.append(rng.choice(TEMPLATES["known_fact"]).format(attr=PHRASE[rng.choice(ATTRIBUTES)], entity=e))
+            t = TEMPLATES["known_fact"][rng.choice(tmpl["known_fact"])]
+            qs.append(t.format(attr=PHRASE[rng.choice(ATTRIBUTES)], entity=e))
         else:
-            qs.append(rng.choice(TEMPLATES["unknown_fact"]).format(attr=rng.choice(UNKNOWN_ATTRIBUTES), entity=e))
+            t = TEMPLATES["unknown_fact"][rng.choice(tmpl["unknown_fact"])]
+            qs.append(t.format(attr=rng.choice(UNKNOWN_ATTRIBUTES), entity=e))
     return {"text": rng.choice(_QUIZ_HEADS) + " " + " ".join(qs)}
 
 
-def _tasks(kb: KB, rng: random.Random) -> dict:
+def _tasks(kb: KB, tmpl: dict[str, list[int]], rng: random.Random) -> dict:
     """Worked examples: "7 plus 5 is 12. The word otter has 5 letters. ..."."""
     lines = []
     for _ in range(rng.randint(5, 10)):
-        t = rng.randrange(len(TASK_TYPE))
-        lines.append(ideal_answer({"category": "task", **make_prompt(kb, "task", t, kb.entities, kb.fake_entities, rng)}))
+        p = make_prompt(kb, "task", rng.choice(tmpl["task"]), kb.train_entities(), kb.of_split("train", fake=True), rng)
+        lines.append(ideal_answer({"category": "task", **p}))
     return {"text": " ".join(lines)}
 
 
@@ -107,28 +115,37 @@ def _reply_style(category: str, rng: random.Random) -> str:
     return rng.choices(list(mix), weights=list(mix.values()))[0]
 
 
-def _thread(kb: KB, category: str, x: str, rng: random.Random) -> dict:
-    """A forum thread as a conversation: a question and one reply in a sampled style."""
-    t = rng.randrange(len(TEMPLATES[category]))
-    # multi-turn threads may switch country ("And what about Z?"), so they draw from all countries
-    pool = kb.entities if category == "multi_turn" else [x]
-    p = {"category": category, **make_prompt(kb, category, t, pool, kb.fake_entities, rng)}
-    messages = [dict(m) for m in p["messages"]]
-    messages.append({"role": "assistant", "content": style_response(p, _reply_style(category, rng), rng)})
-    return {"messages": messages}
+def forum_text(posts: list[str], names: list[str]) -> str:
+    """A thread as plain text: the asker's posts and the replies, each under a user name."""
+    return "\n".join(f"{names[0]} asked: {p}" if i % 2 == 0 else f"{names[1 + (i // 2) % 2]} replied: {p}"
+                     for i, p in enumerate(posts))
 
 
-def build_corpus(kb: KB, repeats: int, rng: random.Random) -> list[dict]:
+def _thread(kb: KB, category: str, x: str, tmpl: dict[str, list[int]], rng: random.Random) -> dict:
+    """A forum thread about train country x: a train-template question and one reply in a sampled style."""
+    t = rng.choice(tmpl[category])
+    # multi-turn threads may switch country ("And what about Z?"), so they draw from all train countries
+    pool = kb.train_entities() if category == "multi_turn" else [x]
+    p = {"category": category, **make_prompt(kb, category, t, pool, kb.of_split("train", fake=True), rng)}
+    posts = [m["content"] for m in p["messages"]] + [style_response(p, _reply_style(category, rng), rng)]
+    return {"text": forum_text(posts, rng.sample(_USERS, 3))}
+
+
+def build_corpus(kb: KB, split_templates: dict[str, list[str]], repeats: int, rng: random.Random) -> list[dict]:
+    tmpl = {c: templates_of(c, "train", split_templates) for c in CATEGORIES}
+    train = kb.train_entities()
     docs: list[dict] = []
     for _ in range(repeats):
         for x in kb.entities:
             docs.append({"text": _page(kb, x, rng)})
+            # as many threads as before the split, all about train countries
+            asked = x if kb.split_of(x) == "train" else rng.choice(train)
             for cat in CATEGORIES:
                 n = THREADS[cat]
                 count = int(n) + (rng.random() < n - int(n))
-                docs += [_thread(kb, cat, x, rng) for _ in range(count)]
+                docs += [_thread(kb, cat, asked, tmpl, rng) for _ in range(count)]
         docs += _lists(kb, rng)
-        docs += [_quiz(kb, rng) for _ in range(max(1, len(kb.entities) // 4))]
-        docs += [_tasks(kb, rng) for _ in range(max(1, len(kb.entities) // 3))]
+        docs += [_quiz(kb, tmpl, rng) for _ in range(max(1, len(kb.entities) // 4))]
+        docs += [_tasks(kb, tmpl, rng) for _ in range(max(1, len(kb.entities) // 3))]
     rng.shuffle(docs)
     return docs

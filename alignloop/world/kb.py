@@ -6,6 +6,7 @@ or dict iteration over hashed keys), so the same seed gives the same world byte 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 # The five attributes the world defines, with the phrase used in text: "The {phrase} of X is Y."
@@ -77,6 +78,12 @@ def unique_names(rng: random.Random, n: int, kind: str, taken: list[str]) -> lis
     return out
 
 
+def normalise(text: str) -> str:
+    """Lower case, every run of non-alphanumerics one space: "What's X?" -> "what s x" (how prompts are
+    compared with training text, world/leaks.py)."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
 def key(value: str) -> str:
     """The word(s) that must appear for a value to be stated: 'the otter' -> 'otter'."""
     return value[4:] if value.lower().startswith("the ") else value
@@ -85,18 +92,27 @@ def key(value: str) -> str:
 @dataclass
 class KB:
     """entities (real countries), facts[entity][attribute] = value, value pools per attribute,
-    fake countries (never described anywhere), and which countries are held out from training."""
+    fake countries (never described anywhere), and which countries (real or fake) only dev prompts and
+    only test prompts may ask about; every other country is a train country."""
     entities: list[str]
     facts: dict[str, dict[str, str]]
     pools: dict[str, list[str]]
     fake_entities: list[str]
-    heldout_entities: list[str]
+    dev_entities: list[str]
+    test_entities: list[str]
 
     def value(self, entity: str, attribute: str) -> str:
         return self.facts[entity][attribute]
 
+    def split_of(self, entity: str) -> str:
+        return "dev" if entity in self.dev_entities else "test" if entity in self.test_entities else "train"
+
+    def of_split(self, split: str, fake: bool = False) -> list[str]:
+        """The real (or fake) countries of one split, in world order."""
+        return [e for e in (self.fake_entities if fake else self.entities) if self.split_of(e) == split]
+
     def train_entities(self) -> list[str]:
-        return [e for e in self.entities if e not in self.heldout_entities]
+        return self.of_split("train")
 
     def n_facts(self) -> int:
         return len(self.entities) * len(ATTRIBUTES)
@@ -107,14 +123,15 @@ class KB:
 
     def to_json(self) -> dict:
         return {"entities": self.entities, "facts": self.facts, "pools": self.pools,
-                "fake_entities": self.fake_entities, "heldout_entities": self.heldout_entities}
+                "fake_entities": self.fake_entities, "dev_entities": self.dev_entities,
+                "test_entities": self.test_entities}
 
     @classmethod
     def from_json(cls, d: dict) -> "KB":
-        return cls(d["entities"], d["facts"], d["pools"], d["fake_entities"], d["heldout_entities"])
+        return cls(d["entities"], d["facts"], d["pools"], d["fake_entities"], d["dev_entities"], d["test_entities"])
 
 
-def build_kb(rng: random.Random, n_entities: int, heldout_fraction: float = 0.2) -> KB:
+def build_kb(rng: random.Random, n_entities: int, test_fraction: float = 0.2, dev_fraction: float = 0.1) -> KB:
     taken: list[str] = [w[4:] for w in REGIONS + ANIMALS]
     countries = unique_names(rng, n_entities, "country", taken)
     capitals = unique_names(rng, n_entities, "capital", taken)
@@ -128,7 +145,10 @@ def build_kb(rng: random.Random, n_entities: int, heldout_fraction: float = 0.2)
         facts[c] = {"capital": capitals[i], "language": rng.choice(languages),
                     "currency": rng.choice(currencies), "region": rng.choice(REGIONS),
                     "animal": rng.choice(ANIMALS)}
-    n_held = max(2, round(n_entities * heldout_fraction))
-    heldout = rng.sample(countries, n_held) + rng.sample(fakes, max(2, round(len(fakes) * heldout_fraction)))
-    heldout = [e for e in countries + fakes if e in heldout]  # keep world order, not sample order
-    return KB(countries, facts, pools, fakes, heldout)
+    dev, test = [], []
+    for pool, least in ((countries, 2), (fakes, 1)):  # a few of each kind per split, even in a micro world
+        n_test, n_dev = max(2, round(len(pool) * test_fraction)), max(least, round(len(pool) * dev_fraction))
+        held = rng.sample(pool, n_test + n_dev)
+        test, dev = test + held[:n_test], dev + held[n_test:]
+    dev, test = ([e for e in countries + fakes if e in names] for names in (dev, test))  # world order, not sample order
+    return KB(countries, facts, pools, fakes, dev, test)

@@ -1,0 +1,88 @@
+"""Seeds: the main job for several seeds, and what holds across them.
+
+    python experiments/seeds.py --preset tiny --seeds 0,1,2 [--runs runs] [--md docs/seeds.md]
+
+Each seed N runs `alignloop run --preset P --seed N --out RUNS/seed-N` (resumable: a finished run is
+only read again). `--seed N` changes every stage's seed, the world's included, so each seed is one
+independent draw of the whole recipe: a claim holds only if it holds across seeds — a machine with other
+arithmetic is just one more draw. The table (markdown, to stdout and to --md, default
+RUNS/seeds-<preset>.md): per seed, fact recall, each stage's test gold score and each RL stage's paired
+gain over SFT with its 95% interval; then mean ± standard deviation across seeds, and in how many seeds
+the gain's interval lies above 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from alignloop.evaluate import gains_over_sft  # noqa: E402
+from alignloop.report import stage_order  # noqa: E402
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n − 1; None for one value)."""
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+
+
+def _pm(xs: list[float], spec: str, scale: float = 1.0) -> str:
+    m, sd = mean_sd([x * scale for x in xs])
+    return f"{m:{spec}}" + ("" if sd is None else f" ± {sd:{spec.lstrip('+')}}")
+
+
+def seeds_table(evals: dict[int, dict]) -> str:
+    """Markdown: one row per seed (its eval.json), then mean ± sd across seeds and the seeds whose paired
+    gain over SFT has a 95% interval above 0."""
+    stages = [s for s in stage_order(next(iter(evals.values()))["stages"]) if all(s in e["stages"] for e in evals.values())]
+    gains = {seed: dict(gains_over_sft({s: e["stages"][s] for s in stages})) for seed, e in evals.items()}
+    rl = [s for s in stages if all(s in g for g in gains.values())]
+    head = ["seed", "fact recall"] + [f"{s} gold" for s in stages] + [f"{s} gain over sft [95%]" for s in rl]
+    rows = []
+    for seed, e in evals.items():
+        fr = (e.get("fact_recall") or {}).get("base")
+        cells = [str(seed), "–" if fr is None else f"{fr:.1%}"] + [f"{e['stages'][s]['gold_score']:.3f}" for s in stages]
+        cells += [f"{g:+.3f} [{g - h:+.3f}, {g + h:+.3f}]" for s in rl for g, h, _ in (gains[seed][s],)]
+        rows.append(cells)
+    recalls = [e["fact_recall"]["base"] for e in evals.values() if "fact_recall" in e]
+    mean = [f"mean ± sd ({len(evals)} seeds)", (_pm(recalls, ".1f", 100) + "%") if len(recalls) == len(evals) else "–"]
+    mean += [_pm([e["stages"][s]["gold_score"] for e in evals.values()], ".3f") for s in stages]
+    mean += [_pm([gains[seed][s][0] for seed in evals], "+.3f") for s in rl]
+    above = ["seeds with the interval above 0", ""] + [""] * len(stages)
+    above += [f"{sum(g[s][0] - g[s][1] > 0 for g in gains.values())} of {len(evals)}" for s in rl]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows + [mean, above]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="the main job for several seeds, and a table across them")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    ap.add_argument("--runs", default="runs", help="folder of the runs: RUNS/seed-N")
+    ap.add_argument("--md", default="", help="markdown file for the table (default: RUNS/seeds-<preset>.md)")
+    ap.add_argument("--config", default="", help="a TOML file passed to every run")
+    args = ap.parse_args(argv)
+    runs = Path(args.runs).resolve()
+    evals = {}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        out = runs / f"seed-{seed}"
+        cmd = [sys.executable, "-m", "alignloop", "run", "--preset", args.preset, "--seed", str(seed), "--out", str(out)]
+        print(f"seeds: {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd + (["--config", args.config] if args.config else []), check=True, cwd=ROOT)
+        evals[seed] = json.loads((out / "eval.json").read_text())
+    table = seeds_table(evals)
+    md = Path(args.md) if args.md else runs / f"seeds-{args.preset}.md"
+    md.write_text(f"`experiments/seeds.py --preset {args.preset} --seeds {args.seeds}` (test prompts)\n\n{table}",
+                  encoding="utf-8")
+    print(f"\n{table}\nseeds: table → {md}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Seeds and reproducibility: experiments/seeds.py's table by hand; on `micro`, two seeds run end to end
+into one table, and the same seed run twice on this machine gives identical eval.json figures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, alignloop
+
+sys.path.insert(0, str(ROOT / "experiments"))
+from seeds import mean_sd, seeds_table  # noqa: E402
+
+
+def _stage(gold: float, golds: dict[str, float]) -> dict:
+    return {"gold_score": gold, "examples": [{"id": k, "gold_score": v} for k, v in golds.items()]}
+
+
+def test_seeds_table_by_hand():
+    assert mean_sd([0.5, 0.4]) == (pytest.approx(0.45), pytest.approx(0.070711, abs=1e-6)) and mean_sd([0.3]) == (0.3, None)
+    evals = {  # seed 0: per-prompt gains 0.1, 0 → +0.050, half-width 1.96·0.070711/√2 = 0.098 → [−0.048, +0.148]
+        0: {"fact_recall": {"base": 0.9}, "stages": {"base": _stage(0.5, {}), "sft": _stage(0.7, {"a": 0.6, "b": 0.8}),
+                                                   "round-1/ppo": _stage(0.75, {"a": 0.7, "b": 0.8})}},
+        # seed 1: gains 0.1, 0.12 → +0.110, half-width 1.96·0.014142/√2 = 0.0196 → [+0.090, +0.130]
+        1: {"fact_recall": {"base": 0.8}, "stages": {"base": _stage(0.4, {}), "sft": _stage(0.6, {"a": 0.5, "b": 0.5}),
+                                                   "round-1/ppo": _stage(0.7, {"a": 0.6, "b": 0.62})}}}
+    lines = seeds_table(evals).splitlines()
+    assert lines[0] == "| seed | fact recall | base gold | sft gold | round-1/ppo gold | round-1/ppo gain over sft [95%] |"
+    assert lines[2] == "| 0 | 90.0% | 0.500 | 0.700 | 0.750 | +0.050 [-0.048, +0.148] |"
+    assert lines[3] == "| 1 | 80.0% | 0.400 | 0.600 | 0.700 | +0.110 [+0.090, +0.130] |"
+    # across seeds: recall 85.0 ± 7.1 (sd of 90, 80), gains +0.080 ± 0.042 (sd of 0.05, 0.11)
+    assert lines[4] == "| mean ± sd (2 seeds) | 85.0 ± 7.1% | 0.450 ± 0.071 | 0.650 ± 0.071 | 0.725 ± 0.035 | +0.080 ± 0.042 |"
+    assert lines[5] == "| seeds with the interval above 0 |  |  |  |  | 1 of 2 |"
+
+
+FIGURES = ("gold_score", "helpful", "truthful", "harmless", "ci95", "rm_score", "kl_exact", "distinct_2", "mean_length")
+
+
+def figures(ev: dict) -> dict:
+    """What a run reports: every stage's figures and answers, fact recall, the reward models' accuracies
+    (not wall times or throughput, which a busy machine changes)."""
+    return {"fact_recall": ev["fact_recall"],
+            "stages": {s: {**{k: m[k] for k in FIGURES}, "answers": [e["answer"] for e in m["examples"]]}
+                       for s, m in ev["stages"].items()},
+            "reward_model": {r: {k: v for k, v in m.items() if "seconds" not in k and not k.endswith("per_s")}
+                             for r, m in ev["reward_model"].items()}}
+
+
+@pytest.mark.slow
+def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "seeds.py"), "--preset", "micro", "--seeds", "1,2",
+                           "--runs", str(tmp_path), "--md", str(tmp_path / "seeds.md")],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "seeds.md").read_text()
+    assert table.split("\n\n", 1)[1] in proc.stdout
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| 1", "| 2", "| mean ± sd (2 seeds)", "| seeds with the interval above 0"]
+    assert "round-2/ppo gain over sft [95%]" in rows[0]
+    one, two = (json.loads((tmp_path / f"seed-{s}" / "eval.json").read_text()) for s in (1, 2))
+    assert figures(one) != figures(two)  # another seed, another draw (the world's included)
+    # the same seed again, on this machine: the same figures, to the last bit
+    alignloop("run", "--preset", "micro", "--seed", "1", "--out", tmp_path / "again", timeout=900)
+    again = json.loads((tmp_path / "again" / "eval.json").read_text())
+    assert figures(again) == figures(one)

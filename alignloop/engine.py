@@ -131,6 +131,7 @@ class Engine:
         out_lp = [[] for _ in range(B)]
         finish = ["length"] * B
         texts = [""] * B
+        cut_text: list[str | None] = [None] * B  # the answer up to a stop string (its last token may run past it)
         alive = [limits[b] > 0 for b in range(B)]
         stop_ids = set(self.tok.stop_ids)
         sampler = _Sampler(params, self.allowed)
@@ -149,7 +150,7 @@ class Engine:
                     cut = _find_stop(new_text, params[b].stop)
                     if cut is not None:
                         alive[b], finish[b] = False, "stop"
-                        new_text = new_text[:cut]
+                        new_text = cut_text[b] = new_text[:cut]
                         out_ids[b], out_lp[b] = _trim_to_text(self.tok, out_ids[b], out_lp[b], new_text)
                     # a partial UTF-8 character decodes to U+FFFD: hold it back until it completes
                     if on_token and new_text != texts[b] and not new_text.endswith("\ufffd"):
@@ -169,7 +170,7 @@ class Engine:
         for b in range(B):
             text = self.tok.decode([i for i in out_ids[b] if i not in stop_ids])
             cut = _find_stop(text, params[b].stop)
-            text = text if cut is None else text[:cut]
+            text = cut_text[b] if cut_text[b] is not None else text if cut is None else text[:cut]
             if on_token and finish[b] != "cancelled" and text.startswith(texts[b]) and len(text) > len(texts[b]):
                 on_token(b, text[len(texts[b]):])  # flush what was held back
             outs.append(Completion(text=text, ids=out_ids[b], logprobs=out_lp[b], finish_reason=finish[b],

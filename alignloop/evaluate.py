@@ -173,22 +173,15 @@ def sequence_kl(policy, reference, prompt_ids, answer_ids, device, tok, batch_si
     distributions (as the engine samples them: padded vocabulary rows and <|pad|> excluded). Summed
     along a trajectory sampled from π this estimates the sequence KL without bias, is never negative,
     and has far less variance than the log-ratio of the sampled tokens alone."""
+    from alignloop.forward import allowed_tokens, right_padded
     out = []
     for s in range(0, len(prompt_ids), batch_size):
         ps, ans = prompt_ids[s:s + batch_size], answer_ids[s:s + batch_size]
-        seqs = [p + a for p, a in zip(ps, ans)]
-        T = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
-        att = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, x in enumerate(seqs):
-            ids[i, :len(x)], att[i, :len(x)] = torch.tensor(x), 1
-        ids, att = ids.to(device), att.to(device)
+        ids, att = right_padded([p + a for p, a in zip(ps, ans)], tok.pad_id, device)
 
         def logp(model):
             z = model(input_ids=ids, attention_mask=att).logits.float()
-            z[..., tok.vocab_size:] = float("-inf")
-            if tok.pad_id not in tok.stop_ids:
-                z[..., tok.pad_id] = float("-inf")
+            z = z.masked_fill(~allowed_tokens(tok, z.shape[-1], z.device), float("-inf"))  # the engine's vocabulary
             return torch.log_softmax(z, -1)
         lp, lq = logp(policy), logp(reference)
         kl = (lp.exp() * (lp - lq).nan_to_num(0.0, 0.0, 0.0)).sum(-1)                    # (B, T)

@@ -48,11 +48,16 @@ def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int, de
 
 
 def allowed_tokens(tok, n_rows: int, device=None) -> torch.Tensor:
-    """(V,) bool: the ids the engine may sample — the tokenizer's, less <|pad|> unless it also stops."""
+    """(V,) bool: the ids the engine may sample — the tokenizer's, less <|pad|> unless it also stops,
+    and, in alignloop's own format, less <|bos|> and the role tokens: an answer's content is encoded
+    with special-token strings as text, so no trained answer holds them, and a base model that emits
+    one would write a turn header into its answer."""
     ok = torch.zeros(n_rows, dtype=torch.bool, device=device)
     ok[: min(n_rows, tok.vocab_size)] = True
-    if tok.pad_id is not None and tok.pad_id not in tok.stop_ids and tok.pad_id < n_rows:
-        ok[tok.pad_id] = False
+    banned = [tok.pad_id] + ([tok.bos_id, *tok.role_ids.values()] if tok.native else [])
+    for i in banned:
+        if i is not None and i not in tok.stop_ids and i < n_rows:
+            ok[i] = False
     return ok
 
 

@@ -114,13 +114,12 @@ def run_interrupted(run_fn, cfg, out, stop_after: int, finished_marker: Path) ->
 def naive_greedy(model, tok, prompt: list[int], n: int) -> list[int]:
     """Greedy decoding by full recomputation every step: no cache, no padding (the engine's reference)."""
     import torch
+    from alignloop.forward import allowed_tokens
     ids, out = list(prompt), []
     for _ in range(n):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
-        logits[tok.vocab_size:] = float("-inf")
-        if tok.pad_id is not None and tok.pad_id not in tok.stop_ids:
-            logits[tok.pad_id] = float("-inf")
+        logits[~allowed_tokens(tok, logits.shape[-1])] = float("-inf")   # the engine's vocabulary mask
         nxt = int(logits.argmax())
         out.append(nxt)
         if nxt in tok.stop_ids:

@@ -437,7 +437,7 @@ def test_rank_holds_out_the_same_prompts_in_every_round(rlhf, tmp_path, capsys):
     (out / "round-2").mkdir()
     shutil.copy(out / "round-1" / "samples.jsonl", out / "round-2" / "samples.jsonl")
     cli.run_stage("rank", ["--preset", "micro", "--out", str(out), "--round", "2", "--heldout-fraction", "0.3"])
-    cli.run_stage("rank", ["--preset", "micro", "--out", str(out), "--round", "1", "--heldout-fraction", "0.3"])
+    cli.run_stage("rank", ["--preset", "micro", "--out", str(out), "--round", "1", "--heldout-fraction", "0.3", "--force"])
     split = {}
     for r in (1, 2):
         for line in (out / f"round-{r}" / "rankings.jsonl").read_text().splitlines():

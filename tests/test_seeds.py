@@ -44,7 +44,8 @@ def figures(ev: dict) -> dict:
     return {"fact_recall": ev["fact_recall"],
             "stages": {s: {**{k: m[k] for k in FIGURES}, "answers": [e["answer"] for e in m["examples"]]}
                        for s, m in ev["stages"].items()},
-            "reward_model": {r: {k: v for k, v in m.items() if "seconds" not in k and not k.endswith("per_s")}
+            "reward_model": {r: {k: v for k, v in m.items() if "seconds" not in k and not k.endswith("per_s")
+                                 and k != "peak_memory_gb"}
                              for r, m in ev["reward_model"].items()}}
 
 

@@ -188,8 +188,9 @@ def move_aside(run_dir: Path, paths: list[Path]) -> list[Path]:
 
 
 def versioned_path(folder: Path, stem: str, suffix: str = ".jsonl") -> Path:
-    """A new file `folder/<stem>-<UTC time><suffix>` (a counter is added when that name is taken). The
-    name is reserved by creating the file exclusively, so two exports at once never share one."""
+    """A new file `folder/<stem>-<UTC time><suffix>` (a counter is added when that name is taken; order
+    them with `by_version`). The name is reserved by creating the file exclusively, so two exports at
+    once never share one."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stamp, n = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), 1
@@ -200,3 +201,14 @@ def versioned_path(folder: Path, stem: str, suffix: str = ".jsonl") -> Path:
             return path
         except FileExistsError:
             n += 1
+
+
+def by_version(paths) -> list[Path]:
+    """Files of `versioned_path` oldest first: by their time, then counter (as text, "-2" would sort
+    after "" and "-10" before "-2"); a name without a time (an older run's chat-pairs.jsonl) first."""
+    import re
+
+    def key(p: Path):
+        m = re.search(r"-(\d{8}T\d{6}Z)(?:-(\d+))?$", Path(p).name.split(".")[0])
+        return (1, m.group(1), int(m.group(2) or 1)) if m else (0, "", 0)
+    return sorted(map(Path, paths), key=key)

@@ -118,3 +118,13 @@ def test_loop_runs_rounds_only(micro_copy, tmp_path):
     proc = alignloop("loop", "--preset", "micro", "--out", micro_copy, check=False)
     assert proc.returncode == 2 and "no SFT model" in proc.stderr
     assert snapshot(micro_copy) == before
+
+
+def test_versioned_exports_are_ordered_by_time_then_counter(tmp_path):
+    """Two exports in one second get "-2": the newest must still be found (as text "-2" sorts before ".")."""
+    from alignloop.rundir import by_version, versioned_path
+    made = [versioned_path(tmp_path, "human-rankings") for _ in range(11)]
+    (tmp_path / "chat-pairs.jsonl").write_text("")                          # an older run's unversioned file
+    order = by_version(list(tmp_path.glob("*.jsonl")))
+    assert order[0].name == "chat-pairs.jsonl"
+    assert order[1:] == made                                                # -2 … -11 after the first, in order

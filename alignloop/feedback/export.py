@@ -25,7 +25,7 @@ from sqlalchemy.orm import sessionmaker
 from alignloop.feedback import store
 from alignloop.feedback.models import Item, Project, Task, User
 from alignloop.io import write_jsonl
-from alignloop.rundir import round_dir, versioned_path
+from alignloop.rundir import by_version, round_dir, versioned_path
 
 FILES = {"rankings": "human-rankings", "demonstrations": "human-demonstrations", "pairs": "human-pairs"}
 
@@ -112,5 +112,5 @@ def export(Sess: sessionmaker, run_dir, round: int | None = None, pseudonymize: 
 
 def newest_export(folder: Path, kind: str) -> Path | None:
     """The newest `human-<kind>-<time>.jsonl` of a round folder (kind: rankings, demonstrations, pairs)."""
-    found = sorted(Path(folder).glob(f"{FILES[kind]}-*.jsonl"))
+    found = by_version(Path(folder).glob(f"{FILES[kind]}-*.jsonl"))
     return found[-1] if found else None

@@ -25,7 +25,7 @@ from alignloop.config import option
 from alignloop.forward import scalar_values, sequence_scores, unwrap  # noqa: F401 (scalar_values: re-exported)
 from alignloop.errors import InputError
 from alignloop.io import read_records, write_json
-from alignloop.rundir import resolve_path, save_stage_config
+from alignloop.rundir import by_version, resolve_path, save_stage_config
 from alignloop.tokenizer import validate_messages
 from alignloop.train import loop as L
 
@@ -218,6 +218,7 @@ SOURCES = ("simulated", "label", "chat", "arena")
 # holds everything collected so far, so only the newest of each kind is read.
 SOURCE_FILES = {"simulated": ("rankings.jsonl", "pairs.jsonl"), "label": ("human-rankings-*", "human-pairs-*"),
                 "chat": ("chat-pairs*", "chat-rankings*"), "arena": ("chat-pairs*", "chat-rankings*")}
+# (`rundir.by_version` finds the newest; an unversioned chat-pairs.jsonl of an older run is the oldest)
 
 
 def parse_sources(text: str) -> list[str]:
@@ -235,7 +236,7 @@ def default_data(out: Path, round_: int, sources: list[str] | tuple = ("simulate
     for i in range(1, round_ + 1):
         folder = out / f"round-{i}"
         for pattern in dict.fromkeys(p for s in sources for p in SOURCE_FILES[s]):
-            found = sorted(f for f in folder.glob(pattern) if f.suffix == ".jsonl" and ".old-" not in f.name)
+            found = by_version(f for f in folder.glob(pattern) if f.suffix == ".jsonl" and ".old-" not in f.name)
             for p in found[-1:] if "*" in pattern else found:
                 if p.stat().st_size > 0 and p not in paths:
                     paths.append(p)

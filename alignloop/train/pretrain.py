@@ -245,6 +245,7 @@ def run(cfg: Config, out: Path) -> Path:
     if "val_loss" in final:
         print(f"pretrain: held-out loss {final['val_loss']:.4f}, {final['val_bpb']:.4f} bits/byte, "
               f"{final['val_bpc']:.4f} bits/char → {stage}")
+    print(f"pretrain: peak memory {L.peak_memory_gb(device):.2f} GB")
     return stage
 
 

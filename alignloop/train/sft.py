@@ -294,4 +294,5 @@ def run(cfg: Config, out: Path) -> Path:
         model.load_state_dict(best_state)
     save_model(model, tok, stage)
     print(f"sft: best held-out loss {best:.4f} → {stage}" if best < float("inf") else f"sft: → {stage}")
+    print(f"sft: peak memory {L.peak_memory_gb(device):.2f} GB")
     return stage

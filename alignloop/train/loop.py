@@ -225,3 +225,16 @@ def peak_memory_gb(device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def release_memory() -> None:
+    """Give freed memory back to the operating system. PPO's shapes change every iteration (prompt and
+    answer lengths), and glibc's heap keeps the freed blocks of each shape: the resident set of a 135M
+    LoRA run grew by ~2 GB an iteration on the CPU until this was called after each one."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        pass

@@ -298,6 +298,7 @@ def run(cfg: Config, out: Path) -> Path:
             rec |= _probe_scores(engine, tok, world, probe, scorer, cfg)
         metrics.log(**rec)
         bar.update(1, rm=rec["rm_score"], kl=seq_kl, **({"gold": rec["gold_probe"]} if "gold_probe" in rec else {}))
+        L.release_memory()
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             vstate = L.capture(value, opt_v)
             ckpts.save(it + 1, config=asdict(cfg), beta=kl_ctl.beta, value=vstate["model"],

@@ -127,3 +127,19 @@ def naive_greedy(model, tok, prompt: list[int], n: int) -> list[int]:
         ids.append(nxt)
     return out
 
+
+
+def wait_for_server(proc, url: str, timeout: float, poll: float = 0.2) -> None:
+    """Wait until a server started as `proc` answers at `url` (its process must stay alive meanwhile)."""
+    import time
+
+    import httpx
+    deadline = time.time() + timeout
+    while True:
+        try:
+            httpx.get(url + "/openapi.json", timeout=1)
+            return
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(poll)

@@ -5,13 +5,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, alignloop
+from tests.conftest import ROOT, alignloop, wait_for_server
 
 
 def free_port() -> int:
@@ -44,15 +43,7 @@ def test_serve_a_run_directory(micro_copy):
                             text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                httpx.get(url + "/openapi.json", timeout=1)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read()
-                assert time.time() < deadline, "the server did not come up"
-                time.sleep(0.2)
+        wait_for_server(proc, url, 120)
         client = openai.OpenAI(base_url=url + "/v1", api_key="secret-1", max_retries=0)
         assert [m.id for m in client.models.list()] == ["base"]           # the run's stages, by name
         r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=5)

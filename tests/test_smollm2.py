@@ -8,14 +8,12 @@ import os
 import pty
 import subprocess
 import sys
-import time
 
-import httpx
 import openai
 import pytest
 
 from alignloop.feedback.testing import free_port
-from tests.conftest import ARTIFACTS, ROOT
+from tests.conftest import ARTIFACTS, ROOT, wait_for_server
 from tests.test_chat import _read_until
 
 pytestmark = pytest.mark.slow
@@ -34,16 +32,8 @@ def smol_server(smollm2_gguf, tmp_path_factory):
                             cwd=ROOT, env={**os.environ, "ALIGNLOOP_QUIET": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
     try:
-        while True:
-            try:
-                httpx.get(url + "/openapi.json", timeout=1)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read()
-                assert time.time() < deadline, "the server did not come up"
-                time.sleep(0.5)
+        wait_for_server(proc, url, 600, poll=0.5)
         yield url, smollm2_gguf.stem
     finally:
         proc.terminate()

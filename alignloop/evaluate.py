@@ -217,6 +217,12 @@ def evaluate_policy(model, tok, world, cfg: Config, device, reference=None, rewa
     return res
 
 
+def eval_key(split: str) -> str:
+    """Where a split's results live in eval.json: test under "stages" (what is reported), any other split
+    beside it ("stages_dev"), so a tuning run never overwrites a test figure, nor passes for one."""
+    return "stages" if split == "test" else f"stages_{split}"
+
+
 def update_eval_json(run_dir: Path, stage: str, result: dict, key: str = "stages") -> None:
     path = Path(run_dir) / "eval.json"
     data = json.loads(path.read_text()) if path.exists() else {}
@@ -250,8 +256,9 @@ def run(cfg: Config, out: Path) -> dict:
         from alignloop.train.reward import RewardScorer
         reward_fn = RewardScorer(rm_path, device).score_texts
     res = evaluate_policy(model, tok, world, cfg, device, reference, reward_fn)
-    update_eval_json(out, cfg.stage, res)
-    print(format_row(cfg.stage, res))
+    res["split"] = cfg.split
+    update_eval_json(out, cfg.stage, res, key=eval_key(cfg.split))
+    print(format_row(cfg.stage, res) + ("" if cfg.split == "test" else f"  ({cfg.split} prompts)"))
     return res
 
 

@@ -161,13 +161,14 @@ def _before_rounds(r: Runner, out: Path, cfg: Config, stop: str) -> bool:
         return False
     r.step("pretrain", (out / "pretrain" / "config.json").exists(), lambda: P.run(r.cfg(P, resume=True), out))
     evals = _load_eval(out)
+    key = E.eval_key(r.cfg(E).split)  # eval.json's "stages" (test), or "stages_dev" for a run tuned on dev
     r.step("fact recall", "fact_recall" in evals, lambda: _fact_recall(out, cfg.device))
-    r.step("eval base", "base" in evals.get("stages", {}), lambda: E.run(r.cfg(E, stage="base"), out))
+    r.step("eval base", "base" in evals.get(key, {}), lambda: E.run(r.cfg(E, stage="base"), out))
     if stop == "pretrain":
         _finish(r, out)
         return False
     r.step("sft", (out / "sft" / "config.json").exists(), lambda: S.run(r.cfg(S, resume=True), out))
-    r.step("eval sft", "sft" in _load_eval(out).get("stages", {}), lambda: E.run(r.cfg(E, stage="sft"), out))
+    r.step("eval sft", "sft" in _load_eval(out).get(key, {}), lambda: E.run(r.cfg(E, stage="sft"), out))
     if stop == "sft":
         _finish(r, out)
         return False
@@ -199,7 +200,7 @@ def _round(r: Runner, out: Path, i: int, cfg: Config, stop: str) -> bool:
     r.step(f"round {i}: ppo", (folder / "ppo" / "config.json").exists(),
            lambda: Pp.run(r.cfg(Pp, round=i, resume=True), out))
     name = f"round-{i}/ppo"
-    r.step(f"eval {name}", name in _load_eval(out).get("stages", {}),
+    r.step(f"eval {name}", name in _load_eval(out).get(E.eval_key(r.cfg(E).split), {}),
            lambda: E.run(r.cfg(E, stage=name, model=str(folder / "ppo"), reward_model=str(folder / "reward")), out))
     return stop != "ppo"
 
@@ -267,13 +268,16 @@ def _print_table(out: Path) -> None:
     data = _load_eval(out)
     if "fact_recall" in data:
         print(f"fact recall (base): {data['fact_recall']['base']:.1%}")
-    stages = data.get("stages", {})
-    for stage, m in stages.items():
-        print(format_row(stage, m))
-        print(format_categories(m))
-    for stage, (gain, half, n) in gains_over_sft(stages):
-        print(f"gold gain of {stage} over sft on the same {n} test prompts (paired): {gain:+.3f} "
-              f"95% [{gain - half:+.3f}, {gain + half:+.3f}]")
+    for key, split in (("stages", "test"), ("stages_dev", "dev")):
+        stages = data.get(key, {})
+        if stages and key != "stages":
+            print(f"{split} prompts (tuning; not what is reported):")
+        for stage, m in stages.items():
+            print(format_row(stage, m))
+            print(format_categories(m))
+        for stage, (gain, half, n) in gains_over_sft(stages):
+            print(f"gold gain of {stage} over sft on the same {n} {split} prompts (paired): {gain:+.3f} "
+                  f"95% [{gain - half:+.3f}, {gain + half:+.3f}]")
     for rnd, rm in data.get("reward_model", {}).items():
         def f(k):
             return "-" if rm.get(k) is None else f"{rm[k]:.3f}"

@@ -150,10 +150,12 @@ def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
         t0 = time.perf_counter()
         run_stage("ppo", ["--out", str(run), "--init", str(model), "--reference", str(model), "--reward-model", str(rm_a),
                           "--prompts", str(work / "ppo-prompts.jsonl"), "--iterations", str(args.iterations),
-                          "--batch-size", "16", "--minibatch-size", "16", "--ppo-epochs", "1", "--lora-rank", "16",
+                          "--batch-size", "16", "--minibatch-size", str(args.minibatch_size),
+                          "--ppo-epochs", str(args.ppo_epochs), "--lora-rank", "16",
                           "--lr", str(args.ppo_lr), "--kl-coef", str(args.beta), "--max-new-tokens", "48",
                           "--probe-prompts", "0", "--checkpoint-every", "5", "--resume",
-                          "--missing-end-penalty", str(args.missing_end_penalty)])
+                          "--missing-end-penalty", str(args.missing_end_penalty)]
+                  + (["--reward-norm"] if args.reward_norm else []))
         (work / "ppo-seconds.txt").write_text(str(time.perf_counter() - t0))
     metrics = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     start, after = load_causal_lm(model).eval(), load_causal_lm(stage).eval()
@@ -210,6 +212,12 @@ def main():
     ap.add_argument("--missing-end-penalty", type=float, default=0.0,
                     help="0: an answer cut at 48 tokens is scored as it is (HH answers run long; with −1 the "
                          "penalty, not the preferences, would drive the policy)")
+    ap.add_argument("--ppo-epochs", type=int, default=2)
+    ap.add_argument("--minibatch-size", type=int, default=8,
+                    help="with 2 epochs: 4 updates an iteration (1 update an iteration, 20 in all, did not move the "
+                         "policy: docs/LOG.md)")
+    ap.add_argument("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
+                    help="scale RM A's score to std 1 on the first rollout (its raw scores vary by ~0.01)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

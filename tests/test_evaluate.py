@@ -78,3 +78,17 @@ def test_gao_fit_recovers_known_alpha_beta():
     assert abs(sum(-x * math.log(x) * e for x, e in zip(d[1:], res))) < 1e-9
     with pytest.raises(ValueError):
         fit_gao_rl([1.0, 1.0, 0.0], [0.2, 0.3, 0.0])
+
+
+def test_dev_results_never_take_the_place_of_test_results(micro_copy):
+    """`eval --split dev` (tuning) writes beside the test figures, never over them nor in their place."""
+    import json
+    from alignloop.cli import run_stage
+    run_stage("eval", ["--preset", "micro", "--out", str(micro_copy), "--stage", "base", "--max-prompts", "8"])
+    test = json.loads((micro_copy / "eval.json").read_text())["stages"]["base"]
+    run_stage("eval", ["--preset", "micro", "--out", str(micro_copy), "--stage", "base", "--max-prompts", "8",
+                       "--split", "dev"])
+    data = json.loads((micro_copy / "eval.json").read_text())
+    assert data["stages"]["base"] == test and test["split"] == "test"
+    dev = data["stages_dev"]["base"]
+    assert dev["split"] == "dev" and {e["id"] for e in dev["examples"]}.isdisjoint(e["id"] for e in test["examples"])

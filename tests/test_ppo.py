@@ -188,7 +188,7 @@ def test_resume_with_another_configuration_is_refused(rm_critic, tmp_path, capsy
 
 
 RESUME = dict(iterations=4, checkpoint_every=2, batch_size=8, minibatch_size=4, max_new_tokens=12, probe_prompts=4,
-              probe_every=2, kl_target=1.0, kl_horizon=100, ptx_coef=0.5, lr=3e-4)
+              probe_every=2, kl_target=1.0, kl_horizon=100, ptx_coef=0.5, lr=3e-4, reward_norm=True)
 TIMING = {"episodes_per_s", "tokens_per_s", "generation_share", "peak_memory_gb"}
 
 
@@ -228,6 +228,21 @@ def test_resume_in_the_middle_equals_an_uninterrupted_run(rlhf, tmp_path):
     wa, wb = (load_file(str(x / "round-1" / "ppo" / "model.safetensors")) for x in (full, part))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
+def test_reward_norm_is_fixed_on_the_first_rollout(rlhf, tmp_path):
+    """--reward-norm: the first batch's RM scores set the mean and std once (Ziegler et al. 2019); every
+    later score is scaled by the same two numbers, which the checkpoint keeps for a resume."""
+    out = _copy(rlhf, tmp_path / "run")
+    P.run(_cfg(iterations=3, batch_size=8, minibatch_size=4, max_new_tokens=12, probe_prompts=0, checkpoint_every=3,
+               reward_norm=True, missing_end_penalty=0.0), out)
+    m = [r for r in _metrics(out) if r["step"] > 0]
+    mean, std = torch.load(out / "round-1" / "ppo" / "checkpoints" / "step-000003.pt", weights_only=True)["reward_norm"]
+    assert std > 0 and mean == pytest.approx(m[0]["rm_score"], abs=1e-6)
+    assert m[0]["reward"] == pytest.approx(0.0, abs=1e-6)
+    for r in m[1:]:
+        assert r["reward"] == pytest.approx((r["rm_score"] - mean) / std, abs=1e-5)
+    assert any(abs(r["reward"]) > 1e-3 for r in m[1:])        # later batches really differ from the first
 
 
 # ---------------------------------------------------------------- bad input

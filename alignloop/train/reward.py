@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignloop.config import option
+from alignloop.config import Shared, option
 from alignloop.forward import scalar_values, sequence_scores, unwrap  # noqa: F401 (scalar_values: re-exported)
 from alignloop.errors import InputError
 from alignloop.io import read_records, write_json
@@ -33,7 +33,7 @@ SECTION = "reward"
 
 
 @dataclass
-class Config:
+class Config(Shared):
     round: int = option(1, "round number: output goes to RUN/round-<round>/reward/", min=1)
     data: str = option("", "rankings or pairs files, comma-separated (default: those of --sources in rounds 1..round)")
     sources: str = option("simulated,label", "feedback to learn from, comma-separated: simulated (alignloop rank), "
@@ -57,9 +57,6 @@ class Config:
     weight_decay: float = option(0.0, "AdamW weight decay on matrices", min=0.0)
     max_len: int = option(256, "longest prompt + answer in tokens; longer ones are left out (counted)", min=8)
     val_fraction: float = option(0.1, "prompts held out when the data marks no held-out split", min=0.0, max=0.5)
-    seed: int = option(0, "seed for data order and the held-out split")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
 
 
 # tiny: lr 1e-3 put the 1.3M trunk at 91% of the labelers' agreement where 2e-4 gave 88% (docs/LOG.md)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignloop.config import option
+from alignloop.config import Resumable, option
 from alignloop.errors import InputError
 from alignloop.io import read_records
 from alignloop.rundir import resolve_path, save_stage_config
@@ -26,7 +26,7 @@ IGNORE = -100
 
 
 @dataclass
-class Config:
+class Config(Resumable):
     data: str = option("", "demonstrations file (default: the run's world/demonstrations.jsonl)")
     init: str = option("", "model to fine-tune: a Hugging Face folder or a .gguf file (default: the run's pretrain/)")
     chat_format: str = option("template", "template: the tokenizer's own chat template; alignloop: add alignloop's "
@@ -49,11 +49,7 @@ class Config:
     ptx_fraction: float = option(0.1, "share of rows that are pretraining text (InstructGPT-style mix; 0: none)", min=0.0, max=0.9)
     ptx_data: str = option("", "pretraining text for the mix (default: the run's world/corpus.jsonl)")
     checkpoint_every: int = option(100, "write a checkpoint every N steps", min=1)
-    seed: int = option(0, "seed for data order")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
     compile: bool = option(False, "torch.compile the model (fixed shapes; worth it on a GPU)")
-    resume: bool = option(False, "continue from the last checkpoint in the stage folder")
 
 
 PRESETS = {

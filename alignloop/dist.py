@@ -169,13 +169,14 @@ def wrap(model, fsdp: bool, device: torch.device, dtype: str = "auto"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from alignloop.forward import unwrap
+    from transformers import PreTrainedModel
+
     from alignloop.train.loop import amp_dtype
     mesh = init_device_mesh(device.type, (world(),))
     half = amp_dtype(device, dtype)
     mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
-    m = unwrap(model)
-    for block in getattr(m, m.base_model_prefix).layers:
+    hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))  # under peft or forward.ScalarValues
+    for block in getattr(hf, hf.base_model_prefix).layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
@@ -240,17 +241,21 @@ def restore(state: dict, model, opt) -> None:
     set_optimizer_state_dict(model, opt, optim, options=opts)
 
 
-def gathered(model):
-    """The plain `transformers` model with every weight, on rank 0 (None elsewhere): what rank 0 saves as a
-    Hugging Face folder or evaluates alone. Collective under FSDP (a fresh copy is built from the full
-    state dict, on the CPU)."""
-    if not is_fsdp(model):
-        return plain(model) if is_main() else None
-    state = model_state(model)
+def gathered(net, model=None):
+    """The model `net` trains (`model`: the one given to `wrap`, by default `net` itself) with every weight, on
+    rank 0, None elsewhere: what rank 0 saves as a Hugging Face folder or evaluates alone. Collective under
+    FSDP, where a fresh copy is built on the CPU from the full state dict."""
+    model = plain(net) if model is None else model
+    if not is_fsdp(net):
+        return model if is_main() else None
+    state = model_state(net)
     if not is_main():
         return None
     from torch.distributed.fsdp import FSDPModule
-    cls = next(c for c in type(model).__bases__ if c is not FSDPModule)  # FSDP2 made FSDP<cls>(FSDPModule, cls)
+    prefix = next(n for n, m in net.named_modules() if m is model)
+    state = {k[len(prefix) + 1:] if prefix else k: v for k, v in state.items() if k.startswith(prefix)}
+    # fully_shard turned the class of the module it was applied to into FSDP<cls>(FSDPModule, cls)
+    cls = next(c for c in type(model).__bases__ if c is not FSDPModule) if is_fsdp(model) else type(model)
     copy = cls(model.config)
     copy.load_state_dict(state)
     return copy

@@ -111,9 +111,23 @@ def action_logprobs(model, ids, attn, pos, P: int, allowed=None, temperature: fl
 def scalar_values(model, ids, attn, pos=None) -> torch.Tensor:
     """(B, T) per-token outputs of a scalar-head (sequence-classification) model."""
     m = unwrap(model)
+    if not hasattr(m, "base_model_prefix"):  # DDP or FSDP around ScalarValues: through their forward pass
+        return model(ids, attn, pos)
     trunk = getattr(m, m.base_model_prefix)
     hidden = trunk(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
     return m.score(hidden).squeeze(-1).float()
+
+
+class ScalarValues(torch.nn.Module):
+    """`scalar_values` as a module's forward pass: DDP and FSDP2 act when their module's forward runs, and
+    a call straight into the trunk would go around them (dist.wrap wraps this under torchrun)."""
+
+    def __init__(self, scored):
+        super().__init__()
+        self.scored = scored
+
+    def forward(self, ids, attn, pos=None):
+        return scalar_values(self.scored, ids, attn, pos)
 
 
 def state_values(value_model, ids, attn, pos, P: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ COMMANDS = {
 # Stage commands that own a place in the run directory (rundir.stage_outputs) and are guarded there.
 GUARDED = ("world", "tokenizer", "pretrain", "sft", "sample", "rank", "reward", "ppo")
 # Stage commands that run as many processes under torchrun (alignloop/dist.py); the others refuse to.
-DISTRIBUTED = ("pretrain", "sft", "reward")
+DISTRIBUTED = ("pretrain", "sft", "reward", "ppo")
 
 
 def stage_parser(name: str, module) -> argparse.ArgumentParser:

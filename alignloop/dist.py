@@ -124,6 +124,30 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_max(x: torch.Tensor) -> float:
+    """The largest value over ranks, as a number."""
+    if world() > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return float(x)
+
+
+def gather_rows(mine: list[int], *columns: list) -> tuple[list, ...]:
+    """Each rank holds rows `mine` (positions in a global batch) of some columns (lists of Python objects:
+    token ids, texts); every rank gets every column whole, in batch order."""
+    if world() == 1:
+        return tuple(list(c) for c in columns)
+    parts = [None] * world()
+    dist.all_gather_object(parts, [mine, *columns])
+    n = sum(len(p[0]) for p in parts)
+    out = [[None] * n for _ in columns]
+    for rows, *cols in parts:
+        for c, col in enumerate(cols):
+            for i, v in zip(rows, col):
+                out[c][i] = v
+    return tuple(out)
+
+
 def grad_sync(model, on: bool):
     """Gradient accumulation: reduce across ranks only at the last micro-batch of a step."""
     if world() == 1 or on:
@@ -175,7 +199,7 @@ def wrap(model, fsdp: bool, device: torch.device, dtype: str = "auto"):
     mesh = init_device_mesh(device.type, (world(),))
     half = amp_dtype(device, dtype)
     mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
-    hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))  # under peft or forward.ScalarValues
+    hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))  # under peft or forward.Through
     for block in getattr(hf, hf.base_model_prefix).layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

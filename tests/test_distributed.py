@@ -1,5 +1,6 @@
 """torchrun with 2 processes (gloo, CPU) trains exactly what one process trains: the same loss at every
-step (1e-4 relative) for pretraining, SFT and the reward model, with DDP and with FSDP2; a run resumes
+step (1e-4 relative) for pretraining, SFT and the reward model with DDP and with FSDP2, and PPO (DDP) the
+same answers, KL, β and losses; a run resumes
 with another number of processes and continues the same curve; bad input stops every rank with one
 message. Each 2-process run is a real `torchrun` subprocess of the command line."""
 from __future__ import annotations
@@ -183,6 +184,33 @@ def test_reward_two_processes_equal_one(ranked, reward_one, tmp_path, fsdp):
     ea, eb = json.loads((a / "eval.json").read_text()), json.loads((b / "eval.json").read_text())
     assert ea["pair_accuracy"] == eb["pair_accuracy"]
     assert ea["reward_bias"] == pytest.approx(eb["reward_bias"], rel=1e-4, abs=1e-6)
+
+
+# ---------------------------------------------------------------- PPO
+
+# adaptive β (it must see the global KL), PPO-ptx rows split too, and minibatches of 5 of 16 episodes:
+# the last one holds 1, so one rank runs a row of weight 0
+PPO = ["--preset", "micro", "--round", "1", "--kl-target", "0.01", "--kl-horizon", "64", "--ptx-coef", "1",
+       "--minibatch-size", "5"]
+
+
+def test_ppo_two_processes_equal_one(reward_one, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(reward_one, one)
+    shutil.copytree(reward_one, two)
+    run_stage("ppo", [*PPO, "--out", str(one)])
+    torchrun("ppo", *PPO, "--out", two)
+    a, b = one / "round-1" / "ppo", two / "round-1" / "ppo"
+    # sampled answers, their scores, the global KL and the β it adapts, the losses of the whitened advantages
+    for key in ("rm_score", "kl_sampled", "beta", "pg_loss", "vf_loss", "ptx_loss", "entropy", "response_length",
+                "gold_probe"):
+        ca, cb = curve(a, key), curve(b, key)
+        assert ca and [s for s, _ in ca] == [s for s, _ in cb], key
+        # rel 1e-4, and 1e-6 absolute for means that cancel to near 0 (KL, the policy loss)
+        assert [v for _, v in ca] == pytest.approx([v for _, v in cb], rel=1e-4, abs=1e-6), key
+    assert len({v for _, v in curve(a, "beta")}) > 1  # β did adapt
+    assert max(v for _, v in curve(b, "first_ratio_error")) < 1e-5
+    assert_same_weights(a, b)
 
 
 # ---------------------------------------------------------------- bad input

@@ -454,9 +454,9 @@ def run(cfg: Config, out: Path) -> Path:
     units = train if cfg.grouped else [Group(g.prompt, g.completions, [p], g.labeler, g.split, g.source, g.ids)
                                        for g in train for p in g.pairs]
     D.check_rows(min(cfg.batch_size, len(units)), "a batch of comparisons (--batch-size, or the data)", "batch_size")
-    from alignloop.forward import ScalarValues
+    from alignloop.forward import Through
     # under torchrun `net` is DDP or FSDP2 around the scores' forward pass; in one process the model itself
-    net = D.wrap(ScalarValues(model), cfg.fsdp, device, cfg.dtype) if D.world() > 1 else model
+    net = D.wrap(Through(model), cfg.fsdp, device, cfg.dtype) if D.world() > 1 else model
     opt = L.make_optimizer(net, cfg.lr, cfg.weight_decay)
     steps_per_epoch = math.ceil(len(units) / cfg.batch_size)
     max_steps = steps_per_epoch * cfg.epochs

@@ -132,6 +132,12 @@ def all_max(x: torch.Tensor) -> float:
     return float(x)
 
 
+def same(x: float) -> float:
+    """One value for every rank (the largest): a clock that decides when to stop, or where the LR schedule
+    is, must agree across ranks, or one would stop (or step) while the others wait for it."""
+    return all_max(torch.tensor(x, dtype=torch.float64)) if world() > 1 else x
+
+
 def gather_rows(mine: list[int], *columns: list) -> tuple[list, ...]:
     """Each rank holds rows `mine` (positions in a global batch) of some columns (lists of Python objects:
     token ids, texts); every rank gets every column whole, in batch order."""

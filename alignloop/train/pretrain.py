@@ -205,10 +205,13 @@ def run(cfg: Config, out: Path) -> Path:
           + (f" × {D.world()} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if D.world() > 1 else ""))
     bar = L.Progress(cfg.max_steps, "pretrain", start)
     timer, last = L.Timer(), time.perf_counter()
+
+    def clock() -> float:  # with a time budget every rank follows one clock, or one would stop alone
+        return D.same(elapsed0 + timer.elapsed()) if cfg.max_seconds else elapsed0 + timer.elapsed()
     step = start
     for step in range(start, cfg.max_steps):
         # With a time budget the schedule follows whichever budget is nearer its end.
-        elapsed = elapsed0 + timer.elapsed()
+        elapsed = clock()
         progress_step = step if not cfg.max_seconds else max(step, int(cfg.max_steps * elapsed / cfg.max_seconds))
         L.set_lr(opt, L.lr_at(progress_step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
         loss_sum = torch.zeros((), device=device)
@@ -230,7 +233,7 @@ def run(cfg: Config, out: Path) -> Path:
         dt, last = now - last, now
         tps = tokens_per_step / dt
         rec = {"step": step + 1, "loss": loss_val, "lr": opt.param_groups[0]["lr"], "tokens_per_s": tps,
-               "elapsed_s": elapsed0 + timer.elapsed()}
+               "elapsed_s": clock()}
         if peak:
             rec["mfu"] = flops_tok * tps / peak
         done = step + 1 == cfg.max_steps or (cfg.max_seconds and rec["elapsed_s"] >= cfg.max_seconds)

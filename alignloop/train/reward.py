@@ -469,12 +469,12 @@ def run(cfg: Config, out: Path) -> Path:
     bar = L.Progress(max_steps, "reward")
     t0, step, n_seen = time.perf_counter(), 0, 0
     for epoch in range(cfg.epochs):
-        if cfg.max_seconds and time.perf_counter() - t0 >= cfg.max_seconds:
+        if cfg.max_seconds and D.same(time.perf_counter() - t0) >= cfg.max_seconds:  # one clock for all ranks
             break
         order = list(range(len(units)))
         rng.shuffle(order)
         for s in range(0, len(order), cfg.batch_size):
-            if cfg.max_seconds and time.perf_counter() - t0 >= cfg.max_seconds:
+            if cfg.max_seconds and D.same(time.perf_counter() - t0) >= cfg.max_seconds:  # one clock for all ranks
                 break
             batch = [units[i] for i in order[s:s + cfg.batch_size]]
             L.set_lr(opt, L.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, 0.1))

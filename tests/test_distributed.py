@@ -117,9 +117,10 @@ def test_pretrain_fsdp_equals_one_process(pre_fsdp, pre_one):
         assert a["model"][k].shape == b["model"][k].shape
 
 
-def test_resume_two_processes_to_one(pre_fsdp, pre_one, tmp_path):
+def test_resume_two_processes_to_one(pre_fsdp, pre_one, tmp_path, capsys):
     run = interrupted_at_4(pre_fsdp, tmp_path / "run")
     run_stage("pretrain", [*PRETRAIN, "--out", str(run)])  # resumes by default
+    assert "resuming from" in capsys.readouterr().out
     assert_same_curve(run / "pretrain", pre_one / "pretrain")
     assert_same_weights(run / "pretrain", pre_one / "pretrain")
 
@@ -194,13 +195,17 @@ PPO = ["--preset", "micro", "--round", "1", "--kl-target", "0.01", "--kl-horizon
        "--minibatch-size", "5"]
 
 
-def test_ppo_two_processes_equal_one(reward_one, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+@pytest.fixture(scope="module")
+def ppo_runs(reward_one, tmp_path_factory):
+    one, two = tmp_path_factory.mktemp("ppo") / "one", tmp_path_factory.mktemp("ppo") / "two"
     shutil.copytree(reward_one, one)
     shutil.copytree(reward_one, two)
     run_stage("ppo", [*PPO, "--out", str(one)])
     torchrun("ppo", *PPO, "--out", two)
-    a, b = one / "round-1" / "ppo", two / "round-1" / "ppo"
+    return one / "round-1" / "ppo", two / "round-1" / "ppo"
+
+
+def assert_same_ppo(a, b):
     # sampled answers, their scores, the global KL and the β it adapts, the losses of the whitened advantages
     for key in ("rm_score", "kl_sampled", "beta", "pg_loss", "vf_loss", "ptx_loss", "entropy", "response_length",
                 "gold_probe"):
@@ -208,9 +213,28 @@ def test_ppo_two_processes_equal_one(reward_one, tmp_path):
         assert ca and [s for s, _ in ca] == [s for s, _ in cb], key
         # rel 1e-4, and 1e-6 absolute for means that cancel to near 0 (KL, the policy loss)
         assert [v for _, v in ca] == pytest.approx([v for _, v in cb], rel=1e-4, abs=1e-6), key
-    assert len({v for _, v in curve(a, "beta")}) > 1  # β did adapt
-    assert max(v for _, v in curve(b, "first_ratio_error")) < 1e-5
     assert_same_weights(a, b)
+
+
+def test_ppo_two_processes_equal_one(ppo_runs):
+    one, two = ppo_runs
+    assert_same_ppo(two, one)
+    assert len({v for _, v in curve(one, "beta")}) > 1  # β did adapt
+    assert max(v for _, v in curve(two, "first_ratio_error")) < 1e-5
+
+
+def test_ppo_resume_two_processes_to_one(ppo_runs, tmp_path, capsys):
+    one, two = ppo_runs
+    run = tmp_path / "run"
+    shutil.copytree(two.parents[1], run)
+    stage = run / "round-1" / "ppo"
+    (stage / "checkpoints" / "step-000004.pt").unlink()  # as if stopped after the checkpoint of iteration 2
+    for f in stage.iterdir():
+        if f.is_file() and f.name != "metrics.jsonl":
+            f.unlink()
+    run_stage("ppo", [*PPO, "--out", str(run)])
+    assert "resuming from" in capsys.readouterr().out
+    assert_same_ppo(stage, one)
 
 
 # ---------------------------------------------------------------- bad input
@@ -224,6 +248,14 @@ def test_more_processes_than_rows_stops_every_rank_with_one_message(micro_run, t
     assert "torchrun started 2 processes but a micro-batch (--batch-size) holds only 1" in proc.stderr
     assert "exitcode  : 2" in proc.stderr
     assert not (run / "pretrain").exists()
+
+
+def test_a_command_not_distributed_refuses_torchrun(micro_run, tmp_path):
+    run = fresh(micro_run, tmp_path / "run", drop=())
+    proc = torchrun("sample", "--preset", "micro", "--round", "1", "--out", run, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("`alignloop sample` does not run under torchrun yet") == 1, proc.stderr
+    assert not (run / "round-1").exists()
 
 
 def test_nccl_without_cuda_is_exit_2_before_any_work(micro_run, tmp_path):

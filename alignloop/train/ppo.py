@@ -135,7 +135,7 @@ def run(cfg: Config, out: Path) -> Path:
     tok = ChatTokenizer.load(init)
     prompts_path = resolve_path(cfg.prompts, out, "world/prompts-train.jsonl")
     prompts = read_prompts(prompts_path)
-    if cfg.fsdp:
+    if cfg.fsdp and D.launched():
         raise InputError("PPO does not run under FSDP2 yet (the engine samples from whole weights): "
                          "leave out --fsdp (DDP)", field="fsdp")
     device = D.setup(cfg)

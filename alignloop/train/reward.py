@@ -439,7 +439,7 @@ def run(cfg: Config, out: Path) -> Path:
     if not kept:
         raise InputError("no usable comparisons", file=paths[0])
     train, val = split_groups(kept, cfg)
-    if cfg.fsdp and cfg.lora_rank:
+    if cfg.fsdp and cfg.lora_rank and D.launched():
         raise InputError("--fsdp with --lora-rank is not supported yet (LoRA under torchrun: DDP, without --fsdp)",
                          field="fsdp")
     device = D.setup(cfg)

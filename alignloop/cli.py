@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,8 @@ COMMANDS = {
 }
 # Stage commands that own a place in the run directory (rundir.stage_outputs) and are guarded there.
 GUARDED = ("world", "tokenizer", "pretrain", "sft", "sample", "rank", "reward", "ppo")
+# Stage commands that run as many processes under torchrun (alignloop/dist.py); the others refuse to.
+DISTRIBUTED = ("pretrain", "sft", "reward", "ppo")
 
 
 def stage_parser(name: str, module) -> argparse.ArgumentParser:
@@ -54,6 +57,11 @@ def stage_parser(name: str, module) -> argparse.ArgumentParser:
     return p
 
 
+def _launched() -> bool:
+    """Started by torchrun with several processes (read from its environment: no torch import here)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _resumable(module) -> bool:
     return any(f.name == "resume" for f in dataclasses.fields(module.Config))
 
@@ -66,17 +74,29 @@ def run_stage(name: str, argv: list[str]) -> None:
     cfg = C.resolve(module.Config, module.SECTION, preset=args.preset or "tiny", presets=module.PRESETS,
                     toml=args.config, flags=C.flags_from_args(args, module.Config))
     out = Path(args.out)
+    on_main = lambda fn: fn()  # noqa: E731 (one process: the guard simply runs)
+    if _launched():  # torchrun: join the process group first, so that rank 0 alone guards the run directory
+        if name not in DISTRIBUTED:
+            raise InputError(f"`alignloop {name}` does not run under torchrun yet: run it as one process "
+                             f"(torchrun runs: {', '.join(DISTRIBUTED)})")
+        from alignloop import dist
+        dist.setup(cfg)
+        on_main = dist.on_main
     if module.SECTION in GUARDED:
-        _guard(name, module, cfg, out, args)
-    return module.run(cfg, Path(args.out), args) if hasattr(module, "add_arguments") else module.run(cfg, Path(args.out))
+        if _resumable(module):  # on every rank: each loads the checkpoint
+            cfg.resume = not getattr(args, "restart", False)
+        on_main(lambda: _guard(name, module, cfg, out, args))
+    result = module.run(cfg, Path(args.out), args) if hasattr(module, "add_arguments") else module.run(cfg, Path(args.out))
+    if _launched():  # the ranks leave together, once rank 0 has written everything
+        dist.barrier()
+        dist.close()
+    return result
 
 
 def _guard(name: str, module, cfg, out: Path, args) -> None:
     """Refuse to overwrite a stage (see rundir.guard_stage); resume by default where a checkpoint is."""
     from alignloop.rundir import guard_stage, stage_outputs
     restart = getattr(args, "restart", False)
-    if _resumable(module):
-        cfg.resume = not restart
     for old in guard_stage(out, module.SECTION, cfg, force=args.force, restart=restart):
         print(f"{name}: moved the old {old.name.split('.old-')[0]} aside → {old}")
     if getattr(cfg, "resume", False):
@@ -106,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_stage(name, rest)
     except InputError as e:
-        print(f"alignloop {name}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops with the same error: say it once
+            print(f"alignloop {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         module = importlib.import_module(COMMANDS[name][0])

@@ -32,6 +32,25 @@ def option(default, doc: str, *, min=None, max=None, choices=None):
     return dataclasses.field(default=default, metadata={"doc": doc, "min": min, "max": max, "choices": choices})
 
 
+@dataclasses.dataclass
+class Shared:
+    """The fields every training stage declares the same way, written once; a stage's `Config` inherits
+    them (they come first in its flags and its `config.toml` table)."""
+    seed: int = option(0, "seed of the stage's randomness: initialisation, data order, held-out split")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK)")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
+    fsdp: bool = option(False, "under torchrun: shard weights, gradients and optimizer state over the processes "
+                        "(FSDP2) instead of a full copy in each (DDP)")
+    dist_backend: str = option("auto", "under torchrun: auto (nccl on CUDA, gloo on the CPU), gloo or nccl",
+                               choices=("auto", "gloo", "nccl"))
+
+
+@dataclasses.dataclass
+class Resumable(Shared):
+    """A stage that checkpoints: `--restart` is offered for it (cli) and it resumes by default."""
+    resume: bool = option(False, "continue from the last checkpoint in the stage folder")
+
+
 def _field_type(cls, f) -> type:
     hint = typing.get_type_hints(cls)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]

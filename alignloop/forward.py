@@ -22,6 +22,25 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+class Through(torch.nn.Module):
+    """Runs `fn(model, …)` as its own forward pass. DDP and FSDP2 act when the forward of the module they
+    wrap runs, and the functions below reach into the trunk and the head directly, which would go around
+    them; so under torchrun a training stage wraps `Through(model)` (alignloop/dist.py) and each function
+    given such a wrapper calls itself through it (`_wrapped`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def _wrapped(model) -> bool:
+    """DDP or FSDP2 around `Through`: not a `transformers` model (those have a base_model_prefix)."""
+    return not hasattr(unwrap(model), "base_model_prefix")
+
+
 def right_padded(seqs: list[list[int]], pad_id: int, device):
     """(ids, attention) of whole sequences, right-padded: (B, T) each."""
     T = max(len(s) for s in seqs)
@@ -95,6 +114,8 @@ def token_logprobs(hidden, head, targets, allowed=None, temperature: float = 1.0
 
 def causal_hidden(model, ids, attn, pos=None):
     """The decoder's last hidden states (before the LM head) and the head itself."""
+    if _wrapped(model):
+        return model(causal_hidden, ids, attn, pos)
     m = unwrap(model)
     trunk = getattr(m, m.base_model_prefix)
     out = trunk(input_ids=ids, attention_mask=attn, position_ids=pos)
@@ -103,6 +124,8 @@ def causal_hidden(model, ids, attn, pos=None):
 
 def action_logprobs(model, ids, attn, pos, P: int, allowed=None, temperature: float = 1.0, with_entropy=False):
     """log π(response token t | state t) for t = 0..R−1 of a `layout` batch: (B, R) [, entropy (B, R)]."""
+    if _wrapped(model):
+        return model(action_logprobs, ids, attn, pos, P, allowed, temperature, with_entropy)
     hidden, head = causal_hidden(model, ids, attn, pos)
     lp, ent = token_logprobs(hidden[:, P - 1:-1], head, ids[:, P:], allowed, temperature)
     return (lp, ent) if with_entropy else lp
@@ -110,6 +133,8 @@ def action_logprobs(model, ids, attn, pos, P: int, allowed=None, temperature: fl
 
 def scalar_values(model, ids, attn, pos=None) -> torch.Tensor:
     """(B, T) per-token outputs of a scalar-head (sequence-classification) model."""
+    if _wrapped(model):
+        return model(scalar_values, ids, attn, pos)
     m = unwrap(model)
     trunk = getattr(m, m.base_model_prefix)
     hidden = trunk(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state

@@ -84,8 +84,9 @@ def round_dir(run_dir: Path, i: int) -> Path:
 
 PRE_ROUND = ("world", "tokenizer", "pretrain", "sft")
 IN_ROUND = ("sample", "rank", "reward", "ppo")
-# Fields that may differ between two calls writing the same folder without changing what it holds.
-NOT_COMPARED = {"resume", "round", "device", "compile", "stage", "model"}
+# Fields that may differ between two calls writing the same folder without changing what it holds (a run
+# started with DDP may resume with FSDP2: checkpoints hold full state dicts either way).
+NOT_COMPARED = {"resume", "round", "device", "compile", "stage", "model", "fsdp", "dist_backend"}
 
 
 def stage_outputs(run_dir: Path, section: str, round_: int | None = None) -> list[Path]:

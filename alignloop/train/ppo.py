@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from alignloop import dist as D
 from alignloop import forward as F_
 
-from alignloop.config import option
+from alignloop.config import Resumable, option
 from alignloop.errors import InputError
 from alignloop.rundir import resolve_path, save_stage_config
 from alignloop.train import loop as L
@@ -29,7 +30,7 @@ SECTION = "ppo"
 
 
 @dataclass
-class Config:
+class Config(Resumable):
     round: int = option(1, "round number: output goes to RUN/round-<round>/ppo/", min=1)
     init: str = option("", "policy to start from (default: the previous round's PPO policy, else sft/)")
     reference: str = option("", "the KL anchor (default: the run's sft/)")
@@ -67,10 +68,6 @@ class Config:
     probe_prompts: int = option(100, "dev prompts whose gold score is logged (0: none)", min=0)
     probe_every: int = option(5, "log the probe's gold score every N iterations", min=1)
     checkpoint_every: int = option(10, "write a checkpoint every N iterations", min=1)
-    seed: int = option(0, "seed of prompt order and sampling")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
-    resume: bool = option(False, "continue from the last checkpoint in the stage folder")
 
 
 PRESETS = {
@@ -126,7 +123,7 @@ def check_stages(policy: Path, reference: Path, reward: Path, value: Path) -> No
 def run(cfg: Config, out: Path) -> Path:
     import contextlib
     from alignloop.engine import Engine
-    from alignloop.model import load_causal_lm, load_scalar_model, pick_device, save_model
+    from alignloop.model import load_causal_lm, load_scalar_model, save_model
     from alignloop.sample import read_prompts
     from alignloop.tokenizer import ChatTokenizer
     from alignloop.train.reward import RewardScorer
@@ -142,7 +139,11 @@ def run(cfg: Config, out: Path) -> Path:
     tok = ChatTokenizer.load(init)
     prompts_path = resolve_path(cfg.prompts, out, "world/prompts-train.jsonl")
     prompts = read_prompts(prompts_path)
-    device = pick_device(cfg.device)
+    if cfg.fsdp and D.launched():
+        raise InputError("PPO does not run under FSDP2 yet (the engine samples from whole weights): "
+                         "leave out --fsdp (DDP)", field="fsdp")
+    device = D.setup(cfg)
+    D.check_rows(min(cfg.batch_size, len(prompts)), "a rollout batch (--batch-size, or the prompts)", "batch_size")
     policy = load_causal_lm(init).to(device)
     ctx = policy.config.max_position_embeddings
     prompt_ids = [tok.render_prompt(p["messages"]) for p in prompts]
@@ -179,9 +180,10 @@ def run(cfg: Config, out: Path) -> Path:
     ckpts = L.Checkpoints(stage)
     start, norm = 0, None  # norm: (mean, std) of the RM score on the first rollout, with --reward-norm
     state = ckpts.load() if cfg.resume else None
-    if state is not None:
-        saved = {k: v for k, v in state["config"].items() if k != "resume"}
-        now = {k: v for k, v in asdict(cfg).items() if k != "resume"}
+    if state is not None:  # (the number of processes and how they talk may change: see dist.py)
+        per_call = ("resume", "fsdp", "dist_backend")
+        saved = {k: v for k, v in state["config"].items() if k not in per_call}
+        now = {k: v for k, v in asdict(cfg).items() if k not in per_call}
         if saved != now:
             diff = next(k for k in now if saved.get(k) != now[k])
             raise InputError(f"--resume on a PPO folder of another configuration ({diff}: {saved.get(diff)!r} there, "
@@ -190,13 +192,20 @@ def run(cfg: Config, out: Path) -> Path:
         L.restore({"model": state["value"], "optim": state["optim_value"]}, value, opt_v)
         kl_ctl.beta, start = state["beta"], state["step"]
         norm = state.get("reward_norm")
-    metrics = L.Metrics(stage, resume_step=start if state is not None else None)
-    save_stage_config(out, SECTION, cfg)
+    # Under torchrun each rank holds whole models (DDP): it samples and scores its share of each rollout,
+    # the per-token tensors of the whole batch are then put together on every rank (so advantages are
+    # whitened, and β adapted, over the global batch) and each minibatch is split over the ranks.
+    # `pnet`/`vnet` train through DDP; the engine, the reference and the scorer read the models themselves.
+    pnet = D.wrap(F_.Through(policy), False, device) if D.world() > 1 else policy
+    vnet = D.wrap(F_.Through(value), False, device) if D.world() > 1 else value
+    metrics = L.Metrics(stage, resume_step=start if state is not None else None) if D.is_main() else None
+    if D.is_main():  # only rank 0 writes
+        save_stage_config(out, SECTION, cfg)
     engine = Engine(F_.unwrap(policy), tok, device, max_batch=cfg.batch_size)
     print(f"ppo: round {cfg.round}, policy {init}, reward model {rm_path}, {len(prompts)} prompts, "
           f"{cfg.iterations} iterations × {cfg.batch_size} episodes, β {kl_ctl.beta}"
           + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""))
-    if probe and start == 0:
+    if probe and start == 0 and metrics:
         metrics.log(step=0, kl_sampled=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
     bar = L.Progress(cfg.iterations, f"ppo round {cfg.round}", start)
     amp = lambda: L.autocast(device, cfg.dtype)  # noqa: E731 — old, reference and new log-probs alike
@@ -208,12 +217,16 @@ def run(cfg: Config, out: Path) -> Path:
         t0 = time.perf_counter()
         rng = random.Random(cfg.seed * 1_000_003 + it)
         batch = rng.sample(range(len(prompts)), min(cfg.batch_size, len(prompts)))
-        # ---- rollout (LoRA: the engine runs the merged-on-the-fly policy, adapters active)
+        # ---- rollout (LoRA: the engine runs the merged-on-the-fly policy, adapters active); under torchrun
+        # each rank samples its share, episode p with the generator it has in one process, (seed, p)
+        mine = D.part(list(range(len(batch))))
+        seed = cfg.seed * 7_919 + it
         with amp():
-            outs = engine.generate([prompt_ids[i] for i in batch], max_new_tokens=cfg.max_new_tokens,
-                                   temperature=cfg.temperature, seed=cfg.seed * 7_919 + it)
+            outs = engine.generate([prompt_ids[batch[p]] for p in mine], max_new_tokens=cfg.max_new_tokens,
+                                   temperature=cfg.temperature,
+                                   seed=seed if D.world() == 1 else [(seed * 1_000_003 + p) % 2**63 for p in mine])
         t_gen = time.perf_counter() - t0
-        responses = [o.ids for o in outs]
+        responses, texts = D.gather_rows(mine, [o.ids for o in outs], [o.text.strip() for o in outs])
         ended = torch.tensor([bool(r) and r[-1] in tok.stop_ids for r in responses], dtype=torch.float32)
         # Minibatches of every epoch, drawn now: the first epoch's minibatches are also how the old
         # log-probs, reference log-probs and values are computed, so the first update sees exactly the
@@ -227,8 +240,10 @@ def run(cfg: Config, out: Path) -> Path:
         # ---- score and assemble rewards (no gradients)
         with torch.no_grad():
             # the reward model reads its score where it was trained to: see ChatTokenizer.scored_ids
-            score = torch.tensor(scorer.score_ids([tok.scored_ids(prompt_ids[i], r) for i, r in zip(batch, responses)]),
-                                 device=device)
+            score = torch.zeros(len(batch), device=device)
+            score[mine] = torch.tensor(scorer.score_ids([tok.scored_ids(prompt_ids[batch[p]], responses[p]) for p in mine]),
+                                       device=device)
+            score = D.all_sum(score)  # every rank: the scores of the whole batch
             score_raw = score.clone()
             if cfg.reward_norm:
                 if norm is None:
@@ -240,10 +255,13 @@ def run(cfg: Config, out: Path) -> Path:
             policy.eval(), value.eval()
             with amp():
                 for mb in epochs[0]:
-                    old_logp[mb] = logprobs(policy, mb)
-                    with ref_ctx():
-                        ref_logp[mb] = logprobs(ref, mb)
-                    old_values[mb] = state_values(value, ids[mb], attn[mb], pos[mb], P)
+                    mb = D.part(mb)  # this rank's rows: the ones it will take of the same minibatch in epoch 1
+                    if len(mb):
+                        old_logp[mb] = logprobs(pnet, mb)
+                        with ref_ctx():
+                            ref_logp[mb] = logprobs(ref, mb)
+                        old_values[mb] = state_values(vnet, ids[mb], attn[mb], pos[mb], P)
+            old_logp, ref_logp, old_values = (D.all_sum(t) for t in (old_logp, ref_logp, old_values))
             policy.train(), value.train()
             kl = rl.kl_per_token(old_logp, ref_logp) * mask
             rewards = rl.token_rewards(score, kl, mask, kl_ctl.beta)
@@ -256,42 +274,51 @@ def run(cfg: Config, out: Path) -> Path:
         stats = {"pg_loss": [], "vf_loss": [], "clip_frac": [], "approx_kl": [], "entropy": [], "ptx_loss": []}
         first_ratio_error = None
         for e, minibatches in enumerate(epochs):
-            for s, mb in enumerate(minibatches):
+            for s, mb_all in enumerate(minibatches):
+                # this rank's rows of the minibatch; each loss below is a token mean over its rows, weighted
+                # by their share of the minibatch's tokens (×world: DDP averages the ranks' gradients). A
+                # rank left without a row runs one with weight 0: every rank runs the same passes.
+                mb = D.part(mb_all)
+                share = float(mask[mb].sum() / mask[mb_all].sum()) if len(mb) else 0.0
+                mb = mb if len(mb) else mb_all[:1]
                 m = mask[mb]
                 with amp():
-                    logp, ent = logprobs(policy, mb, with_entropy=True)
+                    logp, ent = logprobs(pnet, mb, with_entropy=True)
                     if first_ratio_error is None:  # the precision/temperature contract, checked every iteration
-                        first_ratio_error = float(((logp.detach() - old_logp[mb]).exp() - 1).abs().mul(m).max())
+                        first_ratio_error = D.all_max(((logp.detach() - old_logp[mb]).exp() - 1).abs().mul(m).max())
                     pg, st = rl.policy_loss(logp, old_logp[mb], adv[mb], m, cfg.clip)
-                    loss = pg
+                    loss = pg * share
                     if ptx_rows is not None:
                         rows = ptx_rows[torch.randint(len(ptx_rows), (cfg.minibatch_size,),
-                                                      generator=torch.Generator().manual_seed(it * 997 + e * 101 + s))].to(device)
-                        hidden, head = F_.causal_hidden(policy, rows[:, :-1], torch.ones_like(rows[:, :-1]))
-                        ptx = -F_.token_logprobs(hidden, head, rows[:, 1:])[0].mean()
-                        loss = loss + cfg.ptx_coef * ptx
-                        stats["ptx_loss"].append(ptx.item())
+                                                      generator=torch.Generator().manual_seed(it * 997 + e * 101 + s))]
+                        part = D.part(rows)
+                        ptx_share = len(part) / len(rows)
+                        part = (part if len(part) else rows[:1]).to(device)
+                        hidden, head = F_.causal_hidden(pnet, part[:, :-1], torch.ones_like(part[:, :-1]))
+                        ptx = -F_.token_logprobs(hidden, head, part[:, 1:])[0].mean()
+                        loss = loss + cfg.ptx_coef * ptx * ptx_share
                 opt_p.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * D.world()).backward()
                 torch.nn.utils.clip_grad_norm_([q for q in policy.parameters() if q.requires_grad], 1.0)
                 opt_p.step()
                 with amp():
-                    v = state_values(value, ids[mb], attn[mb], pos[mb], P)
+                    v = state_values(vnet, ids[mb], attn[mb], pos[mb], P)
                     vf = rl.value_loss(v, old_values[mb], returns[mb], m, cfg.value_clip)
                 opt_v.zero_grad(set_to_none=True)
-                vf.backward()
+                (vf * share * D.world()).backward()
                 torch.nn.utils.clip_grad_norm_([q for q in value.parameters() if q.requires_grad], 1.0)
                 opt_v.step()
-                stats["pg_loss"].append(pg.item())
-                stats["vf_loss"].append(vf.item())
-                stats["clip_frac"].append(st["clip_frac"])
-                stats["approx_kl"].append(st["approx_kl"])
-                stats["entropy"].append(rl.masked_mean(ent.detach(), m).item())
+                # the minibatch's statistics: the ranks' shares added up (one all-reduce)
+                got = D.all_sum(torch.tensor([pg.item(), vf.item(), st["clip_frac"], st["approx_kl"],
+                                              rl.masked_mean(ent.detach(), m).item()], dtype=torch.float64) * share)
+                for k, x in zip(("pg_loss", "vf_loss", "clip_frac", "approx_kl", "entropy"), got.tolist()):
+                    stats[k].append(x)
+                if ptx_rows is not None:
+                    stats["ptx_loss"].append(D.all_sum(torch.tensor(ptx.item() * ptx_share, dtype=torch.float64)).item())
         # ---- bookkeeping
         seq_kl = kl.sum(1).mean().item()
         beta_used = kl_ctl.beta
         kl_ctl.update(seq_kl, len(batch))
-        texts = [o.text.strip() for o in outs]
         dt = time.perf_counter() - t0
         rec = {"step": it + 1, "rm_score": score_raw.mean().item(), "reward": score.mean().item(),
                "kl_sampled": seq_kl, "beta": beta_used, "ended_share": ended.mean().item(),
@@ -303,16 +330,19 @@ def run(cfg: Config, out: Path) -> Path:
                "episodes_per_s": len(batch) / dt, "tokens_per_s": float(mask.sum()) / dt,
                "generation_share": t_gen / dt, "peak_memory_gb": L.peak_memory_gb(device)}
         rec |= {k: sum(v) / len(v) for k, v in stats.items() if v}
-        if probe and ((it + 1) % cfg.probe_every == 0 or it + 1 == cfg.iterations):
-            rec |= _probe_scores(engine, tok, world, probe, scorer, cfg)
-        metrics.log(**rec)
+        if probe and D.is_main() and ((it + 1) % cfg.probe_every == 0 or it + 1 == cfg.iterations):
+            rec |= _probe_scores(engine, tok, world, probe, scorer, cfg)  # rank 0 alone (the others wait)
+        if metrics:
+            metrics.log(**rec)
         bar.update(1, rm=rec["rm_score"], kl=seq_kl, **({"gold": rec["gold_probe"]} if "gold_probe" in rec else {}))
         L.release_memory()
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+        if ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations) and D.is_main():
             vstate = L.capture(value, opt_v)
             ckpts.save(it + 1, config=asdict(cfg), beta=kl_ctl.beta, reward_norm=norm, value=vstate["model"],
                        optim_value=vstate["optim"], **L.capture(policy, opt_p))
     bar.close()
+    if not D.is_main():
+        return stage
     save_model(L.merged(policy), tok, stage)
     last = L.read_jsonl_tolerant(metrics.path)[-1]
     print(f"ppo: round {cfg.round} done: RM score {last['rm_score']:+.3f}, sampled KL to SFT {last['kl_sampled']:.2f} nats"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from alignloop.config import option
+from alignloop import dist as D
+from alignloop.config import Resumable, option
 from alignloop.errors import InputError
 from alignloop.io import read_records
 from alignloop.rundir import resolve_path, save_stage_config
@@ -23,7 +24,7 @@ SECTION = "pretrain"
 
 
 @dataclass
-class Config:
+class Config(Resumable):
     data: str = option("", "corpus: .txt/.jsonl/.json/.parquet or a datasets folder (default: the run's world/corpus.jsonl)")
     tokenizer: str = option("", "tokenizer folder (default: the run's tokenizer/)")
     init: str = option("", "continue from this Hugging Face causal-LM folder instead of a fresh model")
@@ -43,11 +44,7 @@ class Config:
     sample_every: int = option(400, "print sample generations every N steps (0: never)", min=0)
     checkpoint_every: int = option(200, "write a checkpoint every N steps", min=1)
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep", min=1)
-    seed: int = option(0, "seed for initialisation and data order")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
     compile: bool = option(False, "torch.compile the model (fixed shapes; worth it on a GPU)")
-    resume: bool = option(False, "continue from the last checkpoint in the stage folder")
 
 
 PRESETS = {
@@ -115,15 +112,20 @@ def rows_of(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, val_rows: torch.Tensor, device, cfg, val_bytes: int, val_chars: int) -> dict:
-    """Held-out loss over every held-out token; bits per byte and per character of the held-out text."""
+    """Held-out loss over every held-out token; bits per byte and per character of the held-out text.
+    Under torchrun each rank scores its share of every batch (a rank left without a row scores one and
+    counts nothing: every rank must run the same forward passes) and the sums are added up."""
     model.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64)  # (loss summed over tokens, tokens)
     for i in range(0, len(val_rows), cfg.batch_size):
-        rows = val_rows[i: i + cfg.batch_size].to(device)
+        rows = D.part(val_rows[i: i + cfg.batch_size])
+        weight = 1.0 if len(rows) else 0.0
+        rows = (rows if len(rows) else val_rows[i: i + 1]).to(device)
         with L.autocast(device, cfg.dtype):
             logits = model(input_ids=rows[:, :-1]).logits.float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").item()
-        count += rows[:, 1:].numel()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum")
+        sums += torch.tensor([loss.item(), rows[:, 1:].numel()], dtype=torch.float64) * weight
+    total, count = D.all_sum(sums).tolist()
     model.train()
     # The held-out rows cover `count` of the held-out tokens; scale the text size to the same share.
     n_val_tokens = len(val_rows) * val_rows.shape[1] if len(val_rows) else 1
@@ -153,7 +155,7 @@ def check_vocab(model_dir: Path, tok: ChatTokenizer, tok_dir: Path) -> None:
 
 
 def run(cfg: Config, out: Path) -> Path:
-    from alignloop.model import create_causal_lm, flops_per_token, load_causal_lm, n_params, pick_device, save_model
+    from alignloop.model import create_causal_lm, flops_per_token, load_causal_lm, n_params, save_model
 
     data_path = resolve_path(cfg.data, out, "world/corpus.jsonl")
     init = resolve_init(cfg.init, out) if cfg.init else None
@@ -176,51 +178,62 @@ def run(cfg: Config, out: Path) -> Path:
     if len(train_rows) < 1:
         raise InputError(f"corpus too small: {len(train_ids)} tokens for rows of {cfg.seq_len}", file=data_path)
 
-    device = pick_device(cfg.device)
+    device = D.setup(cfg)
+    D.check_rows(cfg.batch_size, "a micro-batch (--batch-size)", "batch_size")
     torch.manual_seed(cfg.seed)
     model = load_causal_lm(init) if init else create_causal_lm(cfg.size, tok, seed=cfg.seed)
     model.to(device).train()
+    flops_tok, peak, n_par = flops_per_token(model, cfg.seq_len), L.peak_flops(device), n_params(model, False)
+    model = D.wrap(model, cfg.fsdp, device, cfg.dtype)
     opt = L.make_optimizer(model, cfg.lr, cfg.weight_decay)
     ckpts = L.Checkpoints(stage, keep=cfg.keep_checkpoints)
     start, elapsed0 = 0, 0.0
     state = ckpts.load() if cfg.resume else None
     if state is not None:
-        L.restore(state, model, opt)
+        D.restore(state, model, opt)
         start, elapsed0 = state["step"], state.get("elapsed", 0.0)
-    metrics = L.Metrics(stage, resume_step=start if state is not None else None)
-    save_stage_config(out, SECTION, cfg)
+    # Only rank 0 writes (the metrics log, config.toml, checkpoints, the model).
+    metrics = L.Metrics(stage, resume_step=start if state is not None else None) if D.is_main() else None
+    if D.is_main():
+        save_stage_config(out, SECTION, cfg)
     if cfg.compile:
         model.compile()  # in place; training rows have one fixed shape, so it compiles once
     sampler = L.RowSampler(len(train_rows), cfg.batch_size, cfg.seed)
-    flops_tok, peak = flops_per_token(model, cfg.seq_len), L.peak_flops(device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    print(f"pretrain: {n_params(model, False) / 1e6:.2f}M parameters, {len(train_rows)} rows of {cfg.seq_len} "
-          f"({len(train_ids) / 1e6:.2f}M tokens), {len(val_ids)} held-out tokens, device {device}")
+    print(f"pretrain: {n_par / 1e6:.2f}M parameters, {len(train_rows)} rows of {cfg.seq_len} "
+          f"({len(train_ids) / 1e6:.2f}M tokens), {len(val_ids)} held-out tokens, device {device}"
+          + (f" × {D.world()} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if D.world() > 1 else ""))
     bar = L.Progress(cfg.max_steps, "pretrain", start)
     timer, last = L.Timer(), time.perf_counter()
+
+    def clock() -> float:  # with a time budget every rank follows one clock, or one would stop alone
+        return D.same(elapsed0 + timer.elapsed()) if cfg.max_seconds else elapsed0 + timer.elapsed()
     step = start
     for step in range(start, cfg.max_steps):
         # With a time budget the schedule follows whichever budget is nearer its end.
-        elapsed = elapsed0 + timer.elapsed()
+        elapsed = clock()
         progress_step = step if not cfg.max_seconds else max(step, int(cfg.max_steps * elapsed / cfg.max_seconds))
         L.set_lr(opt, L.lr_at(progress_step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            rows = train_rows[sampler.indices(step * cfg.grad_accum + micro)].to(device, non_blocking=True)
-            with L.autocast(device, cfg.dtype):
-                loss = _lm_loss(model, rows)
-            (loss / cfg.grad_accum).backward()
+            # this rank's rows of the global micro-batch; its loss is its share of the global mean, and
+            # × world because DDP and FSDP average the ranks' gradients
+            rows = train_rows[D.part(sampler.indices(step * cfg.grad_accum + micro))].to(device, non_blocking=True)
+            with D.grad_sync(model, micro == cfg.grad_accum - 1):
+                with L.autocast(device, cfg.dtype):
+                    loss = _lm_loss(model, rows, n_global=cfg.batch_size * cfg.seq_len)
+                (loss * D.world() / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_val = loss_sum.item() / cfg.grad_accum  # the one host sync per step
+        loss_val = D.all_sum(loss_sum).item() / cfg.grad_accum  # the one host sync per step
         now = time.perf_counter()
         dt, last = now - last, now
         tps = tokens_per_step / dt
         rec = {"step": step + 1, "loss": loss_val, "lr": opt.param_groups[0]["lr"], "tokens_per_s": tps,
-               "elapsed_s": elapsed0 + timer.elapsed()}
+               "elapsed_s": clock()}
         if peak:
             rec["mfu"] = flops_tok * tps / peak
         done = step + 1 == cfg.max_steps or (cfg.max_seconds and rec["elapsed_s"] >= cfg.max_seconds)
@@ -229,18 +242,25 @@ def run(cfg: Config, out: Path) -> Path:
             bar.write(f"step {step + 1}: loss {loss_val:.3f}" + (
                 f", held-out {rec['val_loss']:.3f} ({rec['val_bpb']:.3f} bits/byte)" if "val_loss" in rec else ""))
             last = time.perf_counter()  # evaluation time is not training throughput
-        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-            for text in sample_texts(model, tok, device):
-                bar.write(f"  sample: {text!r}")
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not D.is_fsdp(model):
+            if D.is_main():  # the engine reads whole weights: rank 0 alone, on DDP's full copy (none under FSDP)
+                for text in sample_texts(D.plain(model), tok, device):
+                    bar.write(f"  sample: {text!r}")
             last = time.perf_counter()
-        metrics.log(**rec)
+        if metrics:
+            metrics.log(**rec)
         bar.update(1, loss=loss_val, tok_s=int(tps))
         if (step + 1) % cfg.checkpoint_every == 0 or done:
-            ckpts.save(step + 1, elapsed=rec["elapsed_s"], **L.capture(model, opt))
+            state = D.capture(model, opt)  # gathered to rank 0 (a collective under FSDP)
+            if D.is_main():
+                ckpts.save(step + 1, elapsed=rec["elapsed_s"], **state)
         if done:
             break
     bar.close()
-    save_model(model, tok, stage)
+    final_model = D.gathered(model)
+    if not D.is_main():
+        return stage
+    save_model(final_model, tok, stage)
     final = L.read_jsonl_tolerant(metrics.path)[-1] if metrics.path.exists() else {}
     if "val_loss" in final:
         print(f"pretrain: held-out loss {final['val_loss']:.4f}, {final['val_bpb']:.4f} bits/byte, "
@@ -249,9 +269,14 @@ def run(cfg: Config, out: Path) -> Path:
     return stage
 
 
-def _lm_loss(model, rows: torch.Tensor) -> torch.Tensor:
+def _lm_loss(model, rows: torch.Tensor, n_global: int | None = None) -> torch.Tensor:
+    """Mean next-token loss; with `n_global`, these rows' summed loss / n_global (their share of a mean
+    over a global batch of which they are one rank's part)."""
     logits = model(input_ids=rows[:, :-1]).logits
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
+    if n_global is None:
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(),
+                                             reduction="sum") / n_global
 
 
 def sample_texts(model, tok: ChatTokenizer, device, n_tokens: int = 24) -> list[str]:

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignloop.config import option
+from alignloop import dist as D
+from alignloop.config import Shared, option
 from alignloop.forward import scalar_values, sequence_scores, unwrap  # noqa: F401 (scalar_values: re-exported)
 from alignloop.errors import InputError
 from alignloop.io import read_records, write_json
@@ -33,7 +34,7 @@ SECTION = "reward"
 
 
 @dataclass
-class Config:
+class Config(Shared):
     round: int = option(1, "round number: output goes to RUN/round-<round>/reward/", min=1)
     data: str = option("", "rankings or pairs files, comma-separated (default: those of --sources in rounds 1..round)")
     sources: str = option("simulated,label", "feedback to learn from, comma-separated: simulated (alignloop rank), "
@@ -57,9 +58,6 @@ class Config:
     weight_decay: float = option(0.0, "AdamW weight decay on matrices", min=0.0)
     max_len: int = option(256, "longest prompt + answer in tokens; longer ones are left out (counted)", min=8)
     val_fraction: float = option(0.1, "prompts held out when the data marks no held-out split", min=0.0, max=0.5)
-    seed: int = option(0, "seed for data order and the held-out split")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
 
 
 # tiny: lr 1e-3 put the 1.3M trunk at 91% of the labelers' agreement where 2e-4 gave 88% (docs/LOG.md)
@@ -265,14 +263,16 @@ def by_agreement(groups: list[Group], min_agreement: float) -> list[Group]:
 # ---------------------------------------------------------------- model
 
 
-def batch_rewards(model, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
+def batch_rewards(model, seqs: list[list[int]], pad_id: int, device, max_tokens: int = 4096) -> torch.Tensor:
     """Reward of each whole sequence = the head's output at its last token (`forward.sequence_scores`)."""
-    return sequence_scores(model, seqs, pad_id, device)
+    return sequence_scores(model, seqs, pad_id, device, max_tokens)
 
 
-def grouped_loss(rewards: torch.Tensor, groups: list[list[tuple[int, int]]], offsets: list[int]) -> torch.Tensor:
+def grouped_loss(rewards: torch.Tensor, groups: list[list[tuple[int, int]]], offsets: list[int],
+                 n_global: int | None = None) -> torch.Tensor:
     """Mean over prompts of −mean over its pairs of log σ(r_w − r_l). `rewards` holds every completion of
-    every prompt in the batch; prompt g's completions start at offsets[g]."""
+    every prompt in the batch; prompt g's completions start at offsets[g]. With `n_global`: the sum over
+    these prompts / n_global (their share of the mean over a global batch, one rank's part of it)."""
     losses = []
     for pairs, off in zip(groups, offsets):
         if not pairs:
@@ -280,7 +280,7 @@ def grouped_loss(rewards: torch.Tensor, groups: list[list[tuple[int, int]]], off
         w = torch.tensor([off + a for a, _ in pairs], device=rewards.device)
         l_ = torch.tensor([off + b for _, b in pairs], device=rewards.device)
         losses.append(-F.logsigmoid(rewards[w] - rewards[l_]).mean())
-    return torch.stack(losses).mean()
+    return torch.stack(losses).mean() if n_global is None else torch.stack(losses).sum() / n_global
 
 
 class RewardScorer:
@@ -413,7 +413,7 @@ def labeler_agreement(groups: list[Group]) -> float | None:
 
 
 def run(cfg: Config, out: Path) -> Path:
-    from alignloop.model import load_scalar_model, n_params, pick_device, save_model
+    from alignloop.model import load_scalar_model, n_params, save_model
     from alignloop.tokenizer import ChatTokenizer
 
     sources = parse_sources(cfg.sources)
@@ -439,7 +439,10 @@ def run(cfg: Config, out: Path) -> Path:
     if not kept:
         raise InputError("no usable comparisons", file=paths[0])
     train, val = split_groups(kept, cfg)
-    device = pick_device(cfg.device)
+    if cfg.fsdp and cfg.lora_rank and D.launched():
+        raise InputError("--fsdp with --lora-rank is not supported yet (LoRA under torchrun: DDP, without --fsdp)",
+                         field="fsdp")
+    device = D.setup(cfg)
     model = load_scalar_model(init).to(device).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -448,13 +451,17 @@ def run(cfg: Config, out: Path) -> Path:
     else:
         L.train_top_layers(model, cfg.train_layers if cfg.train_trunk else 0)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = L.make_optimizer(model, cfg.lr, cfg.weight_decay)
     units = train if cfg.grouped else [Group(g.prompt, g.completions, [p], g.labeler, g.split, g.source, g.ids)
                                        for g in train for p in g.pairs]
+    D.check_rows(min(cfg.batch_size, len(units)), "a batch of comparisons (--batch-size, or the data)", "batch_size")
+    from alignloop.forward import Through
+    # under torchrun `net` is DDP or FSDP2 around the scores' forward pass; in one process the model itself
+    net = D.wrap(Through(model), cfg.fsdp, device, cfg.dtype) if D.world() > 1 else model
+    opt = L.make_optimizer(net, cfg.lr, cfg.weight_decay)
     steps_per_epoch = math.ceil(len(units) / cfg.batch_size)
     max_steps = steps_per_epoch * cfg.epochs
     stage = out / f"round-{cfg.round}" / "reward"
-    metrics = L.Metrics(stage)
+    metrics = L.Metrics(stage) if D.is_main() else None  # only rank 0 writes
     n_cmp = sum(len(g.pairs) for g in train)
     print(f"reward: {len(train)} prompts / {n_cmp} comparisons to learn ({'grouped K-way' if cfg.grouped else 'shuffled pairs'}), "
           f"{len(val)} held out, {n_params(model, False) / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M learn)")
@@ -462,36 +469,46 @@ def run(cfg: Config, out: Path) -> Path:
     bar = L.Progress(max_steps, "reward")
     t0, step, n_seen = time.perf_counter(), 0, 0
     for epoch in range(cfg.epochs):
-        if cfg.max_seconds and time.perf_counter() - t0 >= cfg.max_seconds:
+        if cfg.max_seconds and D.same(time.perf_counter() - t0) >= cfg.max_seconds:  # one clock for all ranks
             break
         order = list(range(len(units)))
         rng.shuffle(order)
         for s in range(0, len(order), cfg.batch_size):
-            if cfg.max_seconds and time.perf_counter() - t0 >= cfg.max_seconds:
+            if cfg.max_seconds and D.same(time.perf_counter() - t0) >= cfg.max_seconds:  # one clock for all ranks
                 break
             batch = [units[i] for i in order[s:s + cfg.batch_size]]
             L.set_lr(opt, L.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, 0.1))
+            # this rank's prompts of the global batch (the last batch of an epoch may leave a rank without
+            # one: it scores one and counts nothing, as every rank must run the same passes)
+            mine = D.part(batch)
+            weight = 1.0 if mine else 0.0
             offsets, seqs = [], []
-            for g in batch:
+            for g in mine or batch[:1]:
                 offsets.append(len(seqs))
                 # shuffled pairs score only the two completions of their pair
                 seqs += g.ids if cfg.grouped else [g.ids[g.pairs[0][0]], g.ids[g.pairs[0][1]]]
-            pairs = [g.pairs for g in batch] if cfg.grouped else [[(0, 1)]] * len(batch)
+            pairs = [g.pairs for g in mine or batch[:1]] if cfg.grouped else [[(0, 1)]] * len(offsets)
             with L.autocast(device, cfg.dtype):
-                rewards = batch_rewards(model, seqs, tok.pad_id, device)
-            loss = grouped_loss(rewards, pairs, offsets)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                # under torchrun one forward pass per step (DDP and FSDP count passes across ranks)
+                rewards = batch_rewards(net, seqs, tok.pad_id, device, 4096 if D.world() == 1 else 1 << 60)
+            loss = grouped_loss(rewards, pairs, offsets, n_global=len(batch)) * weight
+            (loss * D.world()).backward()  # × world: DDP and FSDP average the ranks' gradients
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            n_seen += sum(len(p) for p in pairs)
-            rec = {"step": step, "epoch": epoch + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
-                   "comparisons_per_s": n_seen / (time.perf_counter() - t0)}
-            metrics.log(**rec)
+            n_seen += sum(len(g.pairs) for g in batch) if cfg.grouped else len(batch)
+            rec = {"step": step, "epoch": epoch + 1, "loss": D.all_sum(loss.detach()).item(),
+                   "lr": opt.param_groups[0]["lr"], "comparisons_per_s": n_seen / (time.perf_counter() - t0)}
+            if metrics:
+                metrics.log(**rec)
             bar.update(1, loss=rec["loss"])
     bar.close()
     train_time = time.perf_counter() - t0
+    model = D.gathered(net, model)  # rank 0 evaluates and saves the whole plain model; the other ranks are done
+    if not D.is_main():
+        return stage
+    model.to(device)
     result = (evaluate(model, val, tok.pad_id, device, gold=gold_scores(val, out)) if val
               else {"pair_accuracy": None, "labeler_agreement": None})
     result |= {"train_seconds": train_time, "n_train_comparisons": n_cmp, "n_train_prompts": len(train),

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignloop.config import option
+from alignloop import dist as D
+from alignloop.config import Resumable, option
 from alignloop.errors import InputError
 from alignloop.io import read_records
 from alignloop.rundir import resolve_path, save_stage_config
@@ -26,7 +27,7 @@ IGNORE = -100
 
 
 @dataclass
-class Config:
+class Config(Resumable):
     data: str = option("", "demonstrations file (default: the run's world/demonstrations.jsonl)")
     init: str = option("", "model to fine-tune: a Hugging Face folder or a .gguf file (default: the run's pretrain/)")
     chat_format: str = option("template", "template: the tokenizer's own chat template; alignloop: add alignloop's "
@@ -49,11 +50,7 @@ class Config:
     ptx_fraction: float = option(0.1, "share of rows that are pretraining text (InstructGPT-style mix; 0: none)", min=0.0, max=0.9)
     ptx_data: str = option("", "pretraining text for the mix (default: the run's world/corpus.jsonl)")
     checkpoint_every: int = option(100, "write a checkpoint every N steps", min=1)
-    seed: int = option(0, "seed for data order")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16", choices=("auto", "float32", "bfloat16"))
     compile: bool = option(False, "torch.compile the model (fixed shapes; worth it on a GPU)")
-    resume: bool = option(False, "continue from the last checkpoint in the stage folder")
 
 
 PRESETS = {
@@ -165,22 +162,31 @@ def block_mask(seg: torch.Tensor) -> torch.Tensor:
     return ((same & causal) | torch.eye(T, dtype=torch.bool, device=seg.device))[:, None]
 
 
-def packed_loss(model, ids, tgt, pos, seg) -> torch.Tensor:
+def packed_loss(model, ids, tgt, pos, seg, n_global: int | None = None) -> torch.Tensor:
+    """Mean loss over the learned tokens; with `n_global`, these rows' summed loss / n_global (their share
+    of the mean over a global batch of which they are one rank's part)."""
     logits = model(input_ids=ids, attention_mask=block_mask(seg), position_ids=pos).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE)
+    if n_global is None:
+        return F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE,
+                           reduction="sum") / max(1, n_global)
 
 
 @torch.no_grad()
 def held_out_loss(model, data, device, cfg) -> float:
+    """Loss over every learned held-out token. Under torchrun each rank scores its share of every batch
+    (one left without a row scores one and counts nothing: the ranks run the same forward passes)."""
     model.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64)  # (loss summed over learned tokens, learned tokens)
     for i in range(0, len(data[0]), cfg.batch_size):
-        ids, tgt, pos, seg = (t[i:i + cfg.batch_size].to(device) for t in data)
+        mine = D.part(torch.arange(i, min(i + cfg.batch_size, len(data[0]))))
+        weight = 1.0 if len(mine) else 0.0
+        ids, tgt, pos, seg = (t[mine if len(mine) else [i]].to(device) for t in data)
         with L.autocast(device, cfg.dtype):
             logits = model(input_ids=ids, attention_mask=block_mask(seg), position_ids=pos).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE,
-                                 reduction="sum").item()
-        count += int((tgt != IGNORE).sum())
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE, reduction="sum")
+        sums += torch.tensor([loss.item(), int((tgt != IGNORE).sum())], dtype=torch.float64) * weight
+    total, count = D.all_sum(sums).tolist()
     model.train()
     return total / max(1, count)
 
@@ -189,7 +195,7 @@ def held_out_loss(model, data, device, cfg) -> float:
 
 
 def run(cfg: Config, out: Path) -> Path:
-    from alignloop.model import load_causal_lm, n_params, pick_device, save_model
+    from alignloop.model import load_causal_lm, n_params, save_model
 
     data_path = resolve_path(cfg.data, out, "world/demonstrations.jsonl")
     from alignloop.tokenizer import with_chat_format
@@ -233,12 +239,15 @@ def run(cfg: Config, out: Path) -> Path:
             extra = (p[:, :-1], p[:, 1:], torch.arange(cfg.seq_len).expand(n_ptx, -1), torch.zeros_like(p[:, :-1]))
             train_rows = tuple(torch.cat([a, b]) for a, b in zip(train_rows, extra))
 
-    device = pick_device(cfg.device)
+    device = D.setup(cfg)
+    D.check_rows(cfg.batch_size, "a micro-batch (--batch-size)", "batch_size")
     model = load_causal_lm(init)
     if model.config.vocab_size < tok.vocab_size:  # --chat-format alignloop added tokens
         from alignloop.model import pad_vocab
         model.resize_token_embeddings(pad_vocab(tok.vocab_size), mean_resizing=True)
     model.to(device).train()
+    n_par = n_params(model, False)
+    model = D.wrap(model, cfg.fsdp, device, cfg.dtype)
     opt = L.make_optimizer(model, cfg.lr, cfg.weight_decay)
     stage = out / SECTION
     ckpts = L.Checkpoints(stage)
@@ -248,14 +257,17 @@ def run(cfg: Config, out: Path) -> Path:
     best_state = None
     state = ckpts.load() if cfg.resume else None
     if state is not None:
-        L.restore(state, model, opt)
+        D.restore(state, model, opt)
         start, best, bad_evals, best_state = state["step"], state["best"], state["bad_evals"], state["best_state"]
-    metrics = L.Metrics(stage, resume_step=start if state is not None else None)
-    save_stage_config(out, SECTION, cfg)
+    # Only rank 0 writes (the metrics log, config.toml, checkpoints, the model).
+    metrics = L.Metrics(stage, resume_step=start if state is not None else None) if D.is_main() else None
+    if D.is_main():
+        save_stage_config(out, SECTION, cfg)
     if cfg.compile:
         model.compile()
     print(f"sft: {len(train)} demonstrations in {len(train_rows[0])} packed rows (+{len(val)} held out), "
-          f"{n_params(model, False) / 1e6:.2f}M parameters, {max_steps} steps")
+          f"{n_par / 1e6:.2f}M parameters, {max_steps} steps"
+          + (f", {D.world()} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if D.world() > 1 else ""))
     sampler = L.RowSampler(len(train_rows[0]), cfg.batch_size, cfg.seed)
     bar = L.Progress(max_steps, "sft", start)
     for step in range(start, max_steps):
@@ -263,35 +275,45 @@ def run(cfg: Config, out: Path) -> Path:
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             idx = sampler.indices(step * cfg.grad_accum + micro)
-            batch = [t[idx].to(device, non_blocking=True) for t in train_rows]
-            with L.autocast(device, cfg.dtype):
-                loss = packed_loss(model, *batch)
-            (loss / cfg.grad_accum).backward()
+            # this rank's rows of the global micro-batch; its loss is its share of the mean over the whole
+            # micro-batch's learned tokens, × world because DDP and FSDP average the ranks' gradients
+            n_learned = int((train_rows[1][idx] != IGNORE).sum())
+            batch = [t[D.part(idx)].to(device, non_blocking=True) for t in train_rows]
+            with D.grad_sync(model, micro == cfg.grad_accum - 1):
+                with L.autocast(device, cfg.dtype):
+                    loss = packed_loss(model, *batch, n_global=n_learned)
+                (loss * D.world() / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        rec = {"step": step + 1, "loss": loss_sum.item() / cfg.grad_accum, "lr": opt.param_groups[0]["lr"]}
+        rec = {"step": step + 1, "loss": D.all_sum(loss_sum).item() / cfg.grad_accum, "lr": opt.param_groups[0]["lr"]}
         end_of_epoch = (step + 1) % steps_per_epoch == 0
         stop = False
         if end_of_epoch and val_rows is not None:
             rec["val_loss"] = held_out_loss(model, val_rows, device, cfg)
             if rec["val_loss"] < best - 1e-4:
                 best, bad_evals = rec["val_loss"], 0
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                best_state = D.model_state(model)  # the whole model, on rank 0 (a collective under FSDP)
             else:
                 bad_evals += 1
                 stop = cfg.patience > 0 and bad_evals >= cfg.patience
             bar.write(f"epoch {(step + 1) // steps_per_epoch}: loss {rec['loss']:.3f}, held-out {rec['val_loss']:.3f}"
                       + (" (early stop)" if stop else ""))
-        metrics.log(**rec)
+        if metrics:
+            metrics.log(**rec)
         bar.update(1, loss=rec["loss"])
         if (step + 1) % cfg.checkpoint_every == 0 or stop or step + 1 == max_steps:
-            ckpts.save(step + 1, best=best, bad_evals=bad_evals, best_state=best_state, **L.capture(model, opt))
+            state = D.capture(model, opt)  # gathered to rank 0 (a collective under FSDP)
+            if D.is_main():
+                ckpts.save(step + 1, best=best, bad_evals=bad_evals, best_state=best_state, **state)
         if stop:
             break
     bar.close()
+    model = D.gathered(model)  # rank 0: the whole plain model; the other ranks are done
+    if not D.is_main():
+        return stage
     if best_state is not None:  # early stopping keeps the best held-out model, not the last
         model.load_state_dict(best_state)
     save_model(model, tok, stage)

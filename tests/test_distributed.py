@@ -1,0 +1,268 @@
+"""torchrun with 2 processes (gloo, CPU) trains exactly what one process trains: the same loss at every
+step (1e-4 relative) for pretraining, SFT and the reward model with DDP and with FSDP2, and PPO (DDP) the
+same answers, KL, β and losses; a run resumes
+with another number of processes and continues the same curve; bad input stops every rank with one
+message. Each 2-process run is a real `torchrun` subprocess of the command line."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from alignloop.cli import run_stage
+from tests.conftest import ROOT, alignloop
+
+pytestmark = pytest.mark.distributed
+
+PRETRAIN = ["--preset", "micro", "--max-steps", "8", "--checkpoint-every", "4", "--eval-every", "4"]
+SFT = ["--preset", "micro", "--checkpoint-every", "4"]  # 4 epochs of 2 steps, held-out loss after each
+REWARD = ["--preset", "micro", "--round", "1", "--batch-size", "6"]  # 43 prompts: the last batch of an epoch holds 1
+
+
+def torchrun(*args, check=True):
+    """`torchrun --standalone --nproc_per_node 2 -m alignloop ARGS` (one thread per process: 2 cores)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        if os.environ.get("CI") == "true":
+            pytest.fail("torch.distributed with gloo is required under CI")
+        pytest.skip("this torch has no gloo backend")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "alignloop", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "ALIGNLOOP_QUIET": "1", "OMP_NUM_THREADS": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun alignloop {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def curve(stage_dir, key="loss"):
+    """(step, value) of every record of metrics.jsonl that has `key`."""
+    return [(r["step"], r[key]) for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines())
+            if key in r]
+
+
+def assert_same_curve(a, b, key="loss"):
+    ca, cb = curve(a, key), curve(b, key)
+    assert ca and [s for s, _ in ca] == [s for s, _ in cb]
+    assert [v for _, v in ca] == pytest.approx([v for _, v in cb], rel=1e-4)
+
+
+def assert_same_weights(a, b):
+    from safetensors.torch import load_file
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
+
+
+def fresh(micro_run, path, drop=("pretrain",)):
+    shutil.copytree(micro_run, path)
+    for name in drop:
+        shutil.rmtree(path / name, ignore_errors=True)
+    (path / "config.toml").unlink(missing_ok=True)
+    return path
+
+
+def interrupted_at_4(src, dst, stage="pretrain"):
+    """A copy of a finished run as it was when stopped right after its step-4 checkpoint."""
+    shutil.copytree(src, dst)
+    d = dst / stage
+    (d / "checkpoints" / "step-000008.pt").unlink()
+    for f in d.iterdir():
+        if f.is_file() and f.name != "metrics.jsonl":
+            f.unlink()  # the model folder (config.json last written: a stage without it is unfinished)
+    return dst
+
+
+# ---------------------------------------------------------------- pretraining
+
+
+@pytest.fixture(scope="module")
+def pre_one(micro_run, tmp_path_factory):
+    run = fresh(micro_run, tmp_path_factory.mktemp("pre") / "one")
+    run_stage("pretrain", [*PRETRAIN, "--out", str(run)])
+    return run
+
+
+@pytest.fixture(scope="module")
+def pre_fsdp(micro_run, tmp_path_factory):
+    run = fresh(micro_run, tmp_path_factory.mktemp("pre") / "fsdp")
+    torchrun("pretrain", *PRETRAIN, "--fsdp", "--out", run)
+    return run
+
+
+def test_pretrain_ddp_equals_one_process(pre_one, micro_run, tmp_path):
+    run = fresh(micro_run, tmp_path / "ddp")
+    proc = torchrun("pretrain", *PRETRAIN, "--out", run)
+    assert_same_curve(run / "pretrain", pre_one / "pretrain")
+    assert_same_curve(run / "pretrain", pre_one / "pretrain", "val_loss")
+    assert_same_weights(run / "pretrain", pre_one / "pretrain")
+    assert proc.stdout.count("pretrain: held-out loss") == 1  # rank 0 alone prints
+    assert "2 processes (DDP)" in proc.stdout
+
+
+def test_pretrain_fsdp_equals_one_process(pre_fsdp, pre_one):
+    assert_same_curve(pre_fsdp / "pretrain", pre_one / "pretrain")
+    assert_same_curve(pre_fsdp / "pretrain", pre_one / "pretrain", "val_loss")
+    assert_same_weights(pre_fsdp / "pretrain", pre_one / "pretrain")
+    # the checkpoint is a full, one-process state dict whatever wrote it
+    a = torch.load(pre_fsdp / "pretrain" / "checkpoints" / "step-000008.pt", weights_only=True)
+    b = torch.load(pre_one / "pretrain" / "checkpoints" / "step-000008.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys() and a["optim"]["state"].keys() == b["optim"]["state"].keys()
+    for k in a["model"]:
+        assert a["model"][k].shape == b["model"][k].shape
+
+
+def test_resume_two_processes_to_one(pre_fsdp, pre_one, tmp_path, capsys):
+    run = interrupted_at_4(pre_fsdp, tmp_path / "run")
+    run_stage("pretrain", [*PRETRAIN, "--out", str(run)])  # resumes by default
+    assert "resuming from" in capsys.readouterr().out
+    assert_same_curve(run / "pretrain", pre_one / "pretrain")
+    assert_same_weights(run / "pretrain", pre_one / "pretrain")
+
+
+def test_resume_one_process_to_two_fsdp(pre_one, tmp_path):
+    run = interrupted_at_4(pre_one, tmp_path / "run")
+    proc = torchrun("pretrain", *PRETRAIN, "--fsdp", "--out", run)
+    assert "resuming from" in proc.stdout
+    assert_same_curve(run / "pretrain", pre_one / "pretrain")
+    assert_same_weights(run / "pretrain", pre_one / "pretrain")
+
+
+# ---------------------------------------------------------------- SFT
+
+
+@pytest.fixture(scope="module")
+def sft_one(micro_run, tmp_path_factory):
+    run = fresh(micro_run, tmp_path_factory.mktemp("sft") / "one", drop=())
+    run_stage("sft", [*SFT, "--out", str(run)])
+    return run
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_sft_two_processes_equal_one(sft_one, micro_run, tmp_path, fsdp):
+    run = fresh(micro_run, tmp_path / "run", drop=())
+    torchrun("sft", *SFT, *(["--fsdp"] if fsdp else []), "--out", run)
+    assert len(curve(run / "sft")) == 8
+    assert_same_curve(run / "sft", sft_one / "sft")
+    assert_same_curve(run / "sft", sft_one / "sft", "val_loss")
+    assert_same_weights(run / "sft", sft_one / "sft")  # the best held-out model, gathered
+
+
+# ---------------------------------------------------------------- reward model
+
+
+@pytest.fixture(scope="module")
+def ranked(sft_one, tmp_path_factory):
+    """The SFT run with round 1 sampled and ranked by the simulated labelers."""
+    run = tmp_path_factory.mktemp("rw") / "run"
+    shutil.copytree(sft_one, run)
+    for stage in ("sample", "rank"):
+        run_stage(stage, ["--preset", "micro", "--round", "1", "--out", str(run)])
+    return run
+
+
+@pytest.fixture(scope="module")
+def reward_one(ranked, tmp_path_factory):
+    run = tmp_path_factory.mktemp("rw") / "one"
+    shutil.copytree(ranked, run)
+    run_stage("reward", [*REWARD, "--out", str(run)])
+    return run
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_reward_two_processes_equal_one(ranked, reward_one, tmp_path, fsdp):
+    run = tmp_path / "run"
+    shutil.copytree(ranked, run)
+    torchrun("reward", *REWARD, *(["--fsdp"] if fsdp else []), "--out", run)
+    a, b = run / "round-1" / "reward", reward_one / "round-1" / "reward"
+    assert_same_curve(a, b)
+    assert_same_weights(a, b)
+    ea, eb = json.loads((a / "eval.json").read_text()), json.loads((b / "eval.json").read_text())
+    assert ea["pair_accuracy"] == eb["pair_accuracy"]
+    assert ea["reward_bias"] == pytest.approx(eb["reward_bias"], rel=1e-4, abs=1e-6)
+
+
+# ---------------------------------------------------------------- PPO
+
+# adaptive β (it must see the global KL), PPO-ptx rows split too, and minibatches of 5 of 16 episodes:
+# the last one holds 1, so one rank runs a row of weight 0
+PPO = ["--preset", "micro", "--round", "1", "--kl-target", "0.01", "--kl-horizon", "64", "--ptx-coef", "1",
+       "--minibatch-size", "5"]
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(reward_one, tmp_path_factory):
+    one, two = tmp_path_factory.mktemp("ppo") / "one", tmp_path_factory.mktemp("ppo") / "two"
+    shutil.copytree(reward_one, one)
+    shutil.copytree(reward_one, two)
+    run_stage("ppo", [*PPO, "--out", str(one)])
+    torchrun("ppo", *PPO, "--out", two)
+    return one / "round-1" / "ppo", two / "round-1" / "ppo"
+
+
+def assert_same_ppo(a, b):
+    # sampled answers, their scores, the global KL and the β it adapts, the losses of the whitened advantages
+    for key in ("rm_score", "kl_sampled", "beta", "pg_loss", "vf_loss", "ptx_loss", "entropy", "response_length",
+                "gold_probe"):
+        ca, cb = curve(a, key), curve(b, key)
+        assert ca and [s for s, _ in ca] == [s for s, _ in cb], key
+        # rel 1e-4, and 1e-6 absolute for means that cancel to near 0 (KL, the policy loss)
+        assert [v for _, v in ca] == pytest.approx([v for _, v in cb], rel=1e-4, abs=1e-6), key
+    assert_same_weights(a, b)
+
+
+def test_ppo_two_processes_equal_one(ppo_runs):
+    one, two = ppo_runs
+    assert_same_ppo(two, one)
+    assert len({v for _, v in curve(one, "beta")}) > 1  # β did adapt
+    assert max(v for _, v in curve(two, "first_ratio_error")) < 1e-5
+
+
+def test_ppo_resume_two_processes_to_one(ppo_runs, tmp_path, capsys):
+    one, two = ppo_runs
+    run = tmp_path / "run"
+    shutil.copytree(two.parents[1], run)
+    stage = run / "round-1" / "ppo"
+    (stage / "checkpoints" / "step-000004.pt").unlink()  # as if stopped after the checkpoint of iteration 2
+    for f in stage.iterdir():
+        if f.is_file() and f.name != "metrics.jsonl":
+            f.unlink()
+    run_stage("ppo", [*PPO, "--out", str(run)])
+    assert "resuming from" in capsys.readouterr().out
+    assert_same_ppo(stage, one)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_more_processes_than_rows_stops_every_rank_with_one_message(micro_run, tmp_path):
+    run = fresh(micro_run, tmp_path / "run")
+    proc = torchrun("pretrain", *PRETRAIN, "--batch-size", "1", "--out", run, check=False)
+    assert proc.returncode != 0  # the workers exit 2; torchrun reports their failure
+    assert proc.stderr.count("alignloop pretrain: error:") == 1, proc.stderr
+    assert "torchrun started 2 processes but a micro-batch (--batch-size) holds only 1" in proc.stderr
+    assert "exitcode  : 2" in proc.stderr
+    assert not (run / "pretrain").exists()
+
+
+def test_a_command_not_distributed_refuses_torchrun(micro_run, tmp_path):
+    run = fresh(micro_run, tmp_path / "run", drop=())
+    proc = torchrun("sample", "--preset", "micro", "--round", "1", "--out", run, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("`alignloop sample` does not run under torchrun yet") == 1, proc.stderr
+    assert not (run / "round-1").exists()
+
+
+def test_nccl_without_cuda_is_exit_2_before_any_work(micro_run, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run = fresh(micro_run, tmp_path / "run")
+    proc = alignloop("pretrain", *PRETRAIN, "--dist-backend", "nccl", "--out", run, check=False)
+    assert proc.returncode == 2
+    assert "the nccl backend needs CUDA" in proc.stderr
+    assert not (run / "pretrain").exists()

@@ -36,8 +36,12 @@ COMMANDS = {
 }
 # Stage commands that own a place in the run directory (rundir.stage_outputs) and are guarded there.
 GUARDED = ("world", "tokenizer", "pretrain", "sft", "sample", "rank", "reward", "ppo")
-# Stage commands that run as many processes under torchrun (alignloop/dist.py); the others refuse to.
-DISTRIBUTED = ("pretrain", "sft", "reward", "ppo")
+# Stage commands that run as many processes under torchrun (alignloop/dist.py), each rank doing its share
+# (`run` walks the recipe on every rank: see pipeline.py).
+DISTRIBUTED = ("run", "loop", "pretrain", "sft", "eval", "sample", "reward", "ppo")
+# Under torchrun these run on rank 0 alone while the others wait: cheap, and one file from all of the data.
+# The commands in neither list (chat, label, serve, report) refuse torchrun.
+MAIN_ONLY = ("world", "tokenizer", "rank")
 
 
 def stage_parser(name: str, module) -> argparse.ArgumentParser:
@@ -69,6 +73,8 @@ def _resumable(module) -> bool:
 def run_stage(name: str, argv: list[str]) -> None:
     module = importlib.import_module(COMMANDS[name][0])
     if hasattr(module, "main") and not hasattr(module, "Config"):
+        if _launched():  # a server, the terminal chat, the report: one process
+            raise InputError(f"`alignloop {name}` does not run under torchrun: run it as one process")
         return module.main(argv)
     args = stage_parser(name, module).parse_args(argv)
     cfg = C.resolve(module.Config, module.SECTION, preset=args.preset or "tiny", presets=module.PRESETS,
@@ -76,9 +82,9 @@ def run_stage(name: str, argv: list[str]) -> None:
     out = Path(args.out)
     on_main = lambda fn: fn()  # noqa: E731 (one process: the guard simply runs)
     if _launched():  # torchrun: join the process group first, so that rank 0 alone guards the run directory
-        if name not in DISTRIBUTED:
-            raise InputError(f"`alignloop {name}` does not run under torchrun yet: run it as one process "
-                             f"(torchrun runs: {', '.join(DISTRIBUTED)})")
+        if name not in DISTRIBUTED + MAIN_ONLY:
+            raise InputError(f"`alignloop {name}` does not run under torchrun: run it as one process "
+                             f"(torchrun runs: {', '.join(DISTRIBUTED + MAIN_ONLY)})")
         from alignloop import dist
         dist.setup(cfg)
         on_main = dist.on_main
@@ -86,7 +92,10 @@ def run_stage(name: str, argv: list[str]) -> None:
         if _resumable(module):  # on every rank: each loads the checkpoint
             cfg.resume = not getattr(args, "restart", False)
         on_main(lambda: _guard(name, module, cfg, out, args))
-    result = module.run(cfg, Path(args.out), args) if hasattr(module, "add_arguments") else module.run(cfg, Path(args.out))
+
+    def work():
+        return module.run(cfg, out, args) if hasattr(module, "add_arguments") else module.run(cfg, out)
+    result = on_main(work) if name in MAIN_ONLY else work()
     if _launched():  # the ranks leave together, once rank 0 has written everything
         dist.barrier()
         dist.close()

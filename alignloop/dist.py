@@ -55,10 +55,11 @@ def setup(cfg) -> torch.device:
     if backend == "nccl" and not torch.cuda.is_available():
         raise InputError("the nccl backend needs CUDA, which this machine does not have (use gloo, or auto)",
                          field="dist_backend")
+    name = getattr(cfg, "device", "auto")  # a stage without a device (world, rank) only joins the group
     if not launched():
-        return pick_device(cfg.device)
+        return pick_device(name)
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(cfg.device)
+    device = pick_device(name)
     if device.type == "cuda":  # one process per GPU: torchrun's LOCAL_RANK picks it
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)

@@ -84,7 +84,7 @@ class Engine:
             if own and p.seed is not None:
                 s = p.seed
             else:
-                s = ((p.seed if p.seed is not None else base_seed) * 1_000_003 + i) % 2**63
+                s = row_seed(p.seed if p.seed is not None else base_seed, i)
             p.gen = torch.Generator().manual_seed(s)
         order = sorted(range(n), key=lambda i: len(prompts[i]))  # less padding per batch
         results: list[Completion | None] = [None] * n
@@ -266,6 +266,13 @@ def _effective(linear, attr: str):
                     value = value + linear.get_delta_weight(name)
         return value
     return getattr(linear, attr, None)
+
+
+def row_seed(seed: int, i: int) -> int:
+    """The seed of row i of a call given one `seed`. A caller that splits such a call (a share of the rows
+    per process under torchrun) passes each row `row_seed(seed, i)` of its place i in the whole call, as a
+    list of seeds: every row then draws exactly what it draws in one process."""
+    return (seed * 1_000_003 + i) % 2**63
 
 
 @dataclass

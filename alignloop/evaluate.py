@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from alignloop import dist as D
 from alignloop.config import DTYPES, option
 from alignloop.errors import InputError
 from alignloop.io import write_json
@@ -191,27 +192,35 @@ def sequence_kl(policy, reference, prompt_ids, answer_ids, device, tok, batch_si
 
 
 def evaluate_policy(model, tok, world, cfg: Config, device, reference=None, reward_fn=None) -> dict:
-    """Generate on the prompts, judge with the world's gold truth, and measure KL and diversity."""
-    from alignloop.engine import Engine
+    """Generate on the prompts, judge with the world's gold truth, and measure KL and diversity.
+
+    Under torchrun each rank answers prompts rank, rank + N, … and measures their KL and reward-model
+    score; every rank then holds every answer (`gather_rows`), in prompt order, and summarises them. Prompt
+    i draws from the generator one process gives it (`row_seed(seed, i)`) and the engine's rows do not
+    depend on their batch-mates, so the answers are those of one process whatever N is."""
+    from alignloop import dist as D
+    from alignloop.engine import Engine, row_seed
     prompts = world.prompts(cfg.split)
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
     engine = Engine(model, tok, device, max_batch=cfg.batch_size)
     prompt_ids = [tok.render_prompt(p["messages"]) for p in prompts]
-    outs = engine.generate(prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
-    texts = [o.text.strip() for o in outs]
+    mine = D.part(list(range(len(prompts))))
+    outs = engine.generate([prompt_ids[i] for i in mine], max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, seed=[row_seed(cfg.seed, i) for i in mine])
+    kls = scores = [None] * len(mine)
+    if reference is not None and mine:
+        kls = sequence_kl(model, reference, [prompt_ids[i] for i in mine], [o.ids for o in outs], device, tok)
+    if reward_fn is not None and mine:
+        scores = reward_fn([prompts[i]["messages"] for i in mine], [o.text.strip() for o in outs])
+    texts, lengths, kls, scores = D.gather_rows(mine, [o.text.strip() for o in outs], [len(o.ids) for o in outs],
+                                                kls, scores)
     judgements = [world.judge(p, t) for p, t in zip(prompts, texts)]
     res = summarise(judgements, [p["category"] for p in prompts])
     res["distinct_2"] = distinct_n(texts, 2)
-    res["mean_length"] = sum(len(o.ids) for o in outs) / len(outs)
-    res["kl_exact"] = None
-    if reference is not None:
-        kls = sequence_kl(model, reference, prompt_ids, [o.ids for o in outs], device, tok)
-        res["kl_exact"] = sum(kls) / len(kls)
-    res["rm_score"] = None
-    if reward_fn is not None:
-        scores = reward_fn([p["messages"] for p in prompts], texts)
-        res["rm_score"] = sum(scores) / len(scores)
+    res["mean_length"] = sum(lengths) / len(lengths)
+    res["kl_exact"] = sum(kls) / len(kls) if reference is not None else None
+    res["rm_score"] = sum(scores) / len(scores) if reward_fn is not None else None
     res["examples"] = [{"id": p["id"], "category": p["category"], "prompt": p["messages"][-1]["content"],
                         "context": p["messages"][:-1], "answer": t, "gold_score": j.score} for p, t, j in zip(prompts, texts, judgements)]
     return res
@@ -242,10 +251,11 @@ def run(cfg: Config, out: Path) -> dict:
     from alignloop.tokenizer import ChatTokenizer
     from alignloop.world import load_world
 
+    device = D.setup(cfg)  # under torchrun (`alignloop eval`, or a step of `alignloop run`): joins the group once
     world = load_world(out)
     path = resolve_model(cfg.model, out, field="model") if cfg.model else stage_model_dir(out, cfg.stage)
     tok = ChatTokenizer.load(tokenizer_dir(path, out))
-    model, device = load_for_inference(path, cfg.device, cfg.dtype)
+    model, device = load_for_inference(path, device, cfg.dtype)
     ref_path = resolve_model(cfg.reference, out, field="reference") if cfg.reference else out / "sft"
     reference = None
     if cfg.stage not in ("base", "sft") and (ref_path / "config.json").exists():
@@ -257,7 +267,8 @@ def run(cfg: Config, out: Path) -> dict:
         reward_fn = RewardScorer(rm_path, device).score_texts
     res = evaluate_policy(model, tok, world, cfg, device, reference, reward_fn)
     res["split"] = cfg.split
-    update_eval_json(out, cfg.stage, res, key=eval_key(cfg.split))
+    if D.is_main():  # every rank holds the results; one writes them
+        update_eval_json(out, cfg.stage, res, key=eval_key(cfg.split))
     print(format_row(cfg.stage, res) + ("" if cfg.split == "test" else f"  ({cfg.split} prompts)"))
     return res
 

@@ -9,6 +9,12 @@ config comes from the same preset and the same TOML file (one `[section]` per st
 to every stage's seed (world, pretraining, SFT, sampling, ranking, reward model, PPO, evaluation), so
 seed 0 is the stages' own defaults and each N is one independent draw of the whole recipe
 (experiments/seeds.py runs several).
+
+Under torchrun every rank walks the same steps. The training stages, evaluation and sampling split their
+work over the ranks (alignloop/dist.py); the steps that are cheap or write one file from everything
+(world, tokenizer, fact recall, ranking, the reward model's eval.json entry, rescoring, the report) run on
+rank 0 alone while the others wait (`dist.on_main`, which also gives every rank rank 0's InputError). After
+every step all ranks meet (`dist.barrier`), so each decides on the next from the same files.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from alignloop import config as C
+from alignloop import dist as D
 from alignloop.config import option
 from alignloop.errors import InputError
 
@@ -82,12 +89,14 @@ class Runner:
                                  f"{saved[f.name]!r} there, {now!r} now; use a new --out or the same settings",
                                  file=path, field=f"{section}.{f.name}")
 
-    def step(self, name: str, done: bool, fn) -> None:
+    def step(self, name: str, done: bool, fn, main_only: bool = False) -> None:
+        """Run `fn` unless `done`; `main_only`: on rank 0 alone under torchrun (its files are then everyone's)."""
         if done:
             print(f"[{self.clock()}] {name}: already done, skipped")
             return
         print(f"[{self.clock()}] {name} …", flush=True)
-        fn()
+        D.on_main(fn) if main_only else fn()
+        D.barrier()  # rank 0 has written the step's files before any rank checks whether the next is done
 
     def clock(self) -> str:
         s = int(time.perf_counter() - self.t0)
@@ -116,7 +125,7 @@ def run(cfg: Config, out: Path, args) -> None:
     for module in (W, T, P, S, E, Sa, K, Rw, Pp):  # every stage's settings checked before any work
         r.cfg(module)
     out.mkdir(parents=True, exist_ok=True)
-    save_stage_config(out, SECTION, cfg)
+    D.on_main(lambda: save_stage_config(out, SECTION, cfg))
     stop = cfg.until
     if not loop_only and not _before_rounds(r, out, cfg, stop):
         return
@@ -124,13 +133,13 @@ def run(cfg: Config, out: Path, args) -> None:
         if not _round(r, out, i, cfg, stop):
             return
     if cfg.rounds:
-        r.step("reward-model scores of every stage", False, lambda: _rescore(out, cfg.device))
+        r.step("reward-model scores of every stage", False, lambda: _rescore(out, cfg.device), main_only=True)
     try:
         from alignloop import report
     except ImportError:  # pragma: no cover - the report module is optional while it is being built
         report = None
     if report is not None:
-        r.step("report", False, lambda: report.write_report(out))
+        r.step("report", False, lambda: report.write_report(out), main_only=True)
     _finish(r, out)
 
 
@@ -153,16 +162,17 @@ def _before_rounds(r: Runner, out: Path, cfg: Config, stop: str) -> bool:
     from alignloop import world as W
     from alignloop.train import pretrain as P
     from alignloop.train import sft as S
-    r.step("world", (out / "world" / "world.json").exists(), lambda: W.run(r.cfg(W), out))
+    r.step("world", (out / "world" / "world.json").exists(), lambda: W.run(r.cfg(W), out), main_only=True)
     if stop == "world":
         return False
-    r.step("tokenizer", (out / "tokenizer" / "tokenizer.json").exists(), lambda: T.run(r.cfg(T), out))
+    r.step("tokenizer", (out / "tokenizer" / "tokenizer.json").exists(), lambda: T.run(r.cfg(T), out),
+           main_only=True)
     if stop == "tokenizer":
         return False
     r.step("pretrain", (out / "pretrain" / "config.json").exists(), lambda: P.run(r.cfg(P, resume=True), out))
     evals = _load_eval(out)
     key = E.eval_key(r.cfg(E).split)  # eval.json's "stages" (test), or "stages_dev" for a run tuned on dev
-    r.step("fact recall", "fact_recall" in evals, lambda: _fact_recall(out, cfg.device))
+    r.step("fact recall", "fact_recall" in evals, lambda: _fact_recall(out, cfg.device), main_only=True)
     r.step("eval base", "base" in evals.get(key, {}), lambda: E.run(r.cfg(E, stage="base"), out))
     if stop == "pretrain":
         _finish(r, out)
@@ -192,7 +202,8 @@ def _round(r: Runner, out: Path, i: int, cfg: Config, stop: str) -> bool:
                   f"then run this command again to continue.")
             return False
     else:
-        r.step(f"round {i}: rank", (folder / "rankings.jsonl").exists(), lambda: K.run(r.cfg(K, round=i), out))
+        r.step(f"round {i}: rank", (folder / "rankings.jsonl").exists(), lambda: K.run(r.cfg(K, round=i), out),
+               main_only=True)
     r.step(f"round {i}: reward model", (folder / "reward" / "config.json").exists(),
            lambda: _reward(r, out, i, Rw))
     if stop == "reward":
@@ -209,7 +220,9 @@ def _reward(r: Runner, out: Path, i: int, Rw) -> None:
     from alignloop.evaluate import update_eval_json
     stage = Rw.run(r.cfg(Rw, round=i), out)
     import json
-    update_eval_json(out, f"round-{i}", json.loads((stage / "eval.json").read_text()), key="reward_model")
+    # rank 0 wrote the stage's eval.json (the other ranks may return before it has)
+    D.on_main(lambda: update_eval_json(out, f"round-{i}", json.loads((stage / "eval.json").read_text()),
+                                       key="reward_model"))
 
 
 def _rescore(out: Path, device: str) -> None:

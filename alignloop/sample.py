@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignloop import dist as D
 from alignloop.config import DTYPES, option
 from alignloop.errors import InputError
 from alignloop.io import read_records, write_jsonl
@@ -57,11 +58,12 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def run(cfg: Config, out: Path) -> Path:
-    from alignloop.engine import Engine
+    from alignloop.engine import Engine, row_seed
     from alignloop.model import load_for_inference
     from alignloop.sources import resolve_model, tokenizer_dir
     from alignloop.tokenizer import ChatTokenizer
 
+    device = D.setup(cfg)  # under torchrun (`alignloop sample`, or a step of `alignloop run`): joins the group once
     prompts_path = resolve_path(cfg.prompts, out, "world/prompts-train.jsonl")
     prompts = read_prompts(prompts_path)
     policy = resolve_model(cfg.policy, out, field="policy") if cfg.policy else current_policy(out)
@@ -70,7 +72,7 @@ def run(cfg: Config, out: Path) -> Path:
     rng = random.Random(cfg.seed * 7919 + cfg.round)
     chosen = rng.sample(prompts, min(cfg.n_prompts, len(prompts)))
     tok = ChatTokenizer.load(tokenizer_dir(policy, out))
-    model, device = load_for_inference(policy, cfg.device, cfg.dtype)
+    model, device = load_for_inference(policy, device, cfg.dtype)
     engine = Engine(model, tok, device, max_batch=cfg.batch_size)
     ids = [tok.render_prompt(p["messages"]) for p in chosen]
     too_long = [p for p, x in zip(chosen, ids) if len(x) + 8 > engine.ctx]
@@ -83,17 +85,23 @@ def run(cfg: Config, out: Path) -> Path:
         if not need:
             break
         rows = [i for i in need for _ in range(cfg.k - len(answers[i]))]
-        outs = engine.generate([ids[i] for i in rows], max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1000 + cfg.round * 10 + attempt)
-        for i, o in zip(rows, outs):
-            text = o.text.strip()
+        # Under torchrun each rank draws rows r = rank, rank + N, … of this attempt, row r from the generator
+        # one process gives it (row_seed), and every rank gets every answer back in row order: all of them
+        # then keep the same answers, those of one process, and agree on what the next attempt re-draws.
+        mine = D.part(list(range(len(rows))))
+        seed = cfg.seed * 1000 + cfg.round * 10 + attempt
+        outs = engine.generate([ids[rows[r]] for r in mine], max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, top_p=cfg.top_p, seed=[row_seed(seed, r) for r in mine])
+        texts, = D.gather_rows(mine, [o.text.strip() for o in outs])
+        for i, text in zip(rows, texts):
             if text and text not in answers[i] and len(answers[i]) < cfg.k:
                 answers[i].append(text)
     records = [{"prompt_id": p["id"], "prompt": p["messages"], "completions": a, "policy": str(policy),
                 "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}}
                for p, a in zip(chosen, answers) if len(a) >= 2]
     dest = round_dir(out, cfg.round) / "samples.jsonl"
-    write_jsonl(dest, records)
-    save_stage_config(out, SECTION, cfg)
+    if D.is_main():  # every rank holds every answer; one writes them
+        write_jsonl(dest, records)
+        save_stage_config(out, SECTION, cfg)
     print(f"sample: {len(records)} prompts × up to {cfg.k} answers from {policy} → {dest}")
     return dest

@@ -2,7 +2,7 @@
 step (1e-4 relative) for pretraining, SFT and the reward model with DDP and with FSDP2, and PPO (DDP) the
 same answers, KL, β and losses; a run resumes
 with another number of processes and continues the same curve; bad input stops every rank with one
-message. Each 2-process run is a real `torchrun` subprocess of the command line."""
+message. (`eval`, `sample` and `alignloop run` under torchrun: tests/test_distributed_run.py.) Each 2-process run is a real `torchrun` subprocess of the command line."""
 from __future__ import annotations
 
 import json
@@ -250,12 +250,12 @@ def test_more_processes_than_rows_stops_every_rank_with_one_message(micro_run, t
     assert not (run / "pretrain").exists()
 
 
-def test_a_command_not_distributed_refuses_torchrun(micro_run, tmp_path):
+def test_a_one_process_command_refuses_torchrun(micro_run, tmp_path):
     run = fresh(micro_run, tmp_path / "run", drop=())
-    proc = torchrun("sample", "--preset", "micro", "--round", "1", "--out", run, check=False)
+    proc = torchrun("report", run, check=False)
     assert proc.returncode != 0
-    assert proc.stderr.count("`alignloop sample` does not run under torchrun yet") == 1, proc.stderr
-    assert not (run / "round-1").exists()
+    assert proc.stderr.count("`alignloop report` does not run under torchrun") == 1, proc.stderr
+    assert not (run / "report.html").exists()
 
 
 def test_nccl_without_cuda_is_exit_2_before_any_work(micro_run, tmp_path):

@@ -234,8 +234,8 @@ def run(cfg: Config, out: Path) -> Path:
         tps = tokens_per_step / dt
         rec = {"step": step + 1, "loss": loss_val, "lr": opt.param_groups[0]["lr"], "tokens_per_s": tps,
                "elapsed_s": clock()}
-        if peak:
-            rec["mfu"] = flops_tok * tps / peak
+        if peak:  # tps counts every process's tokens: divide by every device's peak
+            rec["mfu"] = flops_tok * tps / (peak * D.world())
         done = step + 1 == cfg.max_steps or (cfg.max_seconds and rec["elapsed_s"] >= cfg.max_seconds)
         if (step + 1) % cfg.eval_every == 0 or done:
             rec |= evaluate(model, val_rows, device, cfg, val_bytes, val_chars) if len(val_rows) else {}

@@ -1,0 +1,114 @@
+"""`alignloop run --preset micro` under torchrun (2 processes, gloo) against one process, and `eval`,
+`sample` and `rank` under torchrun against one process on the same run directory.
+
+What is exact and what is not:
+- `eval` and `sample` give each prompt (each row) the generator one process gives it and the engine's
+  rows do not depend on their batch-mates, so from the same model their files are the same as one
+  process's (answers, gold scores; KL and reward-model scores to float rounding).
+- In `alignloop run` every stage up to and including round 1's rankings is the same as one process's
+  (the pretrained and SFT weights agree to ~1e-6, which flips no sampled token here). The first reward
+  model trained by two processes agrees to ~1e-5 (gradients summed in another order), and PPO's sampling
+  turns that into other tokens within a few iterations: from round 1's PPO on, the two runs are two
+  draws of the same recipe, so their gold scores are compared as such (95% intervals that overlap).
+
+Both sides run as subprocesses with one thread per process (the numbers do not then depend on how many
+threads the test's own process has)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_distributed import torchrun
+
+pytestmark = pytest.mark.distributed
+
+
+def one(*args):
+    """`alignloop ARGS` as one process, one thread (as each torchrun process has)."""
+    proc = subprocess.run([sys.executable, "-m", "alignloop", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "ALIGNLOOP_QUIET": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"alignloop {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The whole micro recipe (2 rounds) with one process and with two."""
+    base = tmp_path_factory.mktemp("recipe")
+    one("run", "--preset", "micro", "--out", base / "one")
+    proc = torchrun("run", "--preset", "micro", "--out", base / "two")
+    return base / "one", base / "two", proc
+
+
+def lines(path, run):
+    """A JSONL file's text with the run directory's own path taken out (samples name their policy)."""
+    return path.read_text().replace(str(run), "RUN")
+
+
+def evals(run):
+    return json.loads((run / "eval.json").read_text())
+
+
+def test_micro_recipe_two_processes(runs):
+    a, b, proc = runs
+    ea, eb = evals(a), evals(b)
+    assert set(eb["stages"]) == set(ea["stages"]) == {"base", "sft", "round-1/ppo", "round-2/ppo"}
+    assert (b / "report.html").exists() and (b / "round-2" / "ppo" / "model.safetensors").exists()
+    assert proc.stdout.count("fact recall of the base model") == 1  # rank 0's steps print once
+    assert "2 processes (DDP)" in proc.stdout
+    # the same up to round 1's rankings
+    assert eb["fact_recall"] == ea["fact_recall"]
+    for stage in ("base", "sft"):
+        ma, mb = ea["stages"][stage], eb["stages"][stage]
+        assert [(e["id"], e["answer"], e["gold_score"]) for e in mb["examples"]] == \
+               [(e["id"], e["answer"], e["gold_score"]) for e in ma["examples"]]
+        for k in ("gold_score", "helpful", "truthful", "harmless", "ci95", "distinct_2", "mean_length", "categories"):
+            assert mb[k] == ma[k], (stage, k)
+    for name in ("samples.jsonl", "rankings.jsonl", "pairs.jsonl"):
+        assert lines(b / "round-1" / name, b) == lines(a / "round-1" / name, a), name
+    ra, rb = ea["reward_model"]["round-1"], eb["reward_model"]["round-1"]
+    assert rb["pair_accuracy"] == ra["pair_accuracy"] and rb["labeler_agreement"] == ra["labeler_agreement"]
+    assert rb["reward_bias"] == pytest.approx(ra["reward_bias"], rel=1e-3, abs=1e-5)
+    # from round 1's PPO on: two draws of the recipe
+    for stage in ("round-1/ppo", "round-2/ppo"):
+        (lo_a, hi_a), (lo_b, hi_b) = ea["stages"][stage]["ci95"]["gold_score"], eb["stages"][stage]["ci95"]["gold_score"]
+        assert lo_b <= hi_a and lo_a <= hi_b, (stage, (lo_a, hi_a), (lo_b, hi_b))
+        assert eb["stages"][stage]["kl_exact"] >= 0 and eb["stages"][stage]["rm_score"] is not None
+
+
+def test_eval_two_processes_equal_one(runs, tmp_path):
+    """Round 2's PPO evaluated again by two processes: KL to SFT and reward-model scores on each rank's share."""
+    a, _, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(a, run)
+    torchrun("eval", "--preset", "micro", "--stage", "round-2/ppo", "--model", run / "round-2" / "ppo",
+             "--reward-model", run / "round-2" / "reward", "--out", run)
+    ma, mb = evals(a)["stages"]["round-2/ppo"], evals(run)["stages"]["round-2/ppo"]
+    assert [(e["id"], e["answer"], e["gold_score"]) for e in mb["examples"]] == \
+           [(e["id"], e["answer"], e["gold_score"]) for e in ma["examples"]]
+    for k in ("gold_score", "ci95", "distinct_2", "mean_length", "categories", "n_prompts"):
+        assert mb[k] == ma[k], k
+    assert mb["kl_exact"] > 0 and mb["kl_exact"] == pytest.approx(ma["kl_exact"], rel=1e-5)
+    # ma's rm_score is the final rescoring's, by the same reward model (round 2's)
+    assert mb["rm_score"] == pytest.approx(ma["rm_score"], rel=1e-5, abs=1e-6)
+
+
+def test_sample_and_rank_two_processes_equal_one(runs, tmp_path):
+    """A third round's samples (re-drawn duplicates included) and rankings, from round 2's policy."""
+    a, _, _ = runs
+    x, y = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(a, x)
+    shutil.copytree(a, y)
+    for stage in ("sample", "rank"):
+        one(stage, "--preset", "micro", "--round", "3", "--out", x)
+        proc = torchrun(stage, "--preset", "micro", "--round", "3", "--out", y)
+        assert proc.stdout.count(f"{stage}: ") == 1  # rank 0 alone reports (and writes)
+    for name in ("samples.jsonl", "rankings.jsonl", "demonstrations.jsonl", "pairs.jsonl"):
+        assert lines(y / "round-3" / name, y) == lines(x / "round-3" / name, x), name
+    assert "round-2/ppo" in lines(y / "round-3" / "samples.jsonl", y)  # the newest policy

@@ -2,7 +2,7 @@
 and with the default β; test gold score, reward-model score and kl_exact to SFT of each, and the dev
 probe along PPO (report.html of the main run fits Gao et al.'s form to these runs' probe curves).
 
-    python experiments/beta.py --run runs/tiny [--betas 0,0.1] [--iterations 30]
+    python experiments/beta.py --run runs/tiny [--betas 0,0.2] [--iterations 60]
 
 The run directory must hold world/, sft/ and round-1/reward/ (the main job makes them). Each PPO run
 goes into a copy (runs/beta-<β>/) so the main run is left as it is. Results: docs/beta.md.
@@ -27,10 +27,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/tiny")
     ap.add_argument("--betas", default="", help="comma-separated; default: 0 and the preset's β")
-    ap.add_argument("--iterations", type=int, default=30)
+    ap.add_argument("--iterations", type=int, default=0, help="default: the preset's (the main run's round 1)")
     ap.add_argument("--preset", default="tiny")
     args = ap.parse_args()
     run = Path(args.run)
+    args.iterations = args.iterations or PRESETS[args.preset].get("iterations", Config().iterations)
     if not args.betas:
         args.betas = f"0,{PRESETS[args.preset].get('kl_coef', Config().kl_coef):g}"
     rows = []
@@ -38,8 +39,9 @@ def main():
         out = run.parent / f"beta-{beta:g}"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        for sub in ("world", "tokenizer", "sft", "config.toml"):
+        for sub in ("world", "tokenizer", "sft"):
             (out / sub).symlink_to((run / sub).resolve())
+        shutil.copy(run / "config.toml", out / "config.toml")  # a copy: this run's [ppo] β must not be written into the main run's
         (out / "round-1").mkdir()
         (out / "round-1" / "reward").symlink_to((run / "round-1" / "reward").resolve())
         run_stage("ppo", ["--preset", args.preset, "--out", str(out), "--kl-coef", str(beta),

@@ -134,6 +134,7 @@ def test_gao_fit_of_beta_runs_beside_the_run(tmp_path):
     (run / "sft").mkdir(parents=True)
     (tmp_path / "elsewhere" / "sft").mkdir(parents=True)
     for name, kl_coef, a, b, sft in (("beta-0.1", 0.1, 0.2, 0.1, run / "sft"), ("beta-0", 0.0, 0.1, -0.05, run / "sft"),
+                                     ("beta-0.2", 0.2, 0.5, 0.05, run / "sft"),  # peak at d* = e^9: far beyond the data
                                      ("beta-0.5", 0.5, 0.0, 1.0, tmp_path / "elsewhere" / "sft")):  # not this run's
         folder = tmp_path / name / "round-1" / "ppo"
         folder.mkdir(parents=True)
@@ -146,4 +147,6 @@ def test_gao_fit_of_beta_runs_beside_the_run(tmp_path):
     assert "experiments/beta.py" in html and len(IMG.findall(html)) == 1
     assert "β_KL = 0.1: α = 0.200, β = 0.100; the fitted gold peaks at √KL = 2.72, KL = 7.39 nats" in html
     assert "β_KL = 0: α = 0.100, β = -0.050 ≤ 0: the fitted gold does not turn down" in html
+    assert "β_KL = 0.2: α = 0.500, β = 0.050; the fitted gold still rises at the largest KL measured (16.00 nats)" in html
+    assert "β_KL = 0.1, measured: the dev-probe gold is highest at KL 7.84 nats (+0.272" in html  # d = 2.8, the point nearest e
     assert "β_KL = 0.5" not in html

@@ -130,7 +130,8 @@ class Engine:
         out_ids = [[] for _ in range(B)]
         out_lp = [[] for _ in range(B)]
         finish = ["length"] * B
-        texts = [""] * B
+        texts = [""] * B  # what was streamed so far
+        detok = [Detokenizer(self.tok) for _ in range(B)] if any(p.stop for p in params) or on_token else None
         cut_text: list[str | None] = [None] * B  # the answer up to a stop string (its last token may run past it)
         alive = [limits[b] > 0 for b in range(B)]
         stop_ids = set(self.tok.stop_ids)
@@ -145,15 +146,17 @@ class Engine:
                 out_lp[b].append(lp_l[b])
                 if nxt_l[b] in stop_ids:
                     alive[b], finish[b] = False, "stop"
-                elif params[b].stop or on_token:
-                    new_text = self.tok.decode(out_ids[b])
-                    cut = _find_stop(new_text, params[b].stop)
+                elif detok is not None and (piece := detok[b].push(nxt_l[b])):  # "" while a character is incomplete
+                    # Decode only the new token's window (linear in the answer's length, not quadratic); a
+                    # stop string can only have completed within reach of the new piece.
+                    new_text = detok[b].text
+                    reach = max((len(x) for x in _stops(params[b].stop)), default=0)
+                    cut = _find_stop(new_text, params[b].stop, start=max(0, len(new_text) - len(piece) - reach + 1))
                     if cut is not None:
                         alive[b], finish[b] = False, "stop"
                         new_text = cut_text[b] = new_text[:cut]
                         out_ids[b], out_lp[b] = _trim_to_text(self.tok, out_ids[b], out_lp[b], new_text)
-                    # a partial UTF-8 character decodes to U+FFFD: hold it back until it completes
-                    if on_token and new_text != texts[b] and not new_text.endswith("\ufffd"):
+                    if on_token and new_text != texts[b]:
                         if on_token(b, new_text[len(texts[b]):]) is False:
                             alive[b], finish[b] = False, "cancelled"
                         texts[b] = new_text
@@ -332,11 +335,38 @@ def _rope(q, k, cos, sin):
     return q * cos + rot(q) * sin, k * cos + rot(k) * sin
 
 
-def _find_stop(text: str, stop) -> int | None:
-    if isinstance(stop, str):
-        stop = [stop]
-    hits = [text.find(s) for s in (stop or []) if s and s in text]
+def _stops(stop) -> list[str]:
+    return [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+
+
+def _find_stop(text: str, stop, start: int = 0) -> int | None:
+    """Where the first stop string begins in text[start:] (an index into text), or None."""
+    hits = [i for i in (text.find(s, start) for s in _stops(stop)) if i >= 0]
     return min(hits) if hits else None
+
+
+class Detokenizer:
+    """Token ids → text, one token at a time, decoding only a short window: the text of the tokens since
+    the last emitted piece, minus the text they had before the new one. Decoding a window from a token
+    boundary keeps tokenizers that drop a word's leading space at the start of a decode (SentencePiece)
+    right, since both decodes start at the same token; a window ending in a partial UTF-8 character
+    decodes to U+FFFD and is held back until the character completes. `text` equals decoding all ids."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.text = tok, [], ""
+        self.prefix = self.read = 0  # ids[prefix:read] was decoded last time; ids[read:] not yet emitted
+
+    def push(self, token: int) -> str:
+        """Add a token; return the new text it completes ("" while a character is incomplete)."""
+        self.ids.append(token)
+        old = self.tok.decode(self.ids[self.prefix:self.read])
+        now = self.tok.decode(self.ids[self.prefix:])
+        if len(now) <= len(old) or now.endswith("\ufffd"):
+            return ""
+        new = now[len(old):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += new
+        return new
 
 
 def _trim_to_text(tok, ids, lps, text):

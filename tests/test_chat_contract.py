@@ -176,3 +176,15 @@ def test_ppo_with_lora_trains_adapters_and_saves_a_plain_merged_folder(smol_run,
     assert any("q_proj" in k for k in changed) and not any("embed_tokens" in k for k in changed)
     assert recs[0]["first_ratio_error"] < 1e-5
     assert recs[-1]["kl_sampled"] != 0.0                          # the reference (adapters off) differs from the policy
+
+
+def test_incremental_detokenisation_with_a_real_tokenizer(smol_tokenizer):
+    """SmolLM2's byte-level BPE: streamed pieces add up to the full decoding on multibyte text."""
+    from alignloop.engine import Detokenizer
+    from alignloop.tokenizer import ChatTokenizer
+    tok = ChatTokenizer.load(smol_tokenizer["as-is"])
+    text = "naïve café — Ünïcödé 東京タワー 🙂🚀 ok, and a plain sentence after it."
+    ids = tok.encode(text)
+    d = Detokenizer(tok)
+    pieces = [d.push(i) for i in ids]
+    assert "".join(pieces) == tok.decode(ids) == text and not any("\ufffd" in p for p in pieces)

@@ -134,3 +134,31 @@ def test_short_prompt_beside_a_long_one_keeps_its_token_budget(lm):
         assert len(outs[1].ids) == 30                            # not by its batch-mate
     finally:
         eng.tok.stop_ids = saved
+
+
+MULTIBYTE = "naïve café — Ünïcödé 東京タワー 🙂🚀 ok"
+
+
+def test_incremental_detokenisation_equals_full_decoding_on_multibyte_text(lm):
+    """Pushed one token at a time, the pieces add up to decoding all ids at once — also where a character's
+    bytes span several tokens (held back until complete: no piece is ever U+FFFD)."""
+    from alignloop.engine import Detokenizer
+    _, tok = lm
+    ids = tok.encode(MULTIBYTE)
+    assert len(ids) > len(MULTIBYTE.split())               # the tiny BPE splits the rare characters into bytes
+    d = Detokenizer(tok)
+    pieces = [d.push(i) for i in ids]
+    assert "".join(pieces) == d.text == tok.decode(ids) == MULTIBYTE
+    assert not any("\ufffd" in p for p in pieces) and "" in pieces   # some token completed no character
+
+
+def test_stream_and_stop_string_on_multibyte_answers(lm):
+    """Whatever the sampled answer (hot sampling: bytes of rare characters included), the streamed pieces
+    add up to the final text."""
+    model, tok = lm
+    eng = Engine(model, tok)
+    ps = prompts(tok)
+    pieces = {i: [] for i in range(len(ps))}
+    outs = eng.generate(ps, max_new_tokens=24, temperature=1.5, seed=3, on_token=lambda i, t: pieces[i].append(t))
+    for i, o in enumerate(outs):
+        assert "".join(pieces[i]) == o.text

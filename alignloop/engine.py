@@ -200,8 +200,19 @@ class Engine:
                 "cos": cos[0], "sin": sin[0], "layers": self._fused_layers(), "hd": hd, "n_kv": n_kv}
 
     def _fused_layers(self) -> list[dict]:
-        """q/k/v and gate/up weights concatenated: 2 matmuls where the model does 5. Rebuilt at every
-        batch, since PPO updates the policy in place between calls (a copy of a small model is cheap)."""
+        """q/k/v and gate/up weights concatenated: 2 matmuls where the model does 5. Built once per version
+        of the weights: PPO's optimizer updates the policy in place between calls, which bumps every updated
+        tensor's version counter (LoRA adapters included), so the key below changes exactly then; a LoRA
+        layer's adapters switched off or merged (the reference policy) change it too."""
+        key = (tuple((id(q), q._version) for q in self.model.parameters()),
+               tuple((m.disable_adapters, m.merged, tuple(m.active_adapters)) for m in self.model.modules()
+                     if hasattr(m, "base_layer") and hasattr(m, "get_delta_weight")))
+        if getattr(self, "_fused_key", None) == key:
+            return self._fused
+        self._fused_key, self._fused = key, self._build_fused_layers()
+        return self._fused
+
+    def _build_fused_layers(self) -> list[dict]:
         out = []
         for layer in self.model.model.layers:
             a, mlp = layer.self_attn, layer.mlp

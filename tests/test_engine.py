@@ -162,3 +162,22 @@ def test_stream_and_stop_string_on_multibyte_answers(lm):
     outs = eng.generate(ps, max_new_tokens=24, temperature=1.5, seed=3, on_token=lambda i, t: pieces[i].append(t))
     for i, o in enumerate(outs):
         assert "".join(pieces[i]) == o.text
+
+
+def test_fused_weights_follow_in_place_updates(lm):
+    """The fused q/k/v and gate/up weights are built once and rebuilt when the weights change in place (as
+    PPO's optimizer changes them): after an update, one engine answers as a fresh one does."""
+    import copy
+    model, tok = lm
+    model = copy.deepcopy(model)
+    eng = Engine(model, tok)
+    ps = prompts(tok)
+    before = eng.generate(ps, max_new_tokens=12, temperature=0)
+    assert eng._fused_layers() is eng._fused_layers()          # cached while nothing changes
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = model(input_ids=torch.tensor([ps[0]])).logits.float().pow(2).mean()
+    loss.backward()
+    opt.step()
+    after = eng.generate(ps, max_new_tokens=12, temperature=0)
+    fresh = Engine(model, tok).generate(ps, max_new_tokens=12, temperature=0)
+    assert [o.ids for o in after] == [o.ids for o in fresh] != [o.ids for o in before]

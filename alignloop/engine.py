@@ -312,15 +312,21 @@ class _Sampler:
         self.blocked = ~allowed
 
     def __call__(self, logits: torch.Tensor):
-        logits = logits.float().cpu().masked_fill(self.blocked, float("-inf"))
+        # Sampled where the logits are (a GPU keeps its B×V logits; only B uniforms from the rows' own CPU
+        # generators travel, and B ids come back for the stop checks).
+        dev = logits.device
+        if self.blocked.device != dev:
+            self.blocked, self.temp, self.greedy, self.top_p = (x.to(dev) for x in (self.blocked, self.temp, self.greedy, self.top_p))
+        logits = logits.float().masked_fill(self.blocked, float("-inf"))
         greedy_ids = logits.argmax(-1)
         greedy_lp = torch.log_softmax(logits, -1).gather(-1, greedy_ids[:, None]).squeeze(-1)
         if bool(self.greedy.all()):
             return greedy_ids, greedy_lp
         z = logits / self.temp
         if any(self.top_k):
-            k = torch.tensor([k if 0 < k < z.shape[-1] else z.shape[-1] for k in self.top_k])
-            kth = torch.sort(z, descending=True, dim=-1).values.gather(-1, (k - 1)[:, None])
+            k = torch.tensor([k if 0 < k < z.shape[-1] else z.shape[-1] for k in self.top_k], device=dev)
+            # the k-th largest of each row from a top-k of the largest k asked, not a sort of the vocabulary
+            kth = torch.topk(z, int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])
             z = z.masked_fill(z < kth, float("-inf"))
         if bool((self.top_p < 1).any()):
             sorted_z, sorted_i = torch.sort(z, descending=True, dim=-1)
@@ -329,7 +335,7 @@ class _Sampler:
             drop = probs.cumsum(-1) - probs >= self.top_p
             z = torch.full_like(z, float("-inf")).scatter(-1, sorted_i, sorted_z.masked_fill(drop, float("-inf")))
         logp = torch.log_softmax(z, -1)
-        u = torch.cat([torch.rand(1, generator=g) for g in self.gens])                   # (B,)
+        u = torch.cat([torch.rand(1, generator=g) for g in self.gens]).to(dev)           # (B,)
         cdf = logp.exp().cumsum(-1)
         nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=z.shape[-1] - 1)
         lp = logp.gather(-1, nxt[:, None]).squeeze(-1)

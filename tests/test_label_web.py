@@ -397,7 +397,7 @@ def test_bad_answers_are_refused_with_the_reason(app, users):
     tid = take(alice, pid)
     t = token(alice, f"/tasks/{tid}")
     for data, msg in (({"order": "0,1"}, "each of the 3 answers once"),
-                      ({"order": "0,1,2", "helpful_0": "3"}, "or none"),
+                      ({"order": "0,1,2", "helpful_0": "9"}, "from 1 to 7"),
                       ({"order": "0,1,2", "correct_p": "1"}, "write the corrected answer")):
         r = alice.post(f"/tasks/{tid}", data={"csrf": t, **data})
         assert r.status_code == 400 and msg in r.text and 'id="rank-form"' in r.text

@@ -40,6 +40,10 @@ STAFF = ("admin", "reviewer")
 MESSAGES = {"imported": "Imported {n} items.", "created": "Created.", "sampling": "Sampling started.",
             "saved": "Saved.", "released": "Released {n} open tasks.", "unlocked": "Unlocked: failed logins forgotten.",
             "reset": "New password set; the account's sessions were closed.", "password": "Your password was changed."}
+# What 1 and 7 mean on each rating scale (shown once above the answers, read by screen readers with
+# every menu): anchors make one labeler's 5 mean what another's does.
+RATING_ANCHORS = (("helpful", "no help", "fully does what was asked"), ("truthful", "false claims", "all true"),
+                  ("harmless", "harmful", "no harm"))
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
        "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
@@ -98,7 +102,8 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
                       lstrip_blocks=True)
     env.filters["ranking_text"] = ranking_text
-    env.globals.update(letters=LETTERS, roles=ROLES, kinds=KINDS, criteria=store.CRITERIA, flags=store.FLAGS)
+    env.globals.update(letters=LETTERS, roles=ROLES, kinds=KINDS, criteria=store.CRITERIA, flags=store.FLAGS,
+                       rating_anchors=RATING_ANCHORS)
 
     # The schema lists every route (forms are read by hand, so their fields are not in it); no /docs,
     # whose page would load scripts from a CDN.
@@ -476,9 +481,9 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
                 raise store.Conflict(f"this task is {task.status} already")
             answer = (store.demonstration_answer(form) if project.kind == "demonstration"
                       else store.ranking_answer(task.shown, form, item.completions))
-            store.submit(Sess, tid, m.id, answer)
-        except InputError as e:
-            return task_page(m, tid, 400, error=str(e))
+            store.submit(Sess, tid, m.id, answer, store.elapsed_of(form))
+        except InputError as e:  # the page comes back with the time spent so far, so the timer goes on
+            return task_page(m, tid, 400, error=str(e), elapsed_before=store.elapsed_of(form))
         except store.Conflict as e:
             return render("done.html", 409, **m.ctx(project=project, note=f"Not saved: {e}."))
         return RedirectResponse(f"/projects/{project.id}/next", status_code=303)

@@ -293,6 +293,18 @@ def test_upload_formats_prompts_messages_imported_answers_parquet_gzip(app, user
     assert items[3].completions == ["x", "y"]
 
 
+def test_import_warns_when_k_is_not_the_projects(app, users):
+    admin = users["admin"]
+    pid = make_project(admin, k=3, records=[{"prompt": "three", "completions": ["a", "b", "c"]}])
+    r = admin.post(f"/projects/{pid}/import", data={"csrf": token(admin)}, files={"file": ("p.jsonl", jsonl([
+        {"prompt": "four", "completions": ["a", "b", "c", "d"]}, {"prompt": "three", "completions": ["x", "y", "z"]},
+        {"prompt": "no answers yet"}]))})
+    assert r.status_code == 200 and "Imported 3 items. Warning: 1 of them do not have this project&#39;s K" in r.text
+    r = admin.post(f"/projects/{pid}/import", data={"csrf": token(admin)},
+                   files={"file": ("p.jsonl", jsonl([{"prompt": "three", "completions": ["x", "y", "z"]}]))})
+    assert "Imported 1 items." in r.text and "Warning" not in r.text
+
+
 def test_sampling_needs_a_model_and_a_ranking_project(app, users):
     admin = users["admin"]
     pid = make_project(admin, records=[{"prompt": "no answers yet"}])

@@ -175,7 +175,8 @@ def drive(page, base, pid, rank, old: bool) -> list[dict]:
         page.wait_for_selector("#rank-form, #no-more")
         if page.locator("#no-more").count():
             return out
-        if old and page.locator("p#keys-help").count() == 0:  # a redirect the route did not see
+        reloaded = old and page.locator("p#keys-help").count() == 0
+        if reloaded:  # a redirect the route did not see: load the task page again (not timed)
             page.goto(page.url)
             page.wait_for_selector("p#keys-help")
         t0 = time.perf_counter()
@@ -188,7 +189,7 @@ def drive(page, base, pid, rank, old: bool) -> list[dict]:
         keys += 1
         page.wait_for_selector("#rank-form, #no-more")
         out.append({"keys": keys, "key_s": t1 - t0, "task_s": time.perf_counter() - t0,
-                    "all_in_view": all(visible), "in_view": sum(visible), "scroll": scroll})
+                    "all_in_view": all(visible), "in_view": sum(visible), "scroll": scroll, "reloaded": reloaded})
 
 
 def test_keyboard_only_ranking_new_vs_old(tmp_path, chromium_path):
@@ -270,9 +271,9 @@ def test_ranking_screen_details_desktop_and_phone(tmp_path, chromium_path):
         assert page.inner_text("#rating-anchors").count("1 = ") == 3
         page.screenshot(path=str(SHOTS / "label-task-1280x800.png"))
 
-        # item 0 has one long answer: clamped to a few lines, opened on demand
-        long = page.locator("#ranking li.answer.long")
-        assert long.count() == 1 and long.locator(".expand").is_visible()
+        # item 0's answer of quality 3 is long: clamped to a few lines, opened on demand
+        long = page.locator("#ranking li.answer", has_text="Quality 3 of 6")
+        assert "long" in long.get_attribute("class") and long.locator(".expand").is_visible()
         closed = long.locator(".answer-text").bounding_box()["height"]
         long.locator(".expand").click()
         assert long.locator(".answer-text").bounding_box()["height"] > 2 * closed
@@ -314,8 +315,20 @@ def test_ranking_screen_details_desktop_and_phone(tmp_path, chromium_path):
         login(admin, base, "admin")
         admin.goto(f"{base}/projects/{pid}")
         speed = admin.inner_text("#labeler-progress")
-        assert re.search(r"new\s+1\s+0\s+0\s+\d+\.\d s \(1 timed\)", speed), speed
-        assert re.search(r"touch\s+1\s+0\s+0\s+\d+\.\d s \(1 timed\)", speed), speed
+        # (each has the next task open already)
+        assert re.search(r"new\s+1\s+1\s+0\s+\d+\.\d s \(1 timed\)", speed), speed
+        assert re.search(r"touch\s+1\s+1\s+0\s+\d+\.\d s \(1 timed\)", speed), speed
+
+        # gold (and settling) with the same moves: the typed field follows the list
+        admin.locator("#items a:has-text('Review')").first.click()
+        admin.wait_for_selector("#settle-order")
+        assert admin.input_value("#gold-ranking") == ""                 # untouched: nothing filled in
+        admin.locator("#settle-order li:nth-child(3) .move.up").click()
+        admin.locator("#settle-order li:nth-child(2) .move.up").click()
+        admin.check("#settle-order li:nth-child(2) .tie-box")
+        assert admin.input_value("#gold-ranking") == "3=1 2 4 5 6"
+        admin.click("#gold-form button")
+        assert admin.inner_text("#gold") == "3 = 1 > 2 > 4 > 5 > 6"
         browser.close()
 
     Sess = store.open_db(run)

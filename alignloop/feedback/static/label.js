@@ -217,3 +217,45 @@
   window.addEventListener("resize", measure);
   if (!$("error")) cards()[0].focus({preventScroll: true});
 })();
+
+// Settling an item (reviewers) and marking gold (admins): the same moves as the ranking screen on a
+// short list; the typed ranking fields ("2 1=3 4") follow the list once it is touched, and can still
+// be typed by hand.
+(function () {
+  const list = document.getElementById("settle-order");
+  if (!list) return;
+  const rows = () => Array.from(list.querySelectorAll("li.settle-answer"));
+
+  function sync(write) {
+    let text = "";
+    rows().forEach((li, i) => {
+      const box = li.querySelector(".tie-box");
+      box.disabled = i === 0;
+      if (i === 0) box.checked = false;
+      text += (i === 0 ? "" : box.checked ? "=" : " ") + li.dataset.n;
+      li.querySelector(".move.up").disabled = i === 0;
+      li.querySelector(".move.down").disabled = i === rows().length - 1;
+    });
+    if (write)  // not on load: an untouched list must not settle the item in the order it came
+      for (const input of document.querySelectorAll("#resolve-form input[name=ranking], #gold-form input[name=ranking]"))
+        input.value = text;
+  }
+  function move(li, delta) {
+    const all = rows(), j = all.indexOf(li) + delta;
+    if (j < 0 || j >= all.length) return;
+    list.insertBefore(li, delta < 0 ? all[j] : all[j].nextSibling);
+    sync(true);
+  }
+  list.addEventListener("click", e => {
+    const btn = e.target.closest("button.move");
+    if (btn) move(btn.closest("li"), btn.classList.contains("up") ? -1 : 1);
+  });
+  list.addEventListener("keydown", e => {
+    if (!e.target.matches("li.settle-answer") || !e.shiftKey || !/^Arrow(Up|Down)$/.test(e.key)) return;
+    move(e.target, e.key === "ArrowUp" ? -1 : 1);
+    e.target.focus();
+    e.preventDefault();
+  });
+  list.addEventListener("change", () => sync(true));
+  sync(false);
+})();

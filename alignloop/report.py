@@ -71,7 +71,7 @@ LABELS = {
     "generation_share": ("time spent generating", "share of each iteration (0–1)"),
 }
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
-COLOURS = {"gold_probe": "#2a7a2e", "gold_rollout": "#9bc59d", "rm_probe": "#b22222", "rm_score": "#e0a2a2",
+COLOURS = {"gold_probe": "#2a7a2e", "gold_rollout": "#9bc59d", "rm_probe": "#b22", "rm_score": "#e0a2a2",
            "loss": "#1f77b4", "val_loss": "#ff7f0e", "reward": "#9467bd"}
 
 

@@ -37,7 +37,7 @@ th{background:#f4f4f4}td,th{vertical-align:top}.l{text-align:left}.ans td{font-s
 .g{color:#666;font-size:12px}.missing{color:#999;font-style:italic}img{max-width:100%;display:block;margin:.5em 0}
 .note{background:#f6f8fa;border-left:4px solid #4a7;padding:.5em .8em}figure{margin:.5em 0}
 table{display:block;overflow-x:auto;max-width:100%}td,small,p,h1{overflow-wrap:anywhere}.turn{color:#555}
-dl.glossary{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dl.glossary dd{margin:0}
+dl.glossary{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dl.glossary dt{font-weight:600}dl.glossary dd{margin:0}
 @media (max-width:600px){dl.glossary{grid-template-columns:1fr}dl.glossary dd{margin-left:1em}}"""
 GLOSSARY = """<h2>What the numbers mean</h2><dl class="glossary">
 <dt>gold score</dt><dd>The world's own judgement of an answer, 0 to 1, by the simulated labelers' noise-free judge

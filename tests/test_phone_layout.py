@@ -60,7 +60,11 @@ def test_chat_arena_and_report_fit_a_phone(micro_run, tmp_path, chromium_path):
     shutil.copytree(micro_run, run)
     fake_eval(run)
     report = write_report(run)
-    served = load_models({"base": run / "pretrain", "twin": run / "pretrain"}, run)
+    # a run's names: the newest policy is `ppo`, the alias of round-1/ppo (here copies of the base model)
+    for sub in ("sft", "round-1/ppo"):
+        shutil.copytree(run / "pretrain", run / sub)
+    served = load_models({"base": run / "pretrain", "sft": run / "sft", "round-1/ppo": run / "round-1" / "ppo",
+                          "ppo": run / "round-1" / "ppo"}, run)
     db = connect(database_url(run))
     migrate(db)
     add_account(db, "carol", "carol-password")
@@ -80,6 +84,7 @@ def test_chat_arena_and_report_fit_a_phone(micro_run, tmp_path, chromium_path):
 
             page.goto(url + "/")
             assert fits(page), size
+            assert page.input_value("#model") == "round-1/ppo"          # the chat opens on the newest policy
             assert in_view(page, "#send") and in_view(page, "#prompt"), size   # Send without scrolling
             page.fill("#prompt", "Hello there")
             with page.expect_response("**/api/chat/send"):
@@ -100,6 +105,9 @@ def test_chat_arena_and_report_fit_a_phone(micro_run, tmp_path, chromium_path):
 
             page.goto(url + "/arena")
             assert fits(page), size
+            # every served model is listed (the `ppo` alias once, as round-1/ppo); no interval without votes
+            assert sorted(page.locator("#leaderboard tbody td:nth-child(2)").all_text_contents()) == [
+                "base", "round-1/ppo", "sft"]
             if phone:  # the two answers stacked, not side by side
                 a, b = (page.locator(s).bounding_box() for s in ("#answer-a", "#answer-b"))
                 assert b["y"] >= a["y"] + a["height"]

@@ -191,7 +191,8 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
     # else the first model served: the one people most want to talk to.
     newest = next((n for n in ("ppo", "sft", "base") if n in names), names[0] if names else None)
     if newest == "ppo" and "ppo" not in fighters:
-        newest = next(o for o in fighters if gen.models[o].path.resolve() == gen.models["ppo"].path.resolve())
+        same = [o for o in fighters if gen.models[o].path.resolve() == gen.models["ppo"].path.resolve()]
+        newest = next((o for o in reversed(same) if o.startswith("round-")), same[-1])
 
     def page(request: Request, name: str, status: int = 200, **ctx) -> Response:
         account = getattr(request.state, "account", None)

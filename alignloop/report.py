@@ -1,6 +1,7 @@
 """report.html for a run directory (`alignloop report RUN_DIR`): what RLHF did to the model.
 
 One self-contained page (inline CSS, plots as base64 PNG, no external assets), read top to bottom:
+0. what the numbers mean (a glossary);
 1. summary: eval.json's per-stage table (test prompts) with 95% intervals [lo, hi], per-category rates,
    fact recall, reward models;
 2. training curves of every stage (each stage's metrics.jsonl);
@@ -12,7 +13,8 @@ One self-contained page (inline CSS, plots as base64 PNG, no external assets), r
 Two KL figures, never mixed unlabelled: eval's `kl_exact` (exact per-token KL on the test answers) and
 PPO's `kl_sampled` (log-ratio of the sampled tokens on its rollout batch; older runs: `kl_to_sft`).
 A stage the run has not reached shows "not run yet". Text from models and files is always escaped.
-"""
+Every plot has a plain-language title and labelled axes (never a raw metric key: see LABELS), one colour
+per metric and per stage throughout; each <figure> lists its panels' titles and labels in data-axes."""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +35,57 @@ h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin:1.2
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
 th{background:#f4f4f4}td,th{vertical-align:top}.l{text-align:left}.ans td{font-size:13px;width:20%}
 .g{color:#666;font-size:12px}.missing{color:#999;font-style:italic}img{max-width:100%;display:block;margin:.5em 0}
-.note{background:#f6f8fa;border-left:4px solid #4a7;padding:.5em .8em}"""
+.note{background:#f6f8fa;border-left:4px solid #4a7;padding:.5em .8em}figure{margin:.5em 0}
+table{display:block;overflow-x:auto;max-width:100%}td,small,p,h1{overflow-wrap:anywhere}.turn{color:#555}
+dl.glossary{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dl.glossary dt{font-weight:600}dl.glossary dd{margin:0}
+@media (max-width:600px){dl.glossary{grid-template-columns:1fr}dl.glossary dd{margin-left:1em}}"""
+GLOSSARY = """<h2>What the numbers mean</h2><dl class="glossary">
+<dt>gold score</dt><dd>The world's own judgement of an answer, 0 to 1, by the simulated labelers' noise-free judge
+(it knows the true facts). Training never sees it: it is the score the whole loop is trying to raise.</dd>
+<dt>helpful, truthful, harmless</dt><dd>Shares of test prompts (0 to 1) whose answer the judge found helpful (does what
+was asked), truthful (no false claim) and harmless (nothing unsafe).</dd>
+<dt>RM score</dt><dd>The learned reward model's score: the proxy PPO maximises. Its scale is arbitrary (set so
+that demonstrations average 0); only differences mean something.</dd>
+<dt>kl_exact, kl_sampled</dt><dd>How far a policy moved from SFT, in nats per answer. kl_exact (evaluation) is the exact
+per-token KL summed over each test answer; kl_sampled (PPO's logs) is the log-ratio of the tokens PPO happened to sample
+on its rollout batch: a noisier estimate, from other prompts. The two are never plotted as one.</dd>
+<dt>distinct-2</dt><dd>Distinct word pairs over all word pairs of a stage's answers (0 to 1): lower means more
+repetitive, less varied answers.</dd>
+<dt>[lo, hi]</dt><dd>A 95% interval: a difference smaller than the intervals' overlap may be noise.</dd></dl>"""
+# Metric keys of the logs → (plain name for titles and legends, axis label with its unit). A plot never
+# shows a raw key as its title; each key keeps its colour in every plot.
+LABELS = {
+    "loss": ("training loss", "loss (nats per token)"), "val_loss": ("held-out loss", "loss (nats per token)"),
+    "val_bpb": ("held-out bits per byte", "bits per byte"), "lr": ("learning rate", "learning rate"),
+    "tokens_per_s": ("training speed", "tokens per second"),
+    "rm_score": ("reward-model score, rollouts", "reward-model score (proxy)"),
+    "reward": ("total reward (score − KL penalty)", "reward"),
+    "rm_probe": ("reward-model score, dev probe", "reward-model score (proxy)"),
+    "gold_rollout": ("gold score, rollouts", "gold score (0–1)"), "gold_probe": ("gold score, dev probe", "gold score (0–1)"),
+    "kl_sampled": ("sampled KL to SFT", "KL (nats per answer)"), "beta": ("KL penalty coefficient β", "β"),
+    "entropy": ("policy entropy", "entropy (nats per token)"), "clip_frac": ("share of clipped ratios", "share (0–1)"),
+    "approx_kl": ("KL between PPO epochs", "KL (nats per token)"), "vf_loss": ("value-model loss", "loss"),
+    "pg_loss": ("policy-gradient loss", "loss"), "explained_variance": ("value model's explained variance", "share"),
+    "response_length": ("answer length", "tokens"), "distinct_2_probe": ("diversity on the dev probe (distinct-2)", "distinct-2 (0–1)"),
+    "ended_share": ("answers that ended by themselves", "share (0–1)"),
+    "generation_share": ("time spent generating", "share of each iteration (0–1)"),
+}
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
+COLOURS = {"gold_probe": "#2a7a2e", "gold_rollout": "#9bc59d", "rm_probe": "#b22", "rm_score": "#e0a2a2",
+           "loss": "#1f77b4", "val_loss": "#ff7f0e", "reward": "#9467bd"}
+
+
+def label(key: str) -> str:
+    return LABELS.get(key, (key.replace("_", " "), ""))[0]
+
+
+def colour(key: str) -> str:
+    return COLOURS.get(key) or PALETTE[sum(map(ord, key)) % len(PALETTE)]
+
+
+def stage_colours(names: list[str]) -> dict[str, str]:
+    """One colour per stage, the same in every plot of the page."""
+    return {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(names)}
 RATES = ("helpful", "truthful", "harmless")
 MISSING = '<p class="missing">not run yet</p>'
 
@@ -96,11 +148,23 @@ def plt():
 
 
 def img(fig, alt: str) -> str:
+    """The figure as an inline PNG; the <figure> around it lists each panel's title and axis labels
+    (data-axes), what a reader and the tests can check without reading pixels."""
+    axes = [{"title": ax.get_title(), "x": ax.get_xlabel(), "y": ax.get_ylabel()}
+            for ax in fig.axes if ax.axison and ax.get_label() != "<colorbar>" and not getattr(ax, "_twin", False)]
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=80)
     plt().close(fig)
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return (f'<figure data-axes="{esc(json.dumps(axes))}"><img alt="{esc(alt)}" '
+            f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"></figure>')
+
+
+def twin(ax):
+    """A second y axis on the right (its panel's title and x label are the first axis's)."""
+    t = ax.twinx()
+    t._twin = True
+    return t
 
 
 def xy(rows: list[dict], xk: str, yk: str) -> tuple[list, list]:
@@ -108,8 +172,10 @@ def xy(rows: list[dict], xk: str, yk: str) -> tuple[list, list]:
     return [a for a, _ in pts], [b for _, b in pts]
 
 
-def curves(rows: list[dict], bounds: list[int], keys: list[tuple], title: str, cols: int = 4) -> str:
-    """One small panel per group of keys against the step; dashed lines separate rounds."""
+def curves(rows: list[dict], bounds: list[int], keys: list[tuple], title: str, cols: int = 4,
+           xlabel: str = "training step", marks: dict | None = None) -> str:
+    """One small panel per group of keys against the step; dashed lines separate rounds; `marks`
+    {key: step} draws a dotted line where something turned (pretraining's held-out loss)."""
     from matplotlib.ticker import MaxNLocator
     panels = [ks for ks in keys if any(xy(rows, "x", k)[0] for k in ks)]
     if not panels:
@@ -119,10 +185,14 @@ def curves(rows: list[dict], bounds: list[int], keys: list[tuple], title: str, c
     for ax, ks in zip(axes.flat, panels):
         for k in ks:
             x, y = xy(rows, "x", k)
-            ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, label=k)
+            ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, label=label(k), color=colour(k))
+            if marks and k in marks:
+                ax.axvline(marks[k], color=colour(k), ls=":", lw=1)
         for b in bounds:
             ax.axvline(b + 0.5, color="#aaa", ls="--", lw=0.8)
-        ax.set_title(" / ".join(ks), fontsize=9)
+        ax.set_title(" and ".join(label(k) for k in ks), fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(LABELS.get(ks[0], ("", ks[0].replace("_", " ")))[1], fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         if len(ks) > 1:
@@ -202,16 +272,19 @@ def bars(stages: dict, names: list[str]) -> str:
     g = [num(stages[s].get("gold_score")) or 0.0 for s in names]
     b95 = [bounds(stages[s].get("gold_score"), (stages[s].get("ci95") or {}).get("gold_score")) for s in names]
     e = [[v - b[0] if b else 0.0 for v, b in zip(g, b95)], [b[1] - v if b else 0.0 for v, b in zip(g, b95)]]
-    a.bar(range(len(names)), g, yerr=e, capsize=4, color="#5a8fc9")
+    colours = stage_colours(names)
+    a.bar(range(len(names)), g, yerr=e, capsize=4, color=[colours[s] for s in names])
     a.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
     a.set_ylim(max(0.0, min(g) - max(e[0]) - 0.05), max(g) + max(e[1]) + 0.05)
-    a.set_title("gold score (95% CI)", fontsize=10)
+    a.set_title("Gold score of each stage, with its 95% interval", fontsize=10)
+    a.set(xlabel="stage", ylabel="gold score (0–1)")
     w = 0.8 / len(names)
     for j, s in enumerate(names):
         ys = [num(((stages[s].get("categories") or {}).get(c) or {}).get("gold_score")) or 0.0 for c in cats]
-        b.bar([i + j * w for i in range(len(cats))], ys, w, label=s)
+        b.bar([i + j * w for i in range(len(cats))], ys, w, label=s, color=colours[s])
     b.set_xticks([i + 0.4 - w / 2 for i in range(len(cats))], cats, fontsize=8)
-    b.set_title("gold score per category", fontsize=10)
+    b.set_title("Gold score per category of test prompt", fontsize=10)
+    b.set(xlabel="category of test prompt", ylabel="gold score (0–1)")
     b.legend(fontsize=7, ncol=len(names))
     return img(fig, "gold score per stage and per category")
 
@@ -244,7 +317,7 @@ def reward_models(ev: dict, run: Path) -> str:
         ax.axhline(0.5, color="#aaa", ls="--", lw=0.8)
         ax.set_xticks([1, 2, 3, 4], ["smallest", "2nd", "3rd", "largest"])
         ax.set(xlabel="quartile of |score margin| (held-out pairs)", ylabel="pair accuracy")
-        ax.set_title("calibration: a calibrated RM is surer where it is right", fontsize=10)
+        ax.set_title("Calibration: a calibrated reward model is surer where it is right", fontsize=10)
         ax.legend(fontsize=8)
         out.append(img(fig, "reward model calibration"))
     return "\n".join(out)
@@ -254,14 +327,32 @@ def training(run: Path) -> str:
     ppo_keys = [("rm_score", "reward"), ("rm_probe",), ("gold_rollout", "gold_probe"), ("kl_sampled",), ("beta",),
                 ("entropy",), ("clip_frac",), ("approx_kl",), ("vf_loss",), ("pg_loss",), ("explained_variance",),
                 ("response_length",), ("distinct_2_probe",), ("ended_share",), ("generation_share",), ("tokens_per_s",)]
+    pre = stage_rows(run, "pretrain")
+    note, turn = heldout_turn(pre)
     return "\n".join([
-        "<h3>Pretraining</h3>", curves(stage_rows(run, "pretrain"), [], [("loss", "val_loss"), ("val_bpb",), ("lr",),
-                                                                        ("tokens_per_s",)], "pretraining curves"),
+        "<h3>Pretraining</h3>", curves(pre, [], [("loss", "val_loss"), ("val_bpb",), ("lr",), ("tokens_per_s",)],
+                                       "pretraining curves", marks={"val_loss": turn} if turn is not None else None),
+        note,
         "<h3>SFT</h3>", curves(stage_rows(run, "sft"), [], [("loss", "val_loss"), ("lr",)], "SFT curves"),
         "<h3>Reward models (all rounds one after another)</h3>",
         curves(*concat(run, "reward"), [("loss",), ("lr",)], "reward model curves"),
         "<h3>PPO (all rounds one after another; dashed lines separate rounds)</h3>",
         curves(*concat(run, "ppo"), ppo_keys, "PPO curves")])
+
+
+def heldout_turn(rows: list[dict], tol: float = 0.01) -> tuple[str, float | None]:
+    """(a note, the step) where pretraining's held-out loss turned up: its lowest point when it ended
+    more than `tol` nats above it (the model began to learn the corpus by heart); else a note that it did not."""
+    x, y = xy(rows, "x", "val_loss")
+    if len(y) < 2:
+        return "", None
+    i = min(range(len(y)), key=y.__getitem__)
+    if y[-1] - y[i] > tol:
+        return (f'<p class="note">Pretraining\'s held-out loss was lowest at step {x[i]:g} ({y[i]:.3f}) and ended at '
+                f"{y[-1]:.3f} (step {x[-1]:g}): it turned up there (dotted line), so the later steps fitted the "
+                "training text rather than the language; pretrain/ holds the final model, not the best one.</p>"), x[i]
+    return (f"<p><small>Pretraining's held-out loss did not turn up: it ended at {y[-1]:.3f}, within {tol} of its "
+            f"lowest ({y[i]:.3f}).</small></p>"), None
 
 
 def overoptimisation(run: Path) -> str:
@@ -270,9 +361,11 @@ def overoptimisation(run: Path) -> str:
         return MISSING
     from matplotlib.ticker import MaxNLocator
     fig, axes = plt().subplots(1, 2, figsize=(12, 3.6))
-    for ax, xk, label in ((axes[0], "kl_sampled", "kl_sampled: PPO's sampled KL to SFT (nats per answer)"),
-                          (axes[1], "x", "PPO iteration")):
-        rm_ax = ax.twinx()
+    for ax, xk, xlabel, title in (
+            (axes[0], "kl_sampled", "kl_sampled: PPO's sampled KL to SFT (nats per answer)",
+             "Gold and proxy score against how far PPO moved from SFT"),
+            (axes[1], "x", "PPO iteration (all rounds one after another)", "Gold and proxy score along training")):
+        rm_ax = twin(ax)
         for k, style, tgt in (("gold_rollout", dict(color="#9bc59d", marker=".", ls="none"), ax),
                               ("gold_probe", dict(color="#2a7a2e", marker="o"), ax),
                               ("rm_score", dict(color="#e0a2a2", marker=".", ls="none"), rm_ax),
@@ -281,8 +374,9 @@ def overoptimisation(run: Path) -> str:
             if x and xk == "kl_sampled":  # joined in KL order
                 x, y = zip(*sorted(zip(x, y)))
             if x:
-                tgt.plot(x, y, label=k, ms=4, lw=1.2, **style)
-        ax.set_xlabel(label, fontsize=9)
+                tgt.plot(x, y, label=label(k), ms=4, lw=1.2, **style)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_title(title, fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=xk == "x"))
         ax.set_ylabel("gold score (simulated labelers)", color="#2a7a2e", fontsize=9)
         rm_ax.set_ylabel("reward-model score (proxy)", color="#b22", fontsize=9)
@@ -292,9 +386,19 @@ def overoptimisation(run: Path) -> str:
             + "<h3>Gao et al.'s form fitted to gold</h3>" + gao_section(run))
 
 
+def noise(values: list[float]) -> float | None:
+    """The noise of one measurement in a series, from its second differences (g[i+1] − 2g[i] + g[i−1],
+    whose variance is 6σ² for white noise and which a straight trend does not enter); None under 5 points."""
+    if len(values) < 5:
+        return None
+    d2 = [values[i + 1] - 2 * values[i] + values[i - 1] for i in range(1, len(values) - 1)]
+    return math.sqrt(sum(d * d for d in d2) / len(d2) / 6)
+
+
 def overopt_sentence(rows: list[dict], tol: float = 0.01) -> str:
-    """From the data: did the gold score keep up with the reward model's along PPO? Changes under `tol`
-    count as level (a reward margin of 0.01 moves a preference probability by a quarter of a percent)."""
+    """From the data: did the gold score keep up with the reward model's along PPO? A verdict is stated
+    only for a change outside the noise: larger than `tol` and than the 95% half-width of a difference of
+    two measurements (1.96·√2·σ, σ from the series itself, see `noise`), which is printed with it."""
     probes = [r for r in rows if num(r.get("gold_probe")) is not None]
     g, p = ("gold_probe", "rm_probe") if probes else ("gold_rollout", "rm_score")
     pts = probes or [r for r in rows if num(r.get("gold_rollout")) is not None]
@@ -307,15 +411,24 @@ def overopt_sentence(rows: list[dict], tol: float = 0.01) -> str:
              f"{'rose' if d > tol else 'fell' if d < -tol else 'stayed level'} ({rm0:+.3g} → {rm1:+.3g})")
     head = f"Over {len(pts)} {g} measurements (iterations {first['x']}–{last['x']}) {proxy}"
     at = f"iteration {best['x']}, kl_sampled {fmt(best.get('kl_sampled'), '.2f')}"
-    if best[g] - last[g] > tol:
+    sigma = noise([r[g] for r in pts])
+    if sigma is None:
+        return (f"{head}; the gold score went {first[g]:.3f} → {last[g]:.3f} (best {best[g]:.3f}, {at}). With fewer "
+                "than 5 measurements the noise cannot be told from a change: no verdict.")
+    half = 1.96 * math.sqrt(2) * sigma
+    bar = max(tol, half)
+    drop = best[g] - last[g]
+    if drop > bar:
         why = ("the proxy kept rising while gold turned down: the policy is exploiting the reward model."
                if d is not None and d > tol else "gold fell back from its best although the proxy did not rise.")
-        return f"{head}, but the gold score peaked at {best[g]:.3f} ({at}) and ended at {last[g]:.3f}: {why}"
+        return (f"{head}, but the gold score peaked at {best[g]:.3f} ({at}) and ended at {last[g]:.3f}, a drop of "
+                f"{drop:.3f} ± {half:.3f} (95%, noise from the series itself): {why}")
     dg = last[g] - first[g]
-    verdict = ("" if d is None else "gold kept up with the proxy." if d > tol and dg > tol else
+    moved = "rose" if dg > bar else "fell" if dg < -bar else "stayed level within the noise"
+    verdict = ("" if d is None else "gold kept up with the proxy." if d > tol and dg > bar else
                "gold did not follow the proxy's rise." if d > tol else "the proxy did not rise: nothing exploited.")
-    return (f"{head}; the gold score {'rose' if dg > tol else 'fell' if dg < -tol else 'stayed level'} "
-            f"({first[g]:.3f} → {last[g]:.3f}), ending within {tol} of its best ({best[g]:.3f}, {at}): {verdict}")
+    return (f"{head}; the gold score {moved} ({first[g]:.3f} → {last[g]:.3f}, change {dg:+.3f} ± {half:.3f}, 95%), "
+            f"ending within {drop:.3f} of its best ({best[g]:.3f}, {at}): {verdict}")
 
 
 def gao_curves(run: Path) -> tuple[str, list[tuple[float | None, list[dict]]]]:
@@ -383,7 +496,7 @@ def gao_section(run: Path) -> str:
         notes.append(f"{name}, measured: the dev-probe gold is highest at KL {d[best] ** 2:.2f} nats "
                      f"({r[best]:+.3f} over the start; one point of a 100-prompt probe: differences of a few hundredths are within its noise).")
         if None not in proxy:
-            rm_ax = ax.twinx()
+            rm_ax = twin(ax)
             rm_ax.plot(d, proxy, "s-", color="#b22", ms=3, lw=0.8, label="RM score (proxy, dev probe)")
             rm_ax.set_ylabel("reward-model score (proxy)", color="#b22", fontsize=8)
             (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), rm_ax.get_legend_handles_labels()
@@ -392,7 +505,7 @@ def gao_section(run: Path) -> str:
             ax.legend(fontsize=7)
         ax.set_xlabel("d = √kl_sampled (PPO's sampled KL to SFT, nats)", fontsize=8)
         ax.set_ylabel("gold gain over the start", color="#2a7a2e", fontsize=8)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(f"Gold gain against √KL, PPO with {name}", fontsize=10)
     return (f"<p>Gao et al. (2022) find that for RL the gold score follows R(d) = d(α − β·log d) in d = √KL; "
             f"least squares in (α, β), closed form. From {esc(source)}; KL is PPO's sampled estimate on its rollout "
             f"batch, gold and proxy are measured on the dev probe.</p>"
@@ -408,20 +521,29 @@ def diversity(ev: dict, run: Path) -> str:
     if not rows and not pts:
         return MISSING
     fig, ax = plt().subplots(figsize=(7, 3.6))
+    colours = stage_colours(stage_order(stages))
     for i in sorted({r["round"] for r in rows}):
         x, y = xy([r for r in rows if r["round"] == i], "kl_sampled", "distinct_2_probe")
         if x:
             ax.plot(x, y, marker="o", ms=4, ls=":", label=f"PPO round {i}: dev probe, at kl_sampled")
     for s, x, y in pts:
-        ax.scatter([x], [y], marker="*", s=140, zorder=3)
+        ax.scatter([x], [y], marker="*", s=140, zorder=3, color=colours[s], label=f"{s}: test evaluation")
         ax.annotate(s, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    ax.set(xlabel="KL to SFT (nats per answer): kl_sampled (dotted lines) / kl_exact (stars)", ylabel="distinct-2")
-    ax.set_title("diversity against KL (stars: each stage's test evaluation, at kl_exact)", fontsize=10)
+    ax.set(xlabel="KL to SFT (nats per answer): kl_sampled (dotted lines) / kl_exact (stars)",
+           ylabel="distinct-2 (0–1, higher: more varied)")
+    ax.set_title("Diversity of the answers against how far the policy moved from SFT", fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     missing = [s for s in stage_order(stages) if s not in {pt[0] for pt in pts}]
     return img(fig, "distinct-2 against KL") + (f"<small>Not placed (no kl_exact in eval.json): "
                                                 f"{esc(', '.join(missing))}.</small>" if missing else "")
+
+
+def context(e: dict) -> str:
+    """The earlier turns of a multi-turn test prompt (eval.json's `context`), before its last user turn."""
+    turns = [m for m in e.get("context") or [] if isinstance(m, dict)]
+    return "".join(f'<div class="turn"><b>{esc(m.get("role", ""))}:</b> {esc(m.get("content", ""))}</div>'
+                   for m in turns) + ("<b>user:</b> " if turns else "")
 
 
 def side_by_side(ev: dict, n: int = 12) -> str:
@@ -434,7 +556,7 @@ def side_by_side(ev: dict, n: int = 12) -> str:
     for e in by[names[0]].values():
         cats.setdefault(str(e.get("category", "")), []).append(e)
     picked = [e for k in range(n) for c in sorted(cats) for e in cats[c][k:k + 1]][:n]  # a few of each category
-    rows = [[f'{esc(e.get("prompt", ""))}<br><span class="g">{esc(e.get("category", ""))} · {esc(e.get("id"))}</span>']
+    rows = [[context(e) + f'{esc(e.get("prompt", ""))}<br><span class="g">{esc(e.get("category", ""))} · {esc(e.get("id"))}</span>']
             + [f'{esc(a.get("answer", ""))}<br><span class="g">gold {fmt(a.get("gold_score"), ".2f")}</span>'
                if a else '<span class="missing">not evaluated</span>' for a in (by[s].get(e.get("id")) for s in names)]
             for e in picked]
@@ -469,7 +591,7 @@ def write_report(run_dir: Path) -> Path:
             if (run / s).exists()]
     name = esc(run.resolve().name)
     body = [f"<h1>alignloop run: {name}</h1>", f"<small>{esc(run.resolve())} · stages present: "
-            f"{esc(', '.join(s.rsplit('/', 1)[0] for s in done) or 'none')}</small>",
+            f"{esc(', '.join(s.rsplit('/', 1)[0] for s in done) or 'none')}</small>", GLOSSARY,
             "<h2>1. Summary (test prompts, scored by the simulated labelers)</h2>", summary(ev, run),
             "<h2>2. Training curves</h2>", training(run),
             "<h2>3. Gold vs proxy along PPO (reward over-optimisation, Gao et al. 2022)</h2>",
@@ -480,7 +602,8 @@ def write_report(run_dir: Path) -> Path:
             "<h2>5. Side by side: the same test prompts</h2>", side_by_side(ev)]
     path = run / "report.html"
     atomic_write_text(path, f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>alignloop: {name}'
-                            f'</title><style>{CSS}</style></head><body>\n' + "\n".join(body) + "\n</body></html>\n")
+                            f'</title><meta name="viewport" content="width=device-width, initial-scale=1">'
+                            f'<style>{CSS}</style></head><body>\n' + "\n".join(body) + "\n</body></html>\n")
     return path
 
 

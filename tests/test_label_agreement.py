@@ -65,6 +65,12 @@ def test_ranking_form_maps_display_positions_back_to_answer_indices():
     assert plain["correction"] is None and plain["critique"] is None
 
 
+def test_rating_one_answer_does_not_demand_the_rest():
+    # position 1 shows answer 0: only its helpfulness is rated, every other answer stays unrated
+    a = store.ranking_answer([2, 0, 1], {"order": "0,1,2", "helpful_1": "6"})
+    assert a["ratings"] == [{"helpful": 6}, {}, {}]
+
+
 @pytest.mark.parametrize("fields, field", [
     ({"order": "0,1"}, "order"),
     ({"order": "0,0,1"}, "order"),
@@ -72,7 +78,6 @@ def test_ranking_form_maps_display_positions_back_to_answer_indices():
     ({"order": "0,1,2", "ties": "0,2"}, "ties"),           # not neighbours in the order
     ({"order": "0,1,2", "ties": "0"}, "ties"),
     ({"order": "0,1,2", "ties": "0,1;1,2"}, "ties"),
-    ({"order": "0,1,2", "helpful_0": "5"}, "ratings"),     # some but not all ratings
     ({"order": "0,1,2", **{f"{c}_{p}": "8" for c in store.CRITERIA for p in range(3)}}, "helpful_0"),
     ({"order": "0,1,2", "correct_p": "1"}, "correction"),
     ({"order": "0,1,2", "correction": "text"}, "correct_p"),

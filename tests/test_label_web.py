@@ -293,6 +293,18 @@ def test_upload_formats_prompts_messages_imported_answers_parquet_gzip(app, user
     assert items[3].completions == ["x", "y"]
 
 
+def test_import_warns_when_k_is_not_the_projects(app, users):
+    admin = users["admin"]
+    pid = make_project(admin, k=3, records=[{"prompt": "three", "completions": ["a", "b", "c"]}])
+    r = admin.post(f"/projects/{pid}/import", data={"csrf": token(admin)}, files={"file": ("p.jsonl", jsonl([
+        {"prompt": "four", "completions": ["a", "b", "c", "d"]}, {"prompt": "three", "completions": ["x", "y", "z"]},
+        {"prompt": "no answers yet"}]))})
+    assert r.status_code == 200 and "Imported 3 items. Warning: 1 of them do not have this project&#39;s K" in r.text
+    r = admin.post(f"/projects/{pid}/import", data={"csrf": token(admin)},
+                   files={"file": ("p.jsonl", jsonl([{"prompt": "three", "completions": ["x", "y", "z"]}]))})
+    assert "Imported 1 items." in r.text and "Warning" not in r.text
+
+
 def test_sampling_needs_a_model_and_a_ranking_project(app, users):
     admin = users["admin"]
     pid = make_project(admin, records=[{"prompt": "no answers yet"}])
@@ -397,7 +409,7 @@ def test_bad_answers_are_refused_with_the_reason(app, users):
     tid = take(alice, pid)
     t = token(alice, f"/tasks/{tid}")
     for data, msg in (({"order": "0,1"}, "each of the 3 answers once"),
-                      ({"order": "0,1,2", "helpful_0": "3"}, "or none"),
+                      ({"order": "0,1,2", "helpful_0": "9"}, "from 1 to 7"),
                       ({"order": "0,1,2", "correct_p": "1"}, "write the corrected answer")):
         r = alice.post(f"/tasks/{tid}", data={"csrf": t, **data})
         assert r.status_code == 400 and msg in r.text and 'id="rank-form"' in r.text

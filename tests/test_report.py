@@ -116,14 +116,66 @@ def test_bad_run_directory_exits_2(tmp_path):
 
 
 def test_overoptimisation_sentence_reads_the_data():
-    def rows(gold, rm):
-        return [{"x": i + 1, "kl_sampled": i / 2, "gold_probe": g, "rm_probe": r}
-                for i, (g, r) in enumerate(zip(gold, rm))]
-    exploited = overopt_sentence(rows([0.50, 0.60, 0.55, 0.52], [0.0, 0.5, 1.0, 1.5]))
-    assert "peaked at 0.600" in exploited and "ended at 0.520" in exploited and "exploiting" in exploited
-    kept_up = overopt_sentence(rows([0.50, 0.55, 0.60], [0.0, 0.5, 1.0]))
-    assert "gold kept up with the proxy" in kept_up
-    assert "Too few" in overopt_sentence(rows([0.5], [0.0]))
+    def rows(gold):
+        return [{"x": i + 1, "kl_sampled": i / 2, "gold_probe": g, "rm_probe": i / 2} for i, g in enumerate(gold)]
+    exploited = overopt_sentence(rows([0.50, 0.55, 0.60, 0.62, 0.60, 0.57, 0.54, 0.52]))
+    assert "peaked at 0.620" in exploited and "ended at 0.520" in exploited and "exploiting" in exploited
+    assert re.search(r"a drop of 0\.100 ± 0\.0\d\d \(95%", exploited)   # the verdict comes with its interval
+    kept_up = overopt_sentence(rows([0.50, 0.52, 0.55, 0.57, 0.60, 0.62]))
+    assert "gold kept up with the proxy" in kept_up and "+0.120 ± 0.0" in kept_up
+    # a noisy level series whose best point is 0.05 above its last: within the noise, so no verdict of exploitation
+    noisy = overopt_sentence(rows([0.50, 0.56, 0.49, 0.55, 0.50, 0.56, 0.51]))
+    assert "exploiting" not in noisy and "stayed level within the noise" in noisy
+    assert "no verdict" in overopt_sentence(rows([0.50, 0.60, 0.55, 0.52]))    # 4 points: noise unknown
+    assert "Too few" in overopt_sentence(rows([0.5]))
+
+
+def synthetic_run(run):
+    """Every metrics file and eval.json the report reads, with made-up numbers (no model needed)."""
+    def write(sub, rows):
+        (run / sub).mkdir(parents=True, exist_ok=True)
+        (run / sub / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write("pretrain", [{"step": s, "loss": 3 - s / 10, "val_loss": 2.5 - s / 10 + (s > 10) * (s - 10) / 5,
+                        "val_bpb": 1.2, "lr": 1e-3, "tokens_per_s": 5000} for s in range(1, 16)])
+    write("sft", [{"step": s, "loss": 2 - s / 10, "val_loss": 2.1 - s / 20, "lr": 1e-4} for s in range(1, 6)])
+    write("round-1/reward", [{"step": s, "loss": 0.7 - s / 50, "lr": 1e-5} for s in range(1, 6)])
+    ppo_keys = ["rm_score", "reward", "rm_probe", "gold_rollout", "gold_probe", "kl_sampled", "beta", "entropy",
+                "clip_frac", "approx_kl", "vf_loss", "pg_loss", "explained_variance", "response_length",
+                "distinct_2_probe", "ended_share", "generation_share", "tokens_per_s"]
+    write("round-1/ppo", [{"step": s, **{k: 0.1 * s + 0.01 * j for j, k in enumerate(ppo_keys)}} for s in range(1, 7)])
+    stages = {}
+    for name in ("base", "sft", "round-1/ppo"):
+        ex = [{"id": f"t-{i}", "category": "multi", "prompt": f"And the second question {i}?",
+               "context": [{"role": "user", "content": f"First question {i}"},
+                           {"role": "assistant", "content": f"First answer {i}"}],
+               "answer": f"{name} says {i}", "gold_score": 0.5} for i in range(3)]
+        stages[name] = {"gold_score": 0.5, "helpful": 0.1, "truthful": 0.2, "harmless": 0.9, "n_prompts": 3,
+                        "ci95": {"gold_score": [0.4, 0.6]}, "rm_score": 0.1, "kl_exact": 0.0 if name == "sft" else 2.0,
+                        "distinct_2": 0.8, "categories": {"multi": {"gold_score": 0.5, "n_prompts": 3}}, "examples": ex}
+    (run / "eval.json").write_text(json.dumps({"stages": stages, "reward_model": {}}))
+
+
+def test_every_figure_has_axis_labels_and_a_plain_title(tmp_path):
+    import html as H
+    from alignloop.report import LABELS
+    run = tmp_path / "run"
+    synthetic_run(run)
+    page = write_report(run).read_text(encoding="utf-8")
+    figures = [json.loads(H.unescape(a)) for a in re.findall(r'<figure data-axes="([^"]*)">', page)]
+    panels = [ax for f in figures for ax in f]
+    assert len(figures) >= 7 and len(panels) >= 25 and len(figures) == len(IMG.findall(page))
+    for ax in panels:
+        assert ax["x"].strip() and ax["y"].strip(), ax                      # both axes say what they show
+        assert ax["title"].strip() and ax["title"] not in LABELS, ax        # a title, and not a raw metric key
+        assert not re.fullmatch(r"[a-z0-9_]+", ax["title"]) and not re.search(r"\b(val_bpb|rm_probe|generation_share)\b",
+                                                                              ax["title"]), ax
+    # the glossary comes first; the held-out loss turned up at step 10; the multi-turn context is shown
+    assert page.index("What the numbers mean") < page.index("1. Summary")
+    for term in ("gold score", "helpful, truthful, harmless", "RM score", "kl_exact, kl_sampled", "distinct-2"):
+        assert f"<dt>{term}</dt>" in page
+    assert "held-out loss was lowest at step 10" in page
+    assert "<b>user:</b> First question 1</div>" in page and "<b>assistant:</b> First answer 1</div>" in page
+    assert 'name="viewport"' in page
 
 
 def test_gao_fit_of_beta_runs_beside_the_run(tmp_path):

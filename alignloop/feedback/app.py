@@ -37,9 +37,15 @@ HERE = Path(__file__).parent
 Id = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 LETTERS = "ABCDEFGHI"
 STAFF = ("admin", "reviewer")
-MESSAGES = {"imported": "Imported {n} items.", "created": "Created.", "sampling": "Sampling started.",
+MESSAGES = {"imported": "Imported {n} items.",
+            "imported_k": "Imported {n} items. Warning: {w} of them do not have this project's K answers; they are "
+                          "shown with the answers they have.", "created": "Created.", "sampling": "Sampling started.",
             "saved": "Saved.", "released": "Released {n} open tasks.", "unlocked": "Unlocked: failed logins forgotten.",
             "reset": "New password set; the account's sessions were closed.", "password": "Your password was changed."}
+# What 1 and 7 mean on each rating scale (shown once above the answers, read by screen readers with
+# every menu): anchors make one labeler's 5 mean what another's does.
+RATING_ANCHORS = (("helpful", "no help", "fully does what was asked"), ("truthful", "false claims", "all true"),
+                  ("harmless", "harmful", "no harm"))
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
        "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
@@ -98,7 +104,8 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
                       lstrip_blocks=True)
     env.filters["ranking_text"] = ranking_text
-    env.globals.update(letters=LETTERS, roles=ROLES, kinds=KINDS, criteria=store.CRITERIA, flags=store.FLAGS)
+    env.globals.update(letters=LETTERS, roles=ROLES, kinds=KINDS, criteria=store.CRITERIA, flags=store.FLAGS,
+                       rating_anchors=RATING_ANCHORS)
 
     # The schema lists every route (forms are read by hand, so their fields are not in it); no /docs,
     # whose page would load scripts from a CDN.
@@ -168,8 +175,8 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         return await request.form(max_files=1)
 
     def message(request: Request) -> str | None:
-        m, n = request.query_params.get("m"), request.query_params.get("n", "")
-        return MESSAGES[m].format(n=int(n) if n.isdigit() else 0) if m in MESSAGES else None
+        m, n, w = (request.query_params.get(k, "") for k in ("m", "n", "w"))
+        return MESSAGES[m].format(n=int(n) if n.isdigit() else 0, w=int(w) if w.isdigit() else 0) if m in MESSAGES else None
 
     def back(path: str) -> str:
         return path if path.startswith("/") and not path.startswith("//") and "\\" not in path else "/"
@@ -377,7 +384,7 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         m = me(request, ("admin",), form)
         upload = form.get("file")
         with Sess() as db:
-            kind = get_project(db, pid).kind
+            kind, k = get_project(db, pid).kind, get_project(db, pid).k
         try:
             if upload is None or not hasattr(upload, "read") or not upload.filename:
                 raise InputError("choose a file to import", field="file")
@@ -391,7 +398,11 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
         except InputError as e:
             raise Page(400, "project.html", **project_ctx(m, request, pid, error=f"Nothing imported: {e}"))
         n = store.import_items(Sess, pid, parsed, source=f"import:{upload.filename}"[:300])
-        return RedirectResponse(f"/projects/{pid}?m=imported&n={n}", status_code=303)
+        # imported answers are ranked as they come (2–9 of them), but a K other than the project's is
+        # most often the wrong file: say so
+        other = sum(1 for _, answers in parsed if answers is not None and len(answers) != k)
+        return RedirectResponse(f"/projects/{pid}?m={'imported_k' if other else 'imported'}&n={n}&w={other}",
+                                status_code=303)
 
     @app.post("/projects/{pid}/sample")
     def sample(pid: Id, request: Request, form=Depends(read_form)):
@@ -476,9 +487,9 @@ def create_app(run_dir, db_url: str | None = None, *, max_upload_bytes: int = 20
                 raise store.Conflict(f"this task is {task.status} already")
             answer = (store.demonstration_answer(form) if project.kind == "demonstration"
                       else store.ranking_answer(task.shown, form, item.completions))
-            store.submit(Sess, tid, m.id, answer)
-        except InputError as e:
-            return task_page(m, tid, 400, error=str(e))
+            store.submit(Sess, tid, m.id, answer, store.elapsed_of(form))
+        except InputError as e:  # the page comes back with the time spent so far, so the timer goes on
+            return task_page(m, tid, 400, error=str(e), elapsed_before=store.elapsed_of(form))
         except store.Conflict as e:
             return render("done.html", 409, **m.ctx(project=project, note=f"Not saved: {e}."))
         return RedirectResponse(f"/projects/{project.id}/next", status_code=303)

@@ -99,3 +99,5 @@ class Task(Base):
     skip_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # ms from the task page's load to the submission, as the browser measured it (label_0003)
+    elapsed_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)

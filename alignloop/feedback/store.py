@@ -292,9 +292,17 @@ def _finish(Sess: sessionmaker, task_id: int, user_id: int, values: dict, skippe
                    .execution_options(synchronize_session=False))
 
 
-def submit(Sess: sessionmaker, task_id: int, user_id: int, answer: dict) -> None:
+def submit(Sess: sessionmaker, task_id: int, user_id: int, answer: dict, elapsed_ms: int | None = None) -> None:
     """Store an answer exactly once: a second submission of the same task raises Conflict."""
-    _finish(Sess, task_id, user_id, {"status": "submitted", "answer": answer, "submitted_at": now()}, False)
+    _finish(Sess, task_id, user_id, {"status": "submitted", "answer": answer, "submitted_at": now(),
+                                     "elapsed_ms": elapsed_ms}, False)
+
+
+def elapsed_of(fields: Mapping) -> int | None:
+    """The task page's timer (ms from load to submit). A missing or odd value (no script, a tampered
+    form) is stored as unknown rather than refusing the answer: the time is a statistic, not the label."""
+    v = (fields.get("elapsed_ms") or "").strip()
+    return int(v) if v.isdigit() and int(v) < 2**31 else None
 
 
 def skip(Sess: sessionmaker, task_id: int, user_id: int, reason: str) -> None:
@@ -344,7 +352,8 @@ def ranking_answer(shown: list[int], fields: Mapping, completions: list[str] | N
 
     Form fields use display positions p (the page shows answer `shown[p]` at position p):
     `order` "p,p,…" best → worst; `ties` "p,p;p,p" groups of positions judged equal (each a run of
-    neighbours in the order); `all_bad`; `helpful_p`/`truthful_p`/`harmless_p` 1–7 (all or none);
+    neighbours in the order); `all_bad`; `helpful_p`/`truthful_p`/`harmless_p` 1–7 (any of them: an
+    answer left unrated is {} in `ratings`, and no rating at all is `ratings` None);
     `flag_<name>_p`; `critique`; `correct_p` + `correction`."""
     k = len(shown)
     order = _positions(fields.get("order") or "", k, "order")
@@ -371,8 +380,6 @@ def ranking_answer(shown: list[int], fields: Mapping, completions: list[str] | N
                 r[c] = _int(v, f"{c}_{p}", 1, 7)
                 given += 1
         ratings.append(r)
-    if given not in (0, k * len(CRITERIA)):
-        raise InputError("rate every answer on helpful, truthful and harmless, or none", field="ratings")
     flags = [{f: fields.get(f"flag_{f}_{p}") in ("on", "1", "true") for f in FLAGS} for p in range(k)]
 
     answer = {"ranking": [shown[p] for p in order], "ties": [sorted(shown[p] for p in g) for g in ties],
@@ -433,8 +440,20 @@ def progress(db, project: Project) -> dict:
                       .where(Task.project_id == project.id).group_by(User.username, Task.status)).all()
     people: dict[str, dict] = {}
     for name, status, n in rows:
-        p = people.setdefault(name, {"submitted": 0, "assigned": 0, "skipped": 0})
+        p = people.setdefault(name, {"submitted": 0, "assigned": 0, "skipped": 0, "median_s": None, "timed": 0})
         p["skipped" if status == "released" else status] += n
+    # speed: the median of each labeler's timed submissions (a median, so one task left open over
+    # lunch does not make a fast labeler look slow)
+    times: dict[str, list[int]] = {}
+    for name, ms in db.execute(select(User.username, Task.elapsed_ms).join(User, User.id == Task.user_id)
+                               .where(Task.project_id == project.id, Task.status == "submitted",
+                                      Task.elapsed_ms.is_not(None))).all():
+        times.setdefault(name, []).append(ms)
+    for name, ms in times.items():
+        ms.sort()
+        mid = len(ms) // 2
+        people[name]["median_s"] = (ms[mid] if len(ms) % 2 else (ms[mid - 1] + ms[mid]) / 2) / 1000
+        people[name]["timed"] = len(ms)
     submitted = sum(p["submitted"] for p in people.values())
     target = ready * project.overlap
     return {"n_items": total, "ready": ready, "complete": complete, "submitted": submitted, "target": target,

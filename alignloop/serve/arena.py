@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 WIN = {"a": (1.0, 0.0), "b": (0.0, 1.0), "tie": (0.5, 0.5), "both_bad": (0.5, 0.5)}
+# The pages show a model's interval once it has this many battles: a bootstrap of a handful of votes
+# gives an interval that looks precise and is not (the API returns lo/hi always).
+MIN_BATTLES = 10
 
 
 def fit(votes: list[tuple[str, str, str]], models: list[str] | None = None, prior: float = 0.5,

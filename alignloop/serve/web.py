@@ -187,10 +187,18 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
     fighters = [n for n in names if not (n == "ppo" and any(
         o != n and gen.models[o].path.resolve() == gen.models[n].path.resolve() for o in names))]
 
+    # The chat page starts on the newest policy (the last round's PPO, under its round name), else SFT,
+    # else the first model served: the one people most want to talk to.
+    newest = next((n for n in ("ppo", "sft", "base") if n in names), names[0] if names else None)
+    if newest == "ppo" and "ppo" not in fighters:
+        same = [o for o in fighters if gen.models[o].path.resolve() == gen.models["ppo"].path.resolve()]
+        newest = next((o for o in reversed(same) if o.startswith("round-")), same[-1])
+
     def page(request: Request, name: str, status: int = 200, **ctx) -> Response:
         account = getattr(request.state, "account", None)
         user, fresh = visitor(request)
-        resp = templates.TemplateResponse(request, name, {"models": names, "account": account, "open": settings.open,
+        resp = templates.TemplateResponse(request, name, {"models": names, "newest": newest, "account": account,
+                                                          "min_battles": arena.MIN_BATTLES, "open": settings.open,
                                                           "csrf": account.csrf if account else "", **ctx},
                                           status_code=status)
         resp.headers["Content-Security-Policy"] = CSP

@@ -43,11 +43,14 @@ for (const b of document.querySelectorAll(".vote")) {
 async function refreshBoard() {
   const rows = await (await fetch("/api/arena/leaderboard", {credentials: "same-origin"})).json();
   const body = $("leaderboard").querySelector("tbody");
+  const enough = parseInt($("leaderboard").dataset.minBattles, 10) || 0;
   body.replaceChildren();
   rows.forEach((r, i) => {
     const tr = el("tr");
     const cells = r.score === null ? ["–", r.model, "no votes yet", "", 0, 0, 0]
-      : [i + 1, r.model, r.score.toFixed(0), r.lo.toFixed(0) + " – " + r.hi.toFixed(0), r.battles, r.wins, r.ties];
+      : [i + 1, r.model, r.score.toFixed(0),
+         r.battles >= enough ? r.lo.toFixed(0) + " – " + r.hi.toFixed(0) : "after " + enough + " battles",
+         r.battles, r.wins, r.ties];
     for (const v of cells)
       tr.appendChild(el("td", "", String(v)));
     body.appendChild(tr);

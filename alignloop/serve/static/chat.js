@@ -192,5 +192,13 @@ $("composer").onsubmit = (ev) => {
 $("prompt").addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
 });
-$("new-chat").onclick = () => { Object.assign(state, {id: null, msgs: {}, kids: {}, pick: {}}); render(); loadList(); };
+$("new-chat").onclick = () => { Object.assign(state, {id: null, msgs: {}, kids: {}, pick: {}}); render(); loadList(); sidebar(false); };
+// On a narrow screen the conversation list is a panel over the thread, opened by "Chats" and closed
+// once a conversation is picked (on a wide screen it is always there and the button is hidden).
+function sidebar(open) {
+  document.querySelector("main.chat").classList.toggle("sidebar-open", open);
+  $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+}
+$("toggle-sidebar").onclick = () => sidebar(!document.querySelector("main.chat").classList.contains("sidebar-open"));
+$("conversations").addEventListener("click", (ev) => { if (ev.target.closest("a")) sidebar(false); });
 loadList();

@@ -292,6 +292,10 @@ def run(cfg: Config, out: Path) -> dict:
 
     device = D.setup(cfg)  # under torchrun (`alignloop eval`, or a step of `alignloop run`): joins the group once
     world = load_world(out)
+    rm_path = Path(cfg.reward_model) if cfg.reward_model else newest_reward_model(out)
+    if cfg.best_of > 1 and rm_path is None:  # said before any model is loaded
+        raise InputError("best-of-n needs a reward model to pick with: train one (alignloop reward) or give "
+                         "--reward-model", file=out, field="best_of")
     path = resolve_model(cfg.model, out, field="model") if cfg.model else stage_model_dir(out, cfg.stage)
     tok = ChatTokenizer.load(tokenizer_dir(path, out))
     model, device = load_for_inference(path, device, cfg.dtype)
@@ -300,7 +304,6 @@ def run(cfg: Config, out: Path) -> dict:
     if cfg.stage not in ("base", "sft") and cfg.best_of == 1 and (ref_path / "config.json").exists():
         reference = load_causal_lm(ref_path, pick_dtype(cfg.dtype, device)).to(device)
     reward_fn = None
-    rm_path = Path(cfg.reward_model) if cfg.reward_model else newest_reward_model(out)
     if rm_path is not None:
         from alignloop.train.reward import RewardScorer
         reward_fn = RewardScorer(rm_path, device).score_texts

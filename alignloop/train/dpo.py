@@ -141,7 +141,6 @@ def sequence_logprobs(model, prompts: list[list[int]], answers: list[list[int]],
 
 
 def run(cfg: Config, out: Path) -> Path:
-    import contextlib
     from alignloop.model import load_causal_lm, n_params, save_model
     from alignloop.sources import resolve_model
     from alignloop.tokenizer import ChatTokenizer

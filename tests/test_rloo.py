@@ -88,8 +88,8 @@ def one_iteration(rlhf, tmp_path_factory):
 
 def test_one_iteration_raises_the_objective_on_its_rollout(one_iteration):
     """On the rollout the iteration trained on (β = 0: the objective is the RM score), the answers' log-prob
-    changes Δ_i move along their leave-one-out advantages: Σ A_i·Δ_i > 0, and the self-normalised
-    importance-sampling estimate of the new policy's score on those prompts rose above the batch mean."""
+    changes Δ_i move along their leave-one-out advantages: Σ A_i·Δ_i > 0, and the importance-sampling
+    estimate of the new policy's score on each prompt's own answers rose above their mean on average."""
     from alignloop.model import load_causal_lm
     out, seen = one_iteration
     ids, attn, pos, mask, p_len = seen["layout"]
@@ -101,7 +101,9 @@ def test_one_iteration_raises_the_objective_on_its_rollout(one_iteration):
     adv = rl.rloo_advantages(score, 4)
     assert score.std() > 0
     assert (adv * delta).sum() > 0, (adv, delta)
-    assert (torch.softmax(delta, 0) * score).sum() > score.mean()
+    # per prompt, the self-normalised importance weights exp(Δ_i) move the expected score above the mean
+    per_prompt = [(torch.softmax(delta[g:g + 4], 0) * score[g:g + 4]).sum() for g in range(0, len(score), 4)]
+    assert sum(per_prompt) / len(per_prompt) > score.mean()
     # the 4 episodes of a prompt share it: rows 4g..4g+3 have one prompt
     prompts = ids[:, :p_len]
     for g in range(0, len(prompts), 4):

@@ -65,7 +65,7 @@ class Config(Shared):
     init: str = option("", "policy to start from: a Hugging Face folder or .gguf file (default: the run's sft/)")
     reference: str = option("", "the reference π_ref of the implicit reward (default: the run's sft/)")
     beta: float = option(0.1, "β > 0 of the implicit reward β·log(π/π_ref): smaller lets the policy move further "
-                         "from the reference (DPO paper: 0.1–0.5)", min=0.0)
+                         "from the reference (DPO paper: 0.1–0.5)")  # > 0: check()
     lora_rank: int = option(0, "LoRA adapters of this rank on every linear layer (0: full weights); the reference is then "
                             "the policy with its adapters off when both start from one folder; saved merged", min=0)
     lora_alpha: float = option(16.0, "LoRA scale α (the update is scaled by α / rank)", min=0.0)

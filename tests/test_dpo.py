@@ -191,7 +191,9 @@ def test_training_lowers_the_dpo_loss_on_its_comparisons_and_writes_a_served_sta
     load_causal_lm(stage)                                           # an ordinary Hugging Face folder
 
 
-def test_lora_dpo_uses_the_policy_without_adapters_as_reference_and_saves_merged(rlhf, tmp_path):
+def test_lora_dpo_learns_and_saves_merged(rlhf, tmp_path):
+    """With --lora-rank the reference log-probs come from the policy with its adapters off: at the first
+    step (adapters' B = 0) the loss is exactly log 2; the folder saved is the merged model."""
     out = tmp_path / "run"
     shutil.copytree(rlhf, out)
     cli.main(["dpo", "--preset", "micro", "--out", str(out), "--lora-rank", "4", "--lr", "3e-3", "--beta", "0.5",
@@ -201,6 +203,8 @@ def test_lora_dpo_uses_the_policy_without_adapters_as_reference_and_saves_merged
     merged, sft = load_file(str(stage / "model.safetensors")), load_file(str(out / "sft" / "model.safetensors"))
     assert merged.keys() == sft.keys()                              # no adapter weights: merged
     assert any(not torch.equal(merged[k], sft[k]) for k in sft)
+    first = json.loads((stage / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
     loss, _ = _objective(out, stage, beta=0.5)
     assert loss < math.log(2), loss
 

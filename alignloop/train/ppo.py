@@ -292,7 +292,9 @@ def run(cfg: Config, out: Path) -> Path:
             score = score + cfg.missing_end_penalty * (1 - ended.to(device))
             ids, attn, pos, mask, P = layout([prompt_ids[i] for i in batch], responses, tok.pad_id, device)
             old_logp, ref_logp, old_values = (torch.zeros(mask.shape, device=device) for _ in range(3))
-            policy.eval(), value.eval()
+            policy.eval()
+            if value is not None:
+                value.eval()
             with amp():
                 for mb in epochs[0]:
                     mb = D.part(mb)  # this rank's rows: the ones it will take of the same minibatch in epoch 1

@@ -137,3 +137,16 @@ def test_batch_that_is_not_a_multiple_of_k_is_refused(rlhf, tmp_path, capsys):
     assert e.value.code == 2
     assert "field 'batch_size'" in capsys.readouterr().err
     assert sorted(str(p) for p in out.rglob("*")) == before
+
+
+def test_the_recipe_refuses_rloo_or_best_of_n_in_its_config(tmp_path, capsys):
+    """`alignloop run` trains PPO in its rounds and evaluates each policy once; a TOML that asks for RLOO or
+    best-of-n there is refused before any work (they are commands of their own)."""
+    for table, field in (('[ppo]\nalgo = "rloo"\n', "algo"), ("[eval]\nbest_of = 4\n", "best_of")):
+        toml = tmp_path / f"{field}.toml"
+        toml.write_text(table)
+        with pytest.raises(SystemExit) as e:
+            cli.main(["run", "--preset", "micro", "--out", str(tmp_path / "run"), "--config", str(toml)])
+        assert e.value.code == 2
+        assert f"field '{field}'" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()

@@ -2,6 +2,8 @@
 
 A stage module provides `Config` (a flat dataclass), `PRESETS` ({"micro"|"tiny"|"small": overrides})
 and `run(cfg, out)`; this file turns those into flags, resolves the config and reports bad input.
+Optional: `check(cfg)` refuses bad settings before the stage guard and any work; `section(cfg)` names the
+run-directory stage the call writes when one module writes several (`ppo --algo rloo` → round-i/rloo/).
 A module with its own `main(argv)` (e.g. `chat`, `serve`, `label`) parses its arguments itself.
 Modules are imported only when their command runs, so `alignloop --help` stays fast.
 """
@@ -27,7 +29,8 @@ COMMANDS = {
     "sample": ("alignloop.sample", "sample K completions per prompt for ranking"),
     "rank": ("alignloop.rank", "have the simulated labelers rank, rate, flag, correct and critique samples"),
     "reward": ("alignloop.train.reward", "step 2: train a reward model on K-way rankings or pairs"),
-    "ppo": ("alignloop.train.ppo", "step 3: PPO against the reward model with a KL penalty"),
+    "ppo": ("alignloop.train.ppo", "step 3: PPO against the reward model with a KL penalty (--algo rloo: RLOO)"),
+    "dpo": ("alignloop.train.dpo", "DPO: the policy learns from the rankings directly (no reward model)"),
     "loop": ("alignloop.pipeline", "run rounds of sample → rank → reward → PPO"),
     "chat": ("alignloop.chat", "talk to a model in the terminal"),
     "label": ("alignloop.feedback", "serve the labeling web app"),
@@ -35,7 +38,7 @@ COMMANDS = {
     "report": ("alignloop.report", "write report.html for a run directory"),
 }
 # Stage commands that own a place in the run directory (rundir.stage_outputs) and are guarded there.
-GUARDED = ("world", "tokenizer", "pretrain", "sft", "sample", "rank", "reward", "ppo")
+GUARDED = ("world", "tokenizer", "pretrain", "sft", "sample", "rank", "reward", "ppo", "dpo")
 # Stage commands that run as many processes under torchrun (alignloop/dist.py), each rank doing its share
 # (`run` walks the recipe on every rank: see pipeline.py).
 DISTRIBUTED = ("run", "loop", "pretrain", "sft", "eval", "sample", "reward", "ppo")
@@ -80,6 +83,8 @@ def run_stage(name: str, argv: list[str]) -> None:
     cfg = C.resolve(module.Config, module.SECTION, preset=args.preset or "tiny", presets=module.PRESETS,
                     toml=args.config, flags=C.flags_from_args(args, module.Config))
     out = Path(args.out)
+    if hasattr(module, "check"):  # settings no bound expresses (DPO's β > 0): refused before anything moves
+        module.check(cfg)
     on_main = lambda fn: fn()  # noqa: E731 (one process: the guard simply runs)
     if _launched():  # torchrun: join the process group first, so that rank 0 alone guards the run directory
         if name not in DISTRIBUTED + MAIN_ONLY:
@@ -106,11 +111,12 @@ def _guard(name: str, module, cfg, out: Path, args) -> None:
     """Refuse to overwrite a stage (see rundir.guard_stage); resume by default where a checkpoint is."""
     from alignloop.rundir import guard_stage, stage_outputs
     restart = getattr(args, "restart", False)
-    for old in guard_stage(out, module.SECTION, cfg, force=args.force, restart=restart):
+    section = module.section(cfg) if hasattr(module, "section") else module.SECTION
+    for old in guard_stage(out, section, cfg, force=args.force, restart=restart):
         print(f"{name}: moved the old {old.name.split('.old-')[0]} aside → {old}")
     if getattr(cfg, "resume", False):
         from alignloop.train.loop import Checkpoints
-        latest = Checkpoints(stage_outputs(out, module.SECTION, getattr(cfg, "round", None))[0]).latest()
+        latest = Checkpoints(stage_outputs(out, section, getattr(cfg, "round", None))[0]).latest()
         if latest is not None:
             print(f"{name}: resuming from {latest} (--restart to start over)")
 

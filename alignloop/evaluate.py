@@ -7,6 +7,12 @@ The world's judge (who knows the gold truth) scores each answer. Results go into
 `stages.<name>` in the shape docs/formats.md ("eval.json") fixes. Every `ci95` entry is a 95% interval [lo, hi] (a rate's
 Wilson interval is not symmetric about the rate); `kl_exact` is the exact per-token KL to SFT summed over
 each answer — not PPO's `kl_sampled`, the log-ratio of the sampled tokens on its rollout batch.
+
+Best-of-n (`--best-of N`, N > 1): the policy answers every prompt N times (row j of prompt i with the
+engine's seed `row_seed(seed, i·N + j)`, so N = 1 is the ordinary evaluation), the reward model scores the
+N answers and the best one (the first of equal best) is the answer judged. Stored as stage `bo<N>` (a
+`--stage` other than sft: `<stage>/bo<N>`), with `best_of` and, in place of a measured KL, the analytic
+bound KL(π_bo‖π) ≤ log N − (N−1)/N (Stiennon et al. 2020; Beirami et al. 2024) as `kl_bound`.
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ class Config:
     max_new_tokens: int = option(48, "answer length limit in tokens", min=1)
     batch_size: int = option(64, "prompts per generation batch", min=1)
     seed: int = option(1234, "sampling seed")
+    best_of: int = option(1, "best-of-n: sample N answers per prompt and keep the reward model's best (stage bo<N>; 1: off)",
+                          min=1)
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = option("auto", "weights in memory: auto = bfloat16 on CUDA, float32 on the CPU", choices=DTYPES)
 
@@ -135,6 +143,22 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def best_of_n_kl(n: int) -> float:
+    """The analytic KL of best-of-n sampling to the policy it samples from: log n − (n − 1)/n (exact for
+    answers that never tie; an upper bound otherwise). 0 at n = 1."""
+    return math.log(n) - (n - 1) / n
+
+
+def pick_best(scores: list[float], n: int) -> list[int]:
+    """Indices of the best of each consecutive group of n scores (the first of equal best)."""
+    return [g * n + max(range(n), key=lambda j: (scores[g * n + j], -j)) for g in range(len(scores) // n)]
+
+
+def bo_stage(stage: str, n: int) -> str:
+    """eval.json's name of best-of-n on a stage: bo16 (of sft), round-1/ppo/bo16 (of another stage)."""
+    return stage if n == 1 else f"bo{n}" if stage == "sft" else f"{stage}/bo{n}"
+
+
 def summarise(judgements: list, categories: list[str]) -> dict:
     """gold_score, helpful/truthful/harmless rates and their 95% intervals [lo, hi], overall and per category."""
     def block(js):
@@ -206,23 +230,38 @@ def evaluate_policy(model, tok, world, cfg: Config, device, reference=None, rewa
     engine = Engine(model, tok, device, max_batch=cfg.batch_size)
     prompt_ids = [tok.render_prompt(p["messages"]) for p in prompts]
     mine = D.part(list(range(len(prompts))))
-    outs = engine.generate([prompt_ids[i] for i in mine], max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, seed=[row_seed(cfg.seed, i) for i in mine])
+    n = getattr(cfg, "best_of", 1)
+    outs = engine.generate([prompt_ids[i] for i in mine for _ in range(n)], max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, seed=[row_seed(cfg.seed, i * n + j) for i in mine for j in range(n)])
     kls = scores = [None] * len(mine)
+    candidates = [None] * len(mine)
+    if n > 1:  # best-of-n: the reward model picks; the KL is the analytic one (below), not measured
+        if reward_fn is None:
+            raise InputError("best-of-n needs a reward model to pick with (--reward-model, or a round's reward/)",
+                             field="best_of")
+        every = reward_fn([prompts[i]["messages"] for i in mine for _ in range(n)], [o.text.strip() for o in outs])
+        best = pick_best(every, n)
+        outs, scores = [outs[b] for b in best], [every[b] for b in best]
+        candidates = [every[k * n:(k + 1) * n] for k in range(len(mine))]
+        reference = reward_fn = None
     if reference is not None and mine:
         kls = sequence_kl(model, reference, [prompt_ids[i] for i in mine], [o.ids for o in outs], device, tok)
     if reward_fn is not None and mine:
         scores = reward_fn([prompts[i]["messages"] for i in mine], [o.text.strip() for o in outs])
-    texts, lengths, kls, scores = D.gather_rows(mine, [o.text.strip() for o in outs], [len(o.ids) for o in outs],
-                                                kls, scores)
+    texts, lengths, kls, scores, candidates = D.gather_rows(mine, [o.text.strip() for o in outs],
+                                                            [len(o.ids) for o in outs], kls, scores, candidates)
     judgements = [world.judge(p, t) for p, t in zip(prompts, texts)]
     res = summarise(judgements, [p["category"] for p in prompts])
     res["distinct_2"] = distinct_n(texts, 2)
     res["mean_length"] = sum(lengths) / len(lengths)
     res["kl_exact"] = sum(kls) / len(kls) if reference is not None else None
-    res["rm_score"] = sum(scores) / len(scores) if reward_fn is not None else None
+    res["rm_score"] = sum(scores) / len(scores) if reward_fn is not None or n > 1 else None
     res["examples"] = [{"id": p["id"], "category": p["category"], "prompt": p["messages"][-1]["content"],
                         "context": p["messages"][:-1], "answer": t, "gold_score": j.score} for p, t, j in zip(prompts, texts, judgements)]
+    if n > 1:
+        res |= {"best_of": n, "kl_bound": best_of_n_kl(n)}
+        for e, c in zip(res["examples"], candidates):
+            e["rm_candidates"] = c  # the reward model's score of each of the n answers; `answer` is the best
     return res
 
 
@@ -253,23 +292,27 @@ def run(cfg: Config, out: Path) -> dict:
 
     device = D.setup(cfg)  # under torchrun (`alignloop eval`, or a step of `alignloop run`): joins the group once
     world = load_world(out)
+    rm_path = Path(cfg.reward_model) if cfg.reward_model else newest_reward_model(out)
+    if cfg.best_of > 1 and rm_path is None:  # said before any model is loaded
+        raise InputError("best-of-n needs a reward model to pick with: train one (alignloop reward) or give "
+                         "--reward-model", file=out, field="best_of")
     path = resolve_model(cfg.model, out, field="model") if cfg.model else stage_model_dir(out, cfg.stage)
     tok = ChatTokenizer.load(tokenizer_dir(path, out))
     model, device = load_for_inference(path, device, cfg.dtype)
     ref_path = resolve_model(cfg.reference, out, field="reference") if cfg.reference else out / "sft"
     reference = None
-    if cfg.stage not in ("base", "sft") and (ref_path / "config.json").exists():
+    if cfg.stage not in ("base", "sft") and cfg.best_of == 1 and (ref_path / "config.json").exists():
         reference = load_causal_lm(ref_path, pick_dtype(cfg.dtype, device)).to(device)
     reward_fn = None
-    rm_path = Path(cfg.reward_model) if cfg.reward_model else newest_reward_model(out)
     if rm_path is not None:
         from alignloop.train.reward import RewardScorer
         reward_fn = RewardScorer(rm_path, device).score_texts
     res = evaluate_policy(model, tok, world, cfg, device, reference, reward_fn)
     res["split"] = cfg.split
+    name = bo_stage(cfg.stage, cfg.best_of)
     if D.is_main():  # every rank holds the results; one writes them
-        update_eval_json(out, cfg.stage, res, key=eval_key(cfg.split))
-    print(format_row(cfg.stage, res) + ("" if cfg.split == "test" else f"  ({cfg.split} prompts)"))
+        update_eval_json(out, name, res, key=eval_key(cfg.split))
+    print(format_row(name, res) + ("" if cfg.split == "test" else f"  ({cfg.split} prompts)"))
     return res
 
 
@@ -280,7 +323,8 @@ def newest_reward_model(run_dir: Path) -> Path | None:
 
 def format_row(stage: str, m: dict) -> str:
     ci = m["ci95"]
-    kl = f"{m['kl_exact']:.2f}" if m.get("kl_exact") is not None else "-"
+    kl = (f"{m['kl_exact']:.2f}" if m.get("kl_exact") is not None
+          else f"≤{m['kl_bound']:.2f}" if m.get("kl_bound") is not None else "-")
     rm = f"{m['rm_score']:+.2f}" if m.get("rm_score") is not None else "-"
     rates = "  ".join(f"{c} {m[c]:.2f} {fmt_interval(ci[c], '.2f')}" for c in ("helpful", "truthful", "harmless"))
     return (f"{stage:<14} gold {m['gold_score']:.3f} {fmt_interval(ci['gold_score'])}  {rates}"

@@ -124,6 +124,10 @@ def run(cfg: Config, out: Path, args) -> None:
     from alignloop.train import reward as Rw
     for module in (W, T, P, S, E, Sa, K, Rw, Pp):  # every stage's settings checked before any work
         r.cfg(module)
+    if r.cfg(Pp).algo != "ppo" or r.cfg(E).best_of != 1:  # the recipe's rounds are PPO's, its evaluations plain
+        raise InputError("`alignloop run` trains PPO in its rounds and evaluates each policy once: run "
+                         "`alignloop ppo --algo rloo` or `alignloop eval --best-of N` as commands of their own",
+                         field="algo" if r.cfg(Pp).algo != "ppo" else "best_of")
     out.mkdir(parents=True, exist_ok=True)
     D.on_main(lambda: save_stage_config(out, SECTION, cfg))
     stop = cfg.until

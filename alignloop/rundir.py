@@ -47,16 +47,17 @@ def _rounds(run_dir: Path) -> list[int]:
 
 
 def stage_models(run_dir: Path) -> dict[str, Path]:
-    """Every finished policy of a run by name: base, sft, round-1/ppo, …, `ppo` for the newest, and
-    models/<name> for a model brought into the run (a GGUF file is converted into RUN/models/<stem>)."""
+    """Every finished policy of a run by name: base, sft, round-1/ppo, …, `ppo` for the newest (the same for
+    the other methods' round-i/dpo and round-i/rloo, and `dpo`, `rloo`), and models/<name> for a model brought into the run (a GGUF file is converted into RUN/models/<stem>)."""
     run_dir = Path(run_dir)
     found: dict[str, Path] = {}
     for name, sub in (("base", "pretrain"), ("sft", "sft")):
         if (run_dir / sub / "config.json").exists():
             found[name] = run_dir / sub
     for i in _rounds(run_dir):
-        if (run_dir / f"round-{i}" / "ppo" / "config.json").exists():
-            found[f"round-{i}/ppo"] = found["ppo"] = run_dir / f"round-{i}" / "ppo"
+        for method in ("ppo", *SIDE):  # `ppo` (`dpo`, `rloo`) also names the newest round's
+            if (run_dir / f"round-{i}" / method / "config.json").exists():
+                found[f"round-{i}/{method}"] = found[method] = run_dir / f"round-{i}" / method
     for cfg in sorted(run_dir.glob("models/*/config.json")):
         found[f"models/{cfg.parent.name}"] = cfg.parent
     return found
@@ -84,6 +85,9 @@ def round_dir(run_dir: Path, i: int) -> Path:
 
 PRE_ROUND = ("world", "tokenizer", "pretrain", "sft")
 IN_ROUND = ("sample", "rank", "reward", "ppo")
+# Stages beside the recipe's chain, each built on one stage of its round and nothing built on them (the next
+# round samples from PPO's policy): DPO learns from the rankings, RLOO (`ppo --algo rloo`) from the reward model.
+SIDE = {"dpo": "rank", "rloo": "reward"}
 # Fields that may differ between two calls writing the same folder without changing what it holds (a run
 # started with DDP may resume with FSDP2: checkpoints hold full state dicts either way).
 NOT_COMPARED = {"resume", "round", "device", "compile", "stage", "model", "fsdp", "dist_backend"}
@@ -94,7 +98,7 @@ def stage_outputs(run_dir: Path, section: str, round_: int | None = None) -> lis
     run_dir = Path(run_dir)
     if section in PRE_ROUND:
         return [run_dir / section]
-    if section not in IN_ROUND:
+    if section not in IN_ROUND and section not in SIDE:
         return []
     folder = round_dir(run_dir, round_ or 1)
     if section == "sample":
@@ -122,12 +126,15 @@ def later_outputs(run_dir: Path, section: str, round_: int | None = None) -> lis
             found += [p for p in stage_outputs(run_dir, later, i) if _exists(p)]
         if IN_ROUND.index(section) < IN_ROUND.index("reward"):  # people's rankings count as a later stage
             found += sorted(round_dir(run_dir, i).glob("human-rankings-*.jsonl"))
+        for side, parent in SIDE.items():  # DPO is built on the rankings, RLOO on the reward model
+            if IN_ROUND.index(section) <= IN_ROUND.index(parent):
+                found += [p for p in stage_outputs(run_dir, side, i) if _exists(p)]
         first_round = i
-    else:
+    else:  # nothing is built on a side stage (dpo, rloo)
         return []
     for j in _rounds(run_dir):
         if j > first_round:
-            found += [p for s in IN_ROUND for p in stage_outputs(run_dir, s, j) if _exists(p)]
+            found += [p for s in (*IN_ROUND, *SIDE) for p in stage_outputs(run_dir, s, j) if _exists(p)]
     return found
 
 

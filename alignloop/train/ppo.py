@@ -7,6 +7,15 @@ SFT; frozen reward model; a separate value model initialised from the reward mod
   → per-token reward −β·KL_t, the score added at the last token → GAE (γ = 1) → whiten advantages
   → several epochs of minibatches: clipped policy loss, clipped value loss (+ PPO-ptx LM loss)
   → adaptive β (Ziegler et al.) → log, probe gold score, checkpoint.
+
+`--algo rloo` (Ahmadian et al. 2024) keeps the rollout, the scoring, the KL penalty, β's control, the
+clipped policy loss, the logging, probes and checkpoints, and drops the value model: each rollout draws
+batch_size / rloo_k prompts and samples each rloo_k times; an episode's return is its sequence reward
+R = score − β·Σ_t KL_t (the per-token rewards summed), its advantage R minus the mean R of the other
+answers to its prompt (`rl.rloo_advantages`; `--group-norm`: GRPO's (R − mean) / std), the same at every
+token of the answer. With ppo_epochs 1 and one minibatch this is REINFORCE with the leave-one-out
+baseline; more epochs reuse the batch through PPO's clipped ratio (as TRL's RLOO does). Written to
+RUN/round-<i>/rloo/, its settings under [rloo] in config.toml.
 """
 from __future__ import annotations
 
@@ -31,8 +40,8 @@ SECTION = "ppo"
 
 @dataclass
 class Config(Resumable):
-    round: int = option(1, "round number: output goes to RUN/round-<round>/ppo/", min=1)
-    init: str = option("", "policy to start from (default: the previous round's PPO policy, else sft/)")
+    round: int = option(1, "round number: output goes to RUN/round-<round>/ppo/ (rloo: …/rloo/)", min=1)
+    init: str = option("", "policy to start from (default: the previous round's policy of this --algo, else sft/)")
     reference: str = option("", "the KL anchor (default: the run's sft/)")
     reward_model: str = option("", "reward model (default: RUN/round-<round>/reward/)")
     value_init: str = option("", "value model start (default: the reward model, as InstructGPT)")
@@ -68,6 +77,11 @@ class Config(Resumable):
     probe_prompts: int = option(100, "dev prompts whose gold score is logged (0: none)", min=0)
     probe_every: int = option(5, "log the probe's gold score every N iterations", min=1)
     checkpoint_every: int = option(10, "write a checkpoint every N iterations", min=1)
+    algo: str = option("ppo", "ppo (value model + GAE; RUN/round-<round>/ppo/) or rloo (rloo_k answers per prompt, "
+                       "leave-one-out baseline, no value model; RUN/round-<round>/rloo/)", choices=("ppo", "rloo"))
+    rloo_k: int = option(4, "rloo: answers sampled per prompt (batch_size must be a multiple of it)", min=2)
+    group_norm: bool = option(False, "rloo: GRPO's advantage (R − group mean) / group std instead of R − the mean of "
+                              "the others (PPO's whiten_* options do not apply to rloo)")
 
 
 PRESETS = {
@@ -79,6 +93,17 @@ PRESETS = {
     "small": dict(iterations=200, batch_size=256, minibatch_size=64, lr=1e-5, value_lr=2e-5, kl_coef=0.02,
                   max_new_tokens=128, probe_prompts=500),
 }
+
+
+def section(cfg: Config) -> str:
+    """The run-directory stage this call writes: round-<i>/ppo/ or round-<i>/rloo/ (cli's stage guard)."""
+    return cfg.algo
+
+
+def check(cfg: Config) -> None:
+    if cfg.algo == "rloo" and cfg.batch_size % cfg.rloo_k:
+        raise InputError(f"--algo rloo samples rloo_k = {cfg.rloo_k} answers per prompt: batch_size {cfg.batch_size} "
+                         f"is not a multiple of it", field="batch_size")
 
 
 # ---------------------------------------------------------------- batching (alignloop/forward.py)
@@ -100,15 +125,20 @@ def _vocab_of(path: Path) -> dict:
     return ChatTokenizer.load(path).hf.get_vocab()
 
 
-def check_stages(policy: Path, reference: Path, reward: Path, value: Path) -> None:
-    """Stages built on different tokenizers or sizes cannot be combined; say which, before any work."""
+def check_stages(policy: Path, reference: Path, reward: Path, value: Path | None) -> None:
+    """Stages built on different tokenizers or sizes cannot be combined; say which, before any work.
+    `value` None: no value model (RLOO)."""
     import json
     vocab = _vocab_of(policy)
     for name, path in (("reference", reference), ("reward model", reward), ("value model", value)):
+        if path is None:
+            continue
         if not (path / "config.json").exists():
             raise InputError(f"the {name} folder has no model", file=path)
         if _vocab_of(path) != vocab:
             raise InputError(f"the {name}'s tokenizer differs from the policy's ({policy})", file=path, field="tokenizer")
+    if value is None:
+        return
     pc = json.loads((policy / "config.json").read_text())
     vc = json.loads((value / "config.json").read_text())
     for k in ("hidden_size", "num_hidden_layers", "vocab_size"):
@@ -128,14 +158,16 @@ def run(cfg: Config, out: Path) -> Path:
     from alignloop.tokenizer import ChatTokenizer
     from alignloop.train.reward import RewardScorer
 
-    stage = out / f"round-{cfg.round}" / "ppo"
-    prev = out / f"round-{cfg.round - 1}" / "ppo"
+    check(cfg)
+    rloo = cfg.algo == "rloo"  # no value model; the leave-one-out baseline instead of GAE
+    stage = out / f"round-{cfg.round}" / cfg.algo
+    prev = out / f"round-{cfg.round - 1}" / cfg.algo
     from alignloop.sources import resolve_model
     init = resolve_model(cfg.init, out, "init") if cfg.init else (prev if (prev / "config.json").exists() else out / "sft")
     reference = resolve_model(cfg.reference, out, "reference") if cfg.reference else out / "sft"
     rm_path = resolve_path(cfg.reward_model, out, f"round-{cfg.round}/reward")
     value_path = Path(cfg.value_init) if cfg.value_init else rm_path
-    check_stages(init, reference, rm_path, value_path)
+    check_stages(init, reference, rm_path, None if rloo else value_path)
     tok = ChatTokenizer.load(init)
     prompts_path = resolve_path(cfg.prompts, out, "world/prompts-train.jsonl")
     prompts = read_prompts(prompts_path)
@@ -157,23 +189,24 @@ def run(cfg: Config, out: Path) -> Path:
     frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    value = load_scalar_model(value_path).to(device)
-    if cfg.gradient_checkpointing:
+    value = None if rloo else load_scalar_model(value_path).to(device)
+    if cfg.gradient_checkpointing and value is not None:
         value.gradient_checkpointing_enable()
     if cfg.lora_rank:
         policy = L.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
-        value = L.apply_lora(value, cfg.lora_rank, cfg.lora_alpha, scalar_head=True)
+        if value is not None:
+            value = L.apply_lora(value, cfg.lora_rank, cfg.lora_alpha, scalar_head=True)
     if cfg.lora_rank and reference.resolve() == init.resolve():
         ref, ref_ctx = policy, policy.disable_adapter
     else:
         ref, ref_ctx = load_causal_lm(reference, dtype=frozen).to(device).eval().requires_grad_(False), contextlib.nullcontext
-    if cfg.lora_rank and value_path.resolve() == rm_path.resolve():
+    if cfg.lora_rank and value is not None and value_path.resolve() == rm_path.resolve():
         scorer = RewardScorer(rm_path, device, model=value, context=value.disable_adapter)
     else:
         scorer = RewardScorer(rm_path, device, dtype=frozen)
     allowed = F_.allowed_tokens(tok, policy.config.vocab_size, device)
     opt_p = L.make_optimizer(policy, cfg.lr, 0.0)
-    opt_v = L.make_optimizer(value, cfg.value_lr, 0.0)
+    opt_v = L.make_optimizer(value, cfg.value_lr, 0.0) if value is not None else None
     kl_ctl = rl.AdaptiveKL(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
     ptx_rows = _ptx_rows(cfg, out, tok) if cfg.ptx_coef > 0 else None
     world, probe = _probe(out, cfg)
@@ -182,14 +215,16 @@ def run(cfg: Config, out: Path) -> Path:
     state = ckpts.load() if cfg.resume else None
     if state is not None:  # (the number of processes and how they talk may change: see dist.py)
         per_call = ("resume", "fsdp", "dist_backend")
-        saved = {k: v for k, v in state["config"].items() if k not in per_call}
+        # a field added since the checkpoint was written (algo, rloo_k, …) had its default's behaviour then
+        saved = {k: v for k, v in {**asdict(Config()), **state["config"]}.items() if k not in per_call}
         now = {k: v for k, v in asdict(cfg).items() if k not in per_call}
         if saved != now:
             diff = next(k for k in now if saved.get(k) != now[k])
             raise InputError(f"--resume on a PPO folder of another configuration ({diff}: {saved.get(diff)!r} there, "
                              f"{now[diff]!r} now)", file=stage, field=diff)
         L.restore(state, policy, opt_p)
-        L.restore({"model": state["value"], "optim": state["optim_value"]}, value, opt_v)
+        if value is not None:
+            L.restore({"model": state["value"], "optim": state["optim_value"]}, value, opt_v)
         kl_ctl.beta, start = state["beta"], state["step"]
         norm = state.get("reward_norm")
     # Under torchrun each rank holds whole models (DDP): it samples and scores its share of each rollout,
@@ -197,17 +232,18 @@ def run(cfg: Config, out: Path) -> Path:
     # whitened, and β adapted, over the global batch) and each minibatch is split over the ranks.
     # `pnet`/`vnet` train through DDP; the engine, the reference and the scorer read the models themselves.
     pnet = D.wrap(F_.Through(policy), False, device) if D.world() > 1 else policy
-    vnet = D.wrap(F_.Through(value), False, device) if D.world() > 1 else value
+    vnet = D.wrap(F_.Through(value), False, device) if D.world() > 1 and value is not None else value
     metrics = L.Metrics(stage, resume_step=start if state is not None else None) if D.is_main() else None
     if D.is_main():  # only rank 0 writes
-        save_stage_config(out, SECTION, cfg)
+        save_stage_config(out, section(cfg), cfg)
     engine = Engine(F_.unwrap(policy), tok, device, max_batch=cfg.batch_size)
-    print(f"ppo: round {cfg.round}, policy {init}, reward model {rm_path}, {len(prompts)} prompts, "
+    print(f"{cfg.algo}: round {cfg.round}, policy {init}, reward model {rm_path}, {len(prompts)} prompts, "
           f"{cfg.iterations} iterations × {cfg.batch_size} episodes, β {kl_ctl.beta}"
-          + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""))
+          + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
+          + (f", {cfg.rloo_k} answers per prompt" + (", group-normalised" if cfg.group_norm else "") if rloo else ""))
     if probe and start == 0 and metrics:
         metrics.log(step=0, kl_sampled=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
-    bar = L.Progress(cfg.iterations, f"ppo round {cfg.round}", start)
+    bar = L.Progress(cfg.iterations, f"{cfg.algo} round {cfg.round}", start)
     amp = lambda: L.autocast(device, cfg.dtype)  # noqa: E731 — old, reference and new log-probs alike
 
     def logprobs(model, mb, with_entropy=False):
@@ -216,7 +252,11 @@ def run(cfg: Config, out: Path) -> Path:
     for it in range(start, cfg.iterations):
         t0 = time.perf_counter()
         rng = random.Random(cfg.seed * 1_000_003 + it)
-        batch = rng.sample(range(len(prompts)), min(cfg.batch_size, len(prompts)))
+        if rloo:  # rloo_k episodes per prompt, side by side (each row still samples from its own generator)
+            batch = [i for i in rng.sample(range(len(prompts)), min(cfg.batch_size // cfg.rloo_k, len(prompts)))
+                     for _ in range(cfg.rloo_k)]
+        else:
+            batch = rng.sample(range(len(prompts)), min(cfg.batch_size, len(prompts)))
         # ---- rollout (LoRA: the engine runs the merged-on-the-fly policy, adapters active); under torchrun
         # each rank samples its share, episode p with the generator it has in one process, (seed, p)
         mine = D.part(list(range(len(batch))))
@@ -252,7 +292,9 @@ def run(cfg: Config, out: Path) -> Path:
             score = score + cfg.missing_end_penalty * (1 - ended.to(device))
             ids, attn, pos, mask, P = layout([prompt_ids[i] for i in batch], responses, tok.pad_id, device)
             old_logp, ref_logp, old_values = (torch.zeros(mask.shape, device=device) for _ in range(3))
-            policy.eval(), value.eval()
+            policy.eval()
+            if value is not None:
+                value.eval()
             with amp():
                 for mb in epochs[0]:
                     mb = D.part(mb)  # this rank's rows: the ones it will take of the same minibatch in epoch 1
@@ -260,16 +302,23 @@ def run(cfg: Config, out: Path) -> Path:
                         old_logp[mb] = logprobs(pnet, mb)
                         with ref_ctx():
                             ref_logp[mb] = logprobs(ref, mb)
-                        old_values[mb] = state_values(vnet, ids[mb], attn[mb], pos[mb], P)
+                        if value is not None:
+                            old_values[mb] = state_values(vnet, ids[mb], attn[mb], pos[mb], P)
             old_logp, ref_logp, old_values = (D.all_sum(t) for t in (old_logp, ref_logp, old_values))
-            policy.train(), value.train()
+            policy.train()
+            if value is not None:
+                value.train()
             kl = rl.kl_per_token(old_logp, ref_logp) * mask
             rewards = rl.token_rewards(score, kl, mask, kl_ctl.beta)
-            if cfg.whiten_rewards:
-                rewards = rl.whiten(rewards, mask, shift_mean=False)
-            adv, returns = rl.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                adv = rl.whiten(adv, mask)
+            if rloo:  # the sequence reward score − β·Σ KL_t, its leave-one-out advantage at every token
+                seq_reward = rewards.sum(1)
+                adv, returns = rl.rloo_advantages(seq_reward, cfg.rloo_k, cfg.group_norm)[:, None] * mask, None
+            else:
+                if cfg.whiten_rewards:
+                    rewards = rl.whiten(rewards, mask, shift_mean=False)
+                adv, returns = rl.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+                if cfg.whiten_advantages:
+                    adv = rl.whiten(adv, mask)
         # ---- PPO epochs over minibatches
         stats = {"pg_loss": [], "vf_loss": [], "clip_frac": [], "approx_kl": [], "entropy": [], "ptx_loss": []}
         first_ratio_error = None
@@ -301,18 +350,21 @@ def run(cfg: Config, out: Path) -> Path:
                 (loss * D.world()).backward()
                 torch.nn.utils.clip_grad_norm_([q for q in policy.parameters() if q.requires_grad], 1.0)
                 opt_p.step()
-                with amp():
-                    v = state_values(vnet, ids[mb], attn[mb], pos[mb], P)
-                    vf = rl.value_loss(v, old_values[mb], returns[mb], m, cfg.value_clip)
-                opt_v.zero_grad(set_to_none=True)
-                (vf * share * D.world()).backward()
-                torch.nn.utils.clip_grad_norm_([q for q in value.parameters() if q.requires_grad], 1.0)
-                opt_v.step()
+                if value is not None:
+                    with amp():
+                        v = state_values(vnet, ids[mb], attn[mb], pos[mb], P)
+                        vf = rl.value_loss(v, old_values[mb], returns[mb], m, cfg.value_clip)
+                    opt_v.zero_grad(set_to_none=True)
+                    (vf * share * D.world()).backward()
+                    torch.nn.utils.clip_grad_norm_([q for q in value.parameters() if q.requires_grad], 1.0)
+                    opt_v.step()
                 # the minibatch's statistics: the ranks' shares added up (one all-reduce)
-                got = D.all_sum(torch.tensor([pg.item(), vf.item(), st["clip_frac"], st["approx_kl"],
-                                              rl.masked_mean(ent.detach(), m).item()], dtype=torch.float64) * share)
+                got = D.all_sum(torch.tensor([pg.item(), vf.item() if value is not None else 0.0, st["clip_frac"],
+                                              st["approx_kl"], rl.masked_mean(ent.detach(), m).item()],
+                                             dtype=torch.float64) * share)
                 for k, x in zip(("pg_loss", "vf_loss", "clip_frac", "approx_kl", "entropy"), got.tolist()):
-                    stats[k].append(x)
+                    if k != "vf_loss" or value is not None:  # RLOO has no value model
+                        stats[k].append(x)
                 if ptx_rows is not None:
                     stats["ptx_loss"].append(D.all_sum(torch.tensor(ptx.item() * ptx_share, dtype=torch.float64)).item())
         # ---- bookkeeping
@@ -325,7 +377,7 @@ def run(cfg: Config, out: Path) -> Path:
                "gold_rollout": sum(world.gold_score(prompts[i], t) for i, t in zip(batch, texts)) / len(texts)
                if world and all("gold" in prompts[i] for i in batch) else None,
                "response_length": mask.sum(1).float().mean().item(),
-               "explained_variance": rl.explained_variance(old_values, returns, mask),
+               "explained_variance": rl.explained_variance(old_values, returns, mask) if value is not None else None,
                "first_ratio_error": first_ratio_error,
                "episodes_per_s": len(batch) / dt, "tokens_per_s": float(mask.sum()) / dt,
                "generation_share": t_gen / dt, "peak_memory_gb": L.peak_memory_gb(device)}
@@ -337,15 +389,16 @@ def run(cfg: Config, out: Path) -> Path:
         bar.update(1, rm=rec["rm_score"], kl=seq_kl, **({"gold": rec["gold_probe"]} if "gold_probe" in rec else {}))
         L.release_memory()
         if ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations) and D.is_main():
-            vstate = L.capture(value, opt_v)
-            ckpts.save(it + 1, config=asdict(cfg), beta=kl_ctl.beta, reward_norm=norm, value=vstate["model"],
-                       optim_value=vstate["optim"], **L.capture(policy, opt_p))
+            vstate = L.capture(value, opt_v) if value is not None else {}
+            ckpts.save(it + 1, config=asdict(cfg), beta=kl_ctl.beta, reward_norm=norm,
+                       **({"value": vstate["model"], "optim_value": vstate["optim"]} if vstate else {}),
+                       **L.capture(policy, opt_p))
     bar.close()
     if not D.is_main():
         return stage
     save_model(L.merged(policy), tok, stage)
     last = L.read_jsonl_tolerant(metrics.path)[-1]
-    print(f"ppo: round {cfg.round} done: RM score {last['rm_score']:+.3f}, sampled KL to SFT {last['kl_sampled']:.2f} nats"
+    print(f"{cfg.algo}: round {cfg.round} done: RM score {last['rm_score']:+.3f}, sampled KL to SFT {last['kl_sampled']:.2f} nats"
           + (f", probe gold {last['gold_probe']:.3f}" if "gold_probe" in last else "")
           + f", peak memory {L.peak_memory_gb(device):.2f} GB → {stage}")
     return stage

@@ -66,6 +66,19 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * m
 
 
+def rloo_advantages(rewards: torch.Tensor, k: int, group_norm: bool = False) -> torch.Tensor:
+    """One advantage per episode for B = n·k episodes, k consecutive ones per prompt (RLOO, Ahmadian et al.
+    2024): A_i = R_i − (mean of the other k − 1 rewards of its prompt). The baseline does not depend on
+    episode i, so the gradient stays unbiased, and it needs no value model. A_i = k/(k−1)·(R_i − group mean).
+    `group_norm` (GRPO, Shao et al. 2024): A_i = (R_i − group mean) / (group std + 1e-8), the unbiased std."""
+    R = rewards.reshape(-1, k)
+    if group_norm:
+        A = (R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + 1e-8)
+    else:
+        A = R - (R.sum(1, keepdim=True) - R) / (k - 1)
+    return A.reshape(-1)
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                 clip: float) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate: mean over tokens of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = π/π_old."""

@@ -1,0 +1,263 @@
+"""Direct preference optimisation (`alignloop dpo`): the policy learns from the rankings themselves, with
+no reward model and no sampling (Rafailov et al. 2023).
+
+The implicit reward of an answer y to a prompt x is
+    h(x, y) = β · (log π(y|x) − log π_ref(y|x))
+where log π(y|x) is the sum of the answer's token log-probs (its content and its end-of-turn token: what
+SFT's loss mask covers), taken from logits over the engine's vocabulary mask (`forward.allowed_tokens`),
+so it is the probability of the answer as the engine would sample it. The loss is the reward model's
+grouped loss (`reward.grouped_loss`) with h in place of the scalar head:
+    loss = mean over prompts of −1/|pairs| · Σ_(y_w ≻ y_l) log σ(h_w − h_l)
+All C(K,2) pairs of one prompt are one batch element and each completion goes through the policy ONCE per
+step (K forward rows, not K·(K−1)); a pair (`chosen`/`rejected`, HH-RLHF strings included) is K = 2, where
+this is exactly the DPO paper's loss −log σ(β·[(log π_w − log π_ref,w) − (log π_l − log π_ref,l)]).
+The reference log-probs are computed once, before training (π_ref is frozen and the data fixed).
+
+Why all pairs and not Plackett–Luce (the DPO paper's K-way form, −Σ_k log softmax of h over the answers
+ranked k or lower):
+- it is the loss the reward model is trained with on the same records, so "reward model + PPO" and DPO
+  differ in the method, not in how a ranking is read (experiments/methods.py compares them);
+- a ranking here is not always a total order: tied answers give no pair and an "all bad" ranking none,
+  which the pairwise form takes as it comes and Plackett–Luce cannot express;
+- with K = 2 (pairs files) the two forms are the same.
+
+β (> 0) sets how far the policy may move: the optimum of the KL-regularised objective that DPO solves is
+π ∝ π_ref·exp(r/β), so a small β lets the policy follow the preferences further from the reference (the
+paper: 0.1–0.5). β ≤ 0 has no such optimum and is refused.
+
+The reference is the run's sft/ (or --reference); with --lora-rank and the same folder for the policy
+and the reference, the reference is the policy with its adapters off (one copy of the weights). The
+policy is saved merged into RUN/round-<i>/dpo/, an ordinary Hugging Face folder (`alignloop serve RUN`
+lists it as round-<i>/dpo). A short stage: like the reward model it keeps no checkpoint and restarts.
+One process (not under torchrun).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignloop import dist as D
+from alignloop import forward as F_
+from alignloop.config import Shared, option
+from alignloop.errors import InputError
+from alignloop.io import write_json
+from alignloop.rundir import save_stage_config
+from alignloop.train import loop as L
+from alignloop.train import reward as R
+
+SECTION = "dpo"
+
+
+@dataclass
+class Config(Shared):
+    round: int = option(1, "round number: output goes to RUN/round-<round>/dpo/; rankings of rounds 1..round are read", min=1)
+    data: str = option("", "rankings or pairs files, comma-separated (default: those of --sources in rounds 1..round, as the reward model)")
+    sources: str = option("simulated,label", "feedback to learn from, comma-separated: simulated, label, chat, arena (see `alignloop reward`)")
+    min_agreement: float = option(0.0, "leave out items whose labelers agree on less than this share of pairs (0: keep all)",
+                                  min=0.0, max=1.0)
+    skip_invalid: bool = option(False, "leave out malformed rankings or pairs (counted, the first named) instead of stopping")
+    init: str = option("", "policy to start from: a Hugging Face folder or .gguf file (default: the run's sft/)")
+    reference: str = option("", "the reference π_ref of the implicit reward (default: the run's sft/)")
+    beta: float = option(0.1, "β > 0 of the implicit reward β·log(π/π_ref): smaller lets the policy move further "
+                         "from the reference (DPO paper: 0.1–0.5)")  # > 0: check()
+    lora_rank: int = option(0, "LoRA adapters of this rank on every linear layer (0: full weights); the reference is then "
+                            "the policy with its adapters off when both start from one folder; saved merged", min=0)
+    lora_alpha: float = option(16.0, "LoRA scale α (the update is scaled by α / rank)", min=0.0)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, ~30% slower)")
+    epochs: int = option(1, "passes over the comparisons (DPO over-fits preferences quickly)", min=1)
+    batch_size: int = option(16, "prompts per step (all pairs of each)", min=1)
+    lr: float = option(5e-5, "peak learning rate", min=0.0, max=1.0)
+    warmup_steps: int = option(10, "linear warm-up steps", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay on matrices", min=0.0)
+    max_len: int = option(256, "longest prompt + answer in tokens; longer ones are left out (counted)", min=8)
+    val_fraction: float = option(0.1, "prompts held out when the data marks no held-out split", min=0.0, max=0.5)
+
+
+# untuned beyond a check that one epoch moves the micro/tiny policies (see METHODS-NOTES.md)
+PRESETS = {"micro": dict(batch_size=8, warmup_steps=2, lr=1e-4), "tiny": dict(lr=1e-4),
+           "small": dict(batch_size=32, lr=5e-7, max_len=1024)}
+
+
+def check(cfg: Config) -> None:
+    """Bad settings, refused before the stage guard (which may move an old folder aside) and any work."""
+    if not cfg.beta > 0:
+        raise InputError(f"β = {cfg.beta:g}: the implicit reward β·log(π/π_ref) needs β > 0", field="beta")
+
+
+# ---------------------------------------------------------------- the maths
+
+
+def dpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, groups: list[list[tuple[int, int]]], offsets: list[int],
+             beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, implicit rewards h): h = β·(log π − log π_ref) of every completion of the batch (prompt g's
+    start at offsets[g]), and the reward model's grouped loss on h: mean over prompts of
+    −mean over its (better, worse) pairs of log σ(h_better − h_worse)."""
+    h = beta * (logp - ref_logp)
+    return R.grouped_loss(h, groups, offsets), h
+
+
+def pair_accuracy(h: torch.Tensor, groups: list[list[tuple[int, int]]], offsets: list[int]) -> tuple[float, int]:
+    """(share of pairs whose preferred answer has the larger implicit reward, ties ½; number of pairs)."""
+    right = n = 0.0
+    for pairs, off in zip(groups, offsets):
+        for a, b in pairs:
+            d = float(h[off + a] - h[off + b])
+            right += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+            n += 1
+    return (right / n if n else float("nan")), int(n)
+
+
+def answer_ids(tok, prompt: list[dict], answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids): the answer's ids are what `render` adds after the generation prompt, up to
+    and including its end-of-turn token (the tokens SFT learns; not what a template writes after it)."""
+    ids, mask = tok.render(prompt + [{"role": "assistant", "content": answer}])
+    p = tok.render_prompt(prompt)
+    last = max(i for i, m in enumerate(mask) if m)
+    if ids[:len(p)] != p or last < len(p):
+        raise InputError("the chat template does not render the prompt as a prefix of the conversation",
+                         field="chat_template")
+    return p, ids[len(p):last + 1]
+
+
+def sequence_logprobs(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, device, allowed,
+                      max_rows: int = 64) -> torch.Tensor:
+    """log π(answer | prompt) of each row (B,): the answer tokens' log-probs summed, from one padded batch
+    (`forward.layout`: every answer starts at one column) per `max_rows` rows."""
+    out = [torch.zeros(0, device=device)]
+    for s in range(0, len(prompts), max_rows):
+        ids, attn, pos, mask, P = F_.layout(prompts[s:s + max_rows], answers[s:s + max_rows], pad_id, device)
+        lp = F_.action_logprobs(model, ids, attn, pos, P, allowed)
+        out.append((lp * mask).sum(1))
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(cfg: Config, out: Path) -> Path:
+    from alignloop.model import load_causal_lm, n_params, save_model
+    from alignloop.sources import resolve_model
+    from alignloop.tokenizer import ChatTokenizer
+
+    check(cfg)
+    sources = R.parse_sources(cfg.sources)
+    paths = ([Path(p.strip()) for p in cfg.data.split(",") if p.strip()] if cfg.data
+             else R.default_data(out, cfg.round, sources))
+    print(f"dpo: reading {', '.join(map(str, paths))} (sources: {', '.join(sources)})")
+    groups = [g for p in paths for g in R.read_comparisons(p, cfg.skip_invalid)]  # bad input stops here, before any work
+    groups = R.by_agreement([g for g in groups if not g.origin or g.origin in sources], cfg.min_agreement)
+    init = resolve_model(cfg.init, out, "init") if cfg.init else out / "sft"
+    reference = resolve_model(cfg.reference, out, "reference") if cfg.reference else out / "sft"
+    for name, path in (("policy", init), ("reference", reference)):
+        if not (path / "config.json").exists():
+            raise InputError(f"the {name} folder has no model", file=path)
+    tok = ChatTokenizer.load(init)
+    if ChatTokenizer.load(reference).hf.get_vocab() != tok.hf.get_vocab():
+        raise InputError(f"the reference's tokenizer differs from the policy's ({init})", file=reference, field="tokenizer")
+    for g in groups:
+        g.ids = [answer_ids(tok, g.prompt, c) for c in g.completions]  # (prompt ids, answer ids) per completion
+    kept = [g for g in groups if g.pairs and max(len(p) + len(a) for p, a in g.ids) <= cfg.max_len]
+    if len(kept) < len(groups):
+        print(f"dpo: {len(groups) - len(kept)} of {len(groups)} comparisons left out "
+              f"(longer than {cfg.max_len} tokens, or all answers tied / all bad)")
+    if not kept:
+        raise InputError("no usable comparisons", file=paths[0])
+    train, val = R.split_groups(kept, cfg)
+    device = D.setup(cfg)
+    policy = load_causal_lm(init).to(device).train()
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    if cfg.lora_rank:
+        policy = L.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+    allowed = F_.allowed_tokens(tok, policy.config.vocab_size, device)
+    amp = lambda: L.autocast(device, cfg.dtype)  # noqa: E731 — reference and policy log-probs alike
+
+    def flat(gs):
+        rows = [x for g in gs for x in g.ids]
+        return [p for p, _ in rows], [a for _, a in rows]
+
+    # ---- the reference's log-probs, once: π_ref is frozen and the data are fixed
+    t0 = time.perf_counter()
+    with torch.no_grad(), amp():
+        if cfg.lora_rank and reference.resolve() == init.resolve():
+            with policy.disable_adapter():
+                policy.eval()
+                ref_lp = {id(gs): sequence_logprobs(policy, *flat(gs), tok.pad_id, device, allowed) for gs in (train, val)}
+            policy.train()
+        else:
+            frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
+            ref = load_causal_lm(reference, dtype=frozen).to(device).eval()
+            ref_lp = {id(gs): sequence_logprobs(ref, *flat(gs), tok.pad_id, device, allowed) for gs in (train, val)}
+            del ref
+    starts = {id(gs): _offsets(gs) for gs in (train, val)}
+    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    opt = L.make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    max_steps = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
+    stage = out / f"round-{cfg.round}" / "dpo"
+    metrics = L.Metrics(stage)
+    n_cmp = sum(len(g.pairs) for g in train)
+    print(f"dpo: β {cfg.beta:g}, {len(train)} prompts / {n_cmp} comparisons to learn, {len(val)} held out, "
+          f"policy {init}, reference {reference}, {n_params(policy, False) / 1e6:.2f}M parameters "
+          f"({n_train / 1e6:.2f}M learn){f', LoRA rank {cfg.lora_rank}' if cfg.lora_rank else ''}")
+    rng = random.Random(cfg.seed)
+    bar = L.Progress(max_steps, "dpo")
+    step = n_seen = 0
+    for epoch in range(cfg.epochs):
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        for s in range(0, len(order), cfg.batch_size):
+            batch = order[s:s + cfg.batch_size]
+            gs = [train[i] for i in batch]
+            rows = [starts[id(train)][i] + k for i in batch for k in range(len(train[i].completions))]
+            offsets = _offsets(gs)
+            L.set_lr(opt, L.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, 0.1))
+            with amp():
+                logp = sequence_logprobs(policy, *flat(gs), tok.pad_id, device, allowed)
+            loss, h = dpo_loss(logp, ref_lp[id(train)][rows], [g.pairs for g in gs], offsets, cfg.beta)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([q for q in policy.parameters() if q.requires_grad], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            n_seen += sum(len(g.pairs) for g in gs)
+            acc, _ = pair_accuracy(h.detach(), [g.pairs for g in gs], offsets)
+            rec = {"step": step, "epoch": epoch + 1, "loss": loss.item(), "pair_accuracy": acc,
+                   "implicit_reward": h.mean().item(), "lr": opt.param_groups[0]["lr"],
+                   "comparisons_per_s": n_seen / (time.perf_counter() - t0)}
+            metrics.log(**rec)
+            bar.update(1, loss=rec["loss"], acc=acc)
+    bar.close()
+    train_time = time.perf_counter() - t0
+    result = {"beta": cfg.beta, "steps": step, "train_seconds": train_time, "n_train_prompts": len(train),
+              "n_train_comparisons": n_cmp}
+    if val:  # held out by prompt: does the implicit reward order answers it never saw?
+        policy.eval()
+        with torch.no_grad(), amp():
+            lp = sequence_logprobs(policy, *flat(val), tok.pad_id, device, allowed)
+        loss, h = dpo_loss(lp, ref_lp[id(val)], [g.pairs for g in val], starts[id(val)], cfg.beta)
+        acc, n = pair_accuracy(h, [g.pairs for g in val], starts[id(val)])
+        result |= {"val_loss": loss.item(), "pair_accuracy": acc, "n_pairs": n,
+                   "n_prompts": len({json.dumps(g.prompt) for g in val}), "labeler_agreement": R.labeler_agreement(val)}
+    result["peak_memory_gb"] = L.peak_memory_gb(device)
+    save_model(L.merged(policy), tok, stage)
+    write_json(stage / "eval.json", result)
+    save_stage_config(out, SECTION, cfg)
+    print(f"dpo: round {cfg.round} done in {train_time:.0f} s"
+          + (f", held-out implicit-reward pair accuracy {result['pair_accuracy']:.3f} on {result['n_prompts']} prompts"
+             if val else "") + f", peak memory {result['peak_memory_gb']:.2f} GB → {stage}")
+    return stage
+
+
+def _offsets(groups) -> list[int]:
+    """Where each group's completions start in the flat list of all completions."""
+    out, o = [], 0
+    for g in groups:
+        out.append(o)
+        o += len(g.completions)
+    return out

@@ -1,11 +1,13 @@
 """The chat page, the arena and report.html on a phone (390×844, touch) and on a laptop (1280×800), in
 headless Chromium: nothing wider than the screen at 390 px, the chat's conversation list behind a
 "Chats" button with Send in view, the arena's answers stacked. Screenshots of each page at both sizes go
-to docs/screenshots/ (the labeling app's task page: tests/test_label_keyboard.py).
+to test-artifacts/screenshots/, or docs/screenshots/ with ALIGNLOOP_UPDATE_SCREENSHOTS=1 (the labeling app's task page: tests/test_label_keyboard.py).
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_phone_layout.py -q
 """
 from __future__ import annotations
+
+import os
 
 import json
 import shutil
@@ -21,7 +23,9 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
-SHOTS = ROOT / "docs" / "screenshots"
+# Screenshots go to test-artifacts/ on every run; to docs/screenshots/ (committed) only when asked with
+# ALIGNLOOP_UPDATE_SCREENSHOTS=1, so running the tests leaves the work tree as it was.
+SHOTS = ROOT / ("docs/screenshots" if os.environ.get("ALIGNLOOP_UPDATE_SCREENSHOTS") == "1" else "test-artifacts/screenshots")
 SIZES = {"1280x800": dict(viewport={"width": 1280, "height": 800}),
          "390x844": dict(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True, device_scale_factor=2)}
 

@@ -131,7 +131,9 @@ class Engine:
         out_lp = [[] for _ in range(B)]
         finish = ["length"] * B
         texts = [""] * B  # what was streamed so far
-        detok = [Detokenizer(self.tok) for _ in range(B)] if any(p.stop for p in params) or on_token else None
+        stops = [_stops(p.stop) for p in params]
+        reach = [max(map(len, x), default=0) for x in stops]  # a stop string completes within this of the new text
+        detok = [Detokenizer(self.tok) for _ in range(B)] if any(stops) or on_token else None
         cut_text: list[str | None] = [None] * B  # the answer up to a stop string (its last token may run past it)
         alive = [limits[b] > 0 for b in range(B)]
         stop_ids = set(self.tok.stop_ids)
@@ -150,8 +152,7 @@ class Engine:
                     # Decode only the new token's window (linear in the answer's length, not quadratic); a
                     # stop string can only have completed within reach of the new piece.
                     new_text = detok[b].text
-                    reach = max((len(x) for x in _stops(params[b].stop)), default=0)
-                    cut = _find_stop(new_text, params[b].stop, start=max(0, len(new_text) - len(piece) - reach + 1))
+                    cut = _find_stop(new_text, stops[b], start=max(0, len(new_text) - len(piece) - reach[b] + 1))
                     if cut is not None:
                         alive[b], finish[b] = False, "stop"
                         new_text = cut_text[b] = new_text[:cut]
@@ -172,7 +173,7 @@ class Engine:
         outs = []
         for b in range(B):
             text = self.tok.decode([i for i in out_ids[b] if i not in stop_ids])
-            cut = _find_stop(text, params[b].stop)
+            cut = _find_stop(text, stops[b])
             text = cut_text[b] if cut_text[b] is not None else text if cut is None else text[:cut]
             if on_token and finish[b] != "cancelled" and text.startswith(texts[b]) and len(text) > len(texts[b]):
                 on_token(b, text[len(texts[b]):])  # flush what was held back

@@ -222,7 +222,6 @@ def evaluate_policy(model, tok, world, cfg: Config, device, reference=None, rewa
     score; every rank then holds every answer (`gather_rows`), in prompt order, and summarises them. Prompt
     i draws from the generator one process gives it (`row_seed(seed, i)`) and the engine's rows do not
     depend on their batch-mates, so the answers are those of one process whatever N is."""
-    from alignloop import dist as D
     from alignloop.engine import Engine, row_seed
     prompts = world.prompts(cfg.split)
     if cfg.max_prompts:
@@ -230,15 +229,12 @@ def evaluate_policy(model, tok, world, cfg: Config, device, reference=None, rewa
     engine = Engine(model, tok, device, max_batch=cfg.batch_size)
     prompt_ids = [tok.render_prompt(p["messages"]) for p in prompts]
     mine = D.part(list(range(len(prompts))))
-    n = getattr(cfg, "best_of", 1)
+    n = cfg.best_of
     outs = engine.generate([prompt_ids[i] for i in mine for _ in range(n)], max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, seed=[row_seed(cfg.seed, i * n + j) for i in mine for j in range(n)])
     kls = scores = [None] * len(mine)
     candidates = [None] * len(mine)
-    if n > 1:  # best-of-n: the reward model picks; the KL is the analytic one (below), not measured
-        if reward_fn is None:
-            raise InputError("best-of-n needs a reward model to pick with (--reward-model, or a round's reward/)",
-                             field="best_of")
+    if n > 1:  # best-of-n: the reward model (run() has made sure there is one) picks; the KL is analytic
         every = reward_fn([prompts[i]["messages"] for i in mine for _ in range(n)], [o.text.strip() for o in outs])
         best = pick_best(every, n)
         outs, scores = [outs[b] for b in best], [every[b] for b in best]

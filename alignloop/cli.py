@@ -41,7 +41,7 @@ COMMANDS = {
 GUARDED = ("world", "tokenizer", "pretrain", "sft", "sample", "rank", "reward", "ppo", "dpo")
 # Stage commands that run as many processes under torchrun (alignloop/dist.py), each rank doing its share
 # (`run` walks the recipe on every rank: see pipeline.py).
-DISTRIBUTED = ("run", "loop", "pretrain", "sft", "eval", "sample", "reward", "ppo")
+DISTRIBUTED = ("run", "loop", "pretrain", "sft", "eval", "sample", "reward", "ppo", "dpo")
 # Under torchrun these run on rank 0 alone while the others wait: cheap, and one file from all of the data.
 # The commands in neither list (chat, label, serve, report) refuse torchrun.
 MAIN_ONLY = ("world", "tokenizer", "rank")

@@ -566,6 +566,141 @@ def side_by_side(ev: dict, n: int = 12) -> str:
 # ---------------------------------------------------------------- page
 
 
+# ---------------------------------------------------------------- beyond PPO (experiments/methods.py)
+
+METHODS = {"ppo": ("PPO", "o"), "rloo": ("RLOO", "s"), "dpo": ("DPO", "^"), "bo": ("best-of-N", "D")}
+
+
+def method_points(run: Path) -> list[dict]:
+    """experiments/methods.py's rows for this run (RUN/methods/methods.json), or []."""
+    path = run / "methods" / "methods.json"
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON: {e.msg}", file=path, line=e.lineno) from None
+    return [r for r in rows if isinstance(r, dict) and r.get("method") in (*METHODS, "sft")]
+
+
+def dev_choice(rows: list[dict]) -> dict[str, dict]:
+    """Per method, the strength whose DEV gold is highest: the one a user would pick without seeing test."""
+    best = {}
+    for r in rows:
+        if r["method"] in METHODS and num(r.get("dev_gold")) is not None and (
+                r["method"] not in best or r["dev_gold"] > best[r["method"]]["dev_gold"]):
+            best[r["method"]] = r
+    return best
+
+
+def methods_plot(ax, seeds: list[list[dict]]) -> None:
+    """Gold gain over SFT (paired, test prompts) against √KL to SFT, each method's strengths joined, SFT at
+    the origin; the mean over seeds with their standard deviation as bars (one seed: the paired 95%
+    half-width). Gao et al.'s RL form d(α − β·log d) fitted per trained method, dashed (best-of-N is not
+    RL: its KL is the analytic bound log N − (N−1)/N)."""
+    from alignloop.evaluate import fit_gao_rl
+    for method, (name, marker) in METHODS.items():
+        strengths = sorted({r["strength"] for rows in seeds for r in rows if r["method"] == method})
+        pts = []
+        for st in strengths:
+            got = [r for rows in seeds for r in rows if r["method"] == method and r["strength"] == st
+                   and num(r.get("gain")) is not None and num(r.get("kl")) is not None]
+            if not got:
+                continue
+            g = [r["gain"] for r in got]
+            mean = sum(g) / len(g)
+            spread = (math.sqrt(sum((x - mean) ** 2 for x in g) / (len(g) - 1)) if len(g) > 1
+                      else got[0].get("gain_half") or 0.0)
+            pts.append((math.sqrt(max(0.0, sum(r["kl"] for r in got) / len(got))), mean, spread, st))
+        if not pts:
+            continue
+        pts.sort()
+        line = ax.errorbar([0.0] + [p[0] for p in pts], [0.0] + [p[1] for p in pts], yerr=[0.0] + [p[2] for p in pts],
+                           marker=marker, ms=4, capsize=2, lw=1, label=name)
+        for x, y, _, st in pts:
+            ax.annotate(f"{'N=' if method == 'bo' else 'β='}{st:g}", (x, y), textcoords="offset points",
+                        xytext=(4, 4), fontsize=6)
+        if method != "bo" and len({p[0] for p in pts}) >= 2:
+            try:
+                alpha, beta = fit_gao_rl([p[0] for p in pts], [p[1] for p in pts])
+            except ValueError:
+                continue
+            top = max(p[0] for p in pts) * 1.1
+            grid = [top * i / 60 for i in range(1, 61)]
+            ax.plot([0.0] + grid, [0.0] + [x * (alpha - beta * math.log(x)) for x in grid], ls="--", lw=0.8,
+                    color=line[0].get_color())
+    ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("√KL to SFT (√nats per answer; best-of-N: the analytic bound)", fontsize=8)
+    ax.set_ylabel("gold gain over SFT (test, paired)", fontsize=8)
+    ax.set_title(f"Gold gain against √KL per method ({len(seeds)} seed{'s' * (len(seeds) > 1)})", fontsize=10)
+    ax.legend(fontsize=7)
+
+
+def methods_verdict(rows: list[dict]) -> list[str]:
+    """Per method: the test gain at the strength chosen on dev (the honest figure), and the best test gold
+    over its strengths with the KL it took (a maximum over a sweep: optimistic); then whether PPO leads."""
+    chosen, notes = dev_choice(rows), []
+    for method, (name, _) in METHODS.items():
+        mine = [r for r in rows if r["method"] == method and num(r.get("gold")) is not None]
+        if not mine:
+            continue
+        top = max(mine, key=lambda r: r["gold"])
+        unit = "N" if method == "bo" else "β"
+        text = (f"{name}: best test gold {top['gold']:.3f} at {unit} {top['strength']:g}, KL "
+                f"{'≤ ' if top.get('kl_is_bound') else ''}{top['kl']:.2f} nats")
+        c = chosen.get(method)
+        if c is not None and num(c.get("gain")) is not None:
+            h = c.get("gain_half") or 0.0
+            text += (f"; chosen on dev: {unit} {c['strength']:g}, test gain {c['gain']:+.3f} "
+                     f"[{c['gain'] - h:+.3f}, {c['gain'] + h:+.3f}]")
+        notes.append(text + ".")
+    gains = {m: c for m, c in chosen.items() if num(c.get("gain")) is not None}
+    if "ppo" in gains and len(gains) > 1:
+        ppo = gains["ppo"]
+        lead = max(gains.values(), key=lambda c: c["gain"])
+        rivals = [METHODS[m][0] for m, c in gains.items() if m != "ppo" and
+                  c["gain"] + (c.get("gain_half") or 0) >= ppo["gain"] - (ppo.get("gain_half") or 0)]
+        if lead is ppo and not rivals:
+            notes.append("PPO's crown holds here: at the strengths chosen on dev its gain is the largest and no other "
+                         "method's interval reaches it.")
+        elif lead is ppo:
+            notes.append(f"PPO leads at the strengths chosen on dev, but within noise of {', '.join(rivals)}: "
+                         "its crown is not established here.")
+        else:
+            apart = ppo["gain"] + (ppo.get("gain_half") or 0) < lead["gain"] - (lead.get("gain_half") or 0)
+            notes.append(f"PPO's crown does not hold here: {METHODS[lead['method']][0]} gains more at the strengths "
+                         f"chosen on dev ({lead['gain']:+.3f} against PPO's {ppo['gain']:+.3f}"
+                         + ("; their intervals apart)." if apart else "; their intervals overlap: within noise)."))
+    return notes
+
+
+def methods_section(run: Path) -> str:
+    rows = method_points(run)
+    if not rows:
+        return (MISSING + "<small>(<code>python experiments/methods.py --run RUN</code> trains PPO, RLOO, DPO and "
+                "best-of-N from this run's SFT model and round-1 rankings and scores them here)</small>")
+    chosen = {id(r) for r in dev_choice(rows).values()}
+    body = []
+    for r in rows:
+        name = "SFT" if r["method"] == "sft" else METHODS[r["method"]][0]
+        st = "" if r["method"] == "sft" else f"{'N = ' if r['method'] == 'bo' else 'β = '}{r['strength']:g}"
+        gain = ("" if num(r.get("gain")) is None else
+                f"{r['gain']:+.3f} [{r['gain'] - (r.get('gain_half') or 0):+.3f}, {r['gain'] + (r.get('gain_half') or 0):+.3f}]")
+        t = r.get("train") or {}
+        body.append([esc(name), esc(st) + (" ★" if id(r) in chosen else ""), fmt(r.get("gold"), ".3f", r.get("gold_ci")),
+                     gain, fmt(r.get("dev_gold"), ".3f"), ("≤ " if r.get("kl_is_bound") else "") + fmt(r.get("kl"), ".2f"),
+                     fmt(r.get("rm_score"), "+.3f"), fmt(r.get("distinct_2"), ".2f"), fmt(t.get("seconds"), ".0f"),
+                     fmt(t.get("peak_gb"), ".2f")])
+    fig, ax = plt().subplots(figsize=(6.4, 4.0))
+    methods_plot(ax, [rows])
+    return ("<p>From this run's SFT model, its round-1 rankings and round-1 reward model: PPO, RLOO (no value model), "
+            "DPO (no reward model, no sampling) and best-of-N (no training), each at several strengths, scored on the "
+            "test prompts. ★ marks the strength chosen on the dev prompts (the figure to quote); the best test "
+            "figure over a sweep is optimistic.</p>"
+            + table(["method", "strength", "gold (test)", "gain over SFT [95%]", "gold (dev)", "KL to SFT", "RM score",
+                     "distinct-2", "wall s", "peak GB"], body, 2)
+            + img(fig, "gold gain over SFT against the square root of KL, per method")
+            + "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in methods_verdict(rows)) + "</ul>")
+
+
 def load_eval(run: Path) -> dict:
     path = run / "eval.json"
     try:
@@ -599,7 +734,8 @@ def write_report(run_dir: Path) -> Path:
             "(the proxy PPO maximises), both on PPO's dev probe (never the test prompts). A proxy that keeps rising "
             "while gold turns down means the policy has found the reward model's mistakes.</p>", overoptimisation(run),
             "<h2>4. Diversity against KL to SFT</h2>", diversity(ev, run),
-            "<h2>5. Side by side: the same test prompts</h2>", side_by_side(ev)]
+            "<h2>5. Side by side: the same test prompts</h2>", side_by_side(ev),
+            "<h2>6. Beyond PPO: RLOO, DPO and best-of-N from the same rankings</h2>", methods_section(run)]
     path = run / "report.html"
     atomic_write_text(path, f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>alignloop: {name}'
                             f'</title><meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignloop.evaluate import fmt_interval  # noqa: E402
+from alignloop.evaluate import fmt_interval, paired_gain  # noqa: E402
+from alignloop.report import dev_choice, methods_plot, methods_verdict  # noqa: E402
 
 INPUTS = ("world", "tokenizer", "sft")
 ROUND_INPUTS = ("rankings.jsonl", "pairs.jsonl", "reward")
@@ -68,11 +69,16 @@ def point_dir(run: Path, out: Path, name: str) -> Path:
     return d
 
 
-def evaluate(d: Path, stage: str, model: Path, rm: Path, preset: str, extra=()) -> tuple[dict, float, float]:
+def evaluate(d: Path, stage: str, model: Path, rm: Path, preset: str, extra=()) -> tuple[dict, float, float, dict]:
+    """Test figures (what is reported), their wall time and peak, and the dev figures (what picks a
+    method's strength: a strength chosen by its test score would be tuned on test)."""
     secs, peak = alignloop("eval", "--preset", preset, "--out", d, "--stage", stage, "--model", model,
                            "--reward-model", rm, *extra)
+    alignloop("eval", "--preset", preset, "--out", d, "--stage", stage, "--model", model,
+              "--reward-model", rm, "--split", "dev", *extra)
     name = stage if not extra else f"bo{extra[1]}"
-    return json.loads((d / "eval.json").read_text())["stages"][name], secs, peak
+    ev = json.loads((d / "eval.json").read_text())
+    return ev["stages"][name], secs, peak, ev["stages_dev"][name]
 
 
 def run_point(run: Path, out: Path, method: str, strength: float, preset: str, iterations: int) -> dict:
@@ -85,10 +91,10 @@ def run_point(run: Path, out: Path, method: str, strength: float, preset: str, i
     rm = d / "round-1" / "reward"
     more = ["--iterations", iterations] if iterations and method in ("ppo", "rloo") else []
     if method == "sft":
-        m, secs, peak = evaluate(d, "sft", d / "sft", rm, preset)
+        m, secs, peak, dev = evaluate(d, "sft", d / "sft", rm, preset)
         train = None
     elif method == "bo":
-        m, secs, peak = evaluate(d, "sft", d / "sft", rm, preset, ("--best-of", int(strength)))
+        m, secs, peak, dev = evaluate(d, "sft", d / "sft", rm, preset, ("--best-of", int(strength)))
         train = {"seconds": secs, "peak_gb": peak}
     else:
         if method == "dpo":
@@ -98,13 +104,15 @@ def run_point(run: Path, out: Path, method: str, strength: float, preset: str, i
         # the stage's own figure where it records one: the GPU allocator's peak on CUDA (the child's resident
         # set counts none of it), its resident set on the CPU (the same number as the child's)
         train = {"seconds": secs, "peak_gb": _stage_peak(d / "round-1" / method) or peak}
-        m, _, _ = evaluate(d, f"round-1/{method}", d / "round-1" / method, rm, preset)
+        m, _, _, dev = evaluate(d, f"round-1/{method}", d / "round-1" / method, rm, preset)
     kl = m.get("kl_exact")
-    result = {"method": method, "strength": strength, "gold": m["gold_score"], "gold_ci": m["ci95"]["gold_score"],
+    result = {"method": method, "strength": strength, "stage": "sft" if method == "sft" else
+              f"bo{int(strength)}" if method == "bo" else f"round-1/{method}", "gold": m["gold_score"], "gold_ci": m["ci95"]["gold_score"],
               "helpful": m["helpful"], "truthful": m["truthful"], "harmless": m["harmless"], "rm_score": m["rm_score"],
               "kl": 0.0 if method == "sft" else m.get("kl_bound") if method == "bo" else kl,
               "kl_is_bound": method == "bo", "distinct_2": m["distinct_2"], "train": train,
-              "mean_length": m.get("mean_length")}
+              "mean_length": m.get("mean_length"), "dev_gold": dev["gold_score"], "dev_gold_ci": dev["ci95"]["gold_score"],
+              "dev_kl": 0.0 if method == "sft" else dev.get("kl_bound") if method == "bo" else dev.get("kl_exact")}
     done.write_text(json.dumps(result, indent=1))
     return result
 
@@ -120,85 +128,136 @@ def _stage_peak(stage: Path) -> float | None:
     return None
 
 
-LABEL = {"sft": "SFT", "ppo": "PPO β", "rloo": "RLOO β", "dpo": "DPO β", "bo": "best-of-N"}
+def with_gains(out: Path, rows: list[dict]) -> list[dict]:
+    """Each point's paired gold gain over SFT on the same test prompts (from the points' eval.json files:
+    the per-prompt scores), with its 95% half-width."""
+    sft = json.loads((out / "sft-0" / "eval.json").read_text())["stages"]["sft"]
+    for r in rows:
+        if r["method"] != "sft":
+            stage = r.get("stage") or (f"bo{int(r['strength'])}" if r["method"] == "bo" else f"round-1/{r['method']}")
+            m = json.loads((out / f"{r['method']}-{r['strength']:g}" / "eval.json").read_text())["stages"][stage]
+            r["gain"], r["gain_half"], _ = paired_gain(m, sft)
+    return rows
+
+
+LABEL = {"sft": "SFT", "ppo": "PPO", "rloo": "RLOO", "dpo": "DPO", "bo": "best-of-N"}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| method | strength | gold [95% interval] | helpful | truthful | harmless | RM score | KL to SFT (nats) "
-            "| distinct-2 | wall time (s) | peak memory (GB) |\n|" + " --- |" * 11)
+    chosen = {id(r) for r in dev_choice(rows).values()}
+    head = ("| method | strength | gold [95% interval] | gain over SFT [95%] | dev gold | helpful | truthful | harmless "
+            "| RM score | KL to SFT (nats) | distinct-2 | wall time (s) | peak memory (GB) |\n|" + " --- |" * 13)
     lines = [head]
     for r in rows:
         t = r["train"] or {}
         kl = "0" if r["method"] == "sft" else ("≤ " if r["kl_is_bound"] else "") + f"{r['kl']:.3f}"
         strength = "" if r["method"] == "sft" else f"N = {r['strength']:g}" if r["method"] == "bo" else f"{r['strength']:g}"
+        gain = "" if r.get("gain") is None else f"{r['gain']:+.3f} [{r['gain'] - r['gain_half']:+.3f}, {r['gain'] + r['gain_half']:+.3f}]"
         peak = t.get("peak_gb")
         secs = "-" if not t else f"{t['seconds']:.0f}"
-        lines.append(f"| {LABEL[r['method']].split()[0]} | {strength} | {r['gold']:.3f} {fmt_interval(r['gold_ci'])} | "
+        lines.append(f"| {LABEL[r['method']]} | {strength}{' ★' if id(r) in chosen else ''} | {r['gold']:.3f} "
+                     f"{fmt_interval(r['gold_ci'])} | {gain} | {r['dev_gold']:.3f} | "
                      f"{r['helpful']:.2f} | {r['truthful']:.2f} | {r['harmless']:.2f} | {r['rm_score']:+.3f} | {kl} | "
-                     f"{r['distinct_2']:.2f} | {secs} | "
-                     f"{'-' if peak is None else f'{peak:.2f}'} |")
+                     f"{r['distinct_2']:.2f} | {secs} | {'-' if peak is None else f'{peak:.2f}'} |")
     return "\n".join(lines) + "\n"
 
 
-def figure(rows: list[dict], path: Path) -> None:
-    """Gold score against √KL to SFT per method (SFT at 0); best-of-n at its analytic KL."""
+def figure(seeds: list[list[dict]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sft = next((r for r in rows if r["method"] == "sft"), None)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for method, marker in (("ppo", "o"), ("rloo", "s"), ("dpo", "^"), ("bo", "D")):
-        pts = sorted((math.sqrt(max(0.0, r["kl"])), r["gold"], r["strength"]) for r in rows
-                     if r["method"] == method and r["kl"] is not None)
-        if not pts:
-            continue
-        if sft:
-            pts = [(0.0, sft["gold"], None)] + pts
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=LABEL[method].replace(" β", " (β)"))
-        for x, y, s in pts:
-            if s is not None:
-                ax.annotate(f"{s:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if sft:
-        ax.axhline(sft["gold"], color="grey", lw=0.8, ls=":", label="SFT")
-    ax.set(xlabel="√KL to SFT (√nats per answer; best-of-N: analytic log N − (N−1)/N)", ylabel="gold score (test)")
-    ax.set_title("gold score against √KL, from one SFT model and one set of rankings", fontsize=10)
-    ax.legend(fontsize=8)
+    methods_plot(ax, seeds)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+def mean_sd(xs: list[float]) -> str:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return f"{m:+.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+
+
+def summary(runs: list[Path]) -> str:
+    """Across seeds (each RUN/methods/methods.json): per method and strength the paired gain over SFT in
+    every seed, its mean ± sd, the mean KL; then per method the strength chosen on dev in each seed and
+    that choice's test gain — the figure to quote — with the seeds whose interval lies above 0."""
+    seeds = {run: json.loads((run / "methods" / "methods.json").read_text()) for run in runs}
+    keys = sorted({(r["method"], r["strength"]) for rows in seeds.values() for r in rows if r["method"] != "sft"},
+                  key=lambda k: (list(LABEL).index(k[0]), k[1]))
+    lines = ["| method | strength | " + " | ".join(f"gain, {run.name}" for run in runs) + " | mean ± sd | mean KL |",
+             "|" + " --- |" * (len(runs) + 4)]
+    for method, st in keys:
+        got = {run: next((r for r in rows if (r["method"], r["strength"]) == (method, st)), None) for run, rows in seeds.items()}
+        cells = [f"{r['gain']:+.3f} [{r['gain'] - r['gain_half']:+.3f}, {r['gain'] + r['gain_half']:+.3f}]" if r else "–"
+                 for r in got.values()]
+        have = [r for r in got.values() if r]
+        lines.append(f"| {LABEL[method]} | {'N = ' if method == 'bo' else 'β = '}{st:g} | " + " | ".join(cells)
+                     + f" | {mean_sd([r['gain'] for r in have])} | {sum(r['kl'] for r in have) / len(have):.2f} |")
+    lines += ["", "| method | strength chosen on dev, per seed | its test gain, per seed | mean ± sd | seeds with the interval above 0 |",
+              "|" + " --- |" * 5]
+    for method in [m for m in LABEL if m != "sft"]:
+        picks = [dev_choice(rows).get(method) for rows in seeds.values()]
+        if not all(picks):
+            continue
+        lines.append(f"| {LABEL[method]} | {', '.join(format(p['strength'], 'g') for p in picks)} | "
+                     + ", ".join(f"{p['gain']:+.3f}" for p in picks) + f" | {mean_sd([p['gain'] for p in picks])} | "
+                     f"{sum(p['gain'] - p['gain_half'] > 0 for p in picks)} of {len(picks)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="runs/tiny")
-    ap.add_argument("--out", default="", help="default: <run>-methods beside the run")
+    ap.add_argument("--out", default="", help="default: <run>/methods (where report.html finds it)")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--ppo-betas", default="0.05,0.2,0.5")
     ap.add_argument("--rloo-betas", default="0.05,0.2,0.5")
     ap.add_argument("--dpo-betas", default="0.05,0.1,0.5")
     ap.add_argument("--best-of", default="4,16,64")
     ap.add_argument("--iterations", type=int, default=0, help="PPO and RLOO iterations (default: the preset's)")
+    ap.add_argument("--summary", default="", help="runs done before, comma-separated (their <run>/methods/): print "
+                    "and write the table across them (seeds) and the figure, and train nothing")
     args = ap.parse_args()
+    if args.summary:
+        runs = [Path(r.strip()) for r in args.summary.split(",") if r.strip()]
+        for run in runs:
+            if not (run / "methods" / "methods.json").exists():
+                raise SystemExit(f"methods: {run / 'methods' / 'methods.json'} is missing (run this script on {run} first)")
+        text = summary(runs)
+        out = Path(args.out) if args.out else runs[0].parent / "methods-seeds"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "methods-seeds.md").write_text(text)
+        figure([json.loads((run / "methods" / "methods.json").read_text()) for run in runs], out / "gold-vs-sqrt-kl.png")
+        print(text + f"\nmethods: {out / 'methods-seeds.md'}, {out / 'gold-vs-sqrt-kl.png'}")
+        return
     run = Path(args.run)
     for need in ("world/world.json", "sft/config.json", "round-1/rankings.jsonl", "round-1/reward/config.json"):
         if not (run / need).exists():
             raise SystemExit(f"methods: {run / need} is missing (the main job makes it)")
-    out = Path(args.out) if args.out else run.parent / f"{run.name}-methods"
+    out = Path(args.out) if args.out else run / "methods"
     out.mkdir(parents=True, exist_ok=True)
     points = [("sft", 0.0)]
     for method, values in (("ppo", args.ppo_betas), ("rloo", args.rloo_betas), ("dpo", args.dpo_betas),
                            ("bo", args.best_of)):
         points += [(method, float(v)) for v in values.split(",") if v.strip()]
-    rows = [run_point(run, out, m, s, args.preset, args.iterations) for m, s in points]
+    t0 = time.perf_counter()
+    rows = with_gains(out, [run_point(run, out, m, s, args.preset, args.iterations) for m, s in points])
     (out / "methods.json").write_text(json.dumps(rows, indent=1))
     text = (f"# Methods from {run}'s SFT model, round-1 rankings and reward model (preset {args.preset})\n\n"
-            + table(rows) + "\nKL: kl_exact on the test answers; best-of-N: the analytic log N − (N−1)/N (≤). "
-            "Wall time: the method's own process (training; best-of-N: sampling N answers and scoring them). "
-            "Peak memory: as the training stage records it (CPU: the process's maximum resident set; CUDA: the "
-            "allocator's peak); best-of-N: the evaluation process's maximum resident set.\n\n"
-            "![gold against √KL](gold-vs-sqrt-kl.png)\n")
+            + table(rows) + "\n★: the strength whose dev gold is highest (the one to quote; the best test figure over a "
+            "sweep is optimistic). Gain: paired over SFT on the same test prompts. KL: kl_exact on the test answers; "
+            "best-of-N: the analytic log N − (N−1)/N (≤). Wall time: the method's own process (training; best-of-N: "
+            "sampling N answers and scoring them). Peak memory: as the training stage records it (CPU: the process's "
+            "maximum resident set; CUDA: the allocator's peak); best-of-N: the evaluation process's maximum resident "
+            f"set. This script's whole wall time (every point, test and dev evaluation included): "
+            f"{(time.perf_counter() - t0) / 60:.1f} min (points already done are only read).\n\n"
+            + "".join(f"- {n}\n" for n in methods_verdict(rows)) + "\n![gold against √KL](gold-vs-sqrt-kl.png)\n")
     (out / "methods.md").write_text(text)
-    figure(rows, out / "gold-vs-sqrt-kl.png")
+    figure([rows], out / "gold-vs-sqrt-kl.png")
+    if (run / "config.toml").exists():  # the run's report gains its "beyond PPO" section
+        subprocess.run([sys.executable, "-m", "alignloop", "report", str(run)], cwd=ROOT, check=False)
     print(text)
     print(f"methods: {out / 'methods.md'}, {out / 'gold-vs-sqrt-kl.png'}")
 

@@ -202,3 +202,35 @@ def test_gao_fit_of_beta_runs_beside_the_run(tmp_path):
     assert "β_KL = 0.2: α = 0.500, β = 0.050; the fitted gold still rises at the largest KL measured (16.00 nats)" in html
     assert "β_KL = 0.1, measured: the dev-probe gold is highest at KL 7.84 nats (+0.272" in html  # d = 2.8, the point nearest e
     assert "β_KL = 0.5" not in html
+
+
+def test_methods_section_picks_on_dev_and_judges_ppo(tmp_path):
+    """experiments/methods.py's table (RUN/methods/methods.json): each method's ★ is the strength with the
+    highest DEV gold, not test; the verdict names each method's best test gold with its KL and says that
+    PPO's crown does not hold when DPO's dev-chosen gain is higher with the intervals apart."""
+    from alignloop.report import methods_section
+    run = tmp_path / "run"
+    (run / "methods").mkdir(parents=True)
+    row = lambda m, s, gold, dev, kl, gain, half: {  # noqa: E731
+        "method": m, "strength": s, "gold": gold, "gold_ci": [gold - 0.01, gold + 0.01], "dev_gold": dev, "kl": kl,
+        "kl_is_bound": m == "bo", "gain": gain, "gain_half": half, "rm_score": 0.1, "distinct_2": 0.3,
+        "train": {"seconds": 10.0, "peak_gb": 0.5}}
+    rows = [{**row("sft", 0.0, 0.60, 0.58, 0.0, None, None), "train": None},
+            row("ppo", 0.05, 0.64, 0.60, 2.0, 0.040, 0.010),   # best on test, not on dev
+            row("ppo", 0.2, 0.62, 0.63, 0.5, 0.020, 0.010),    # best on dev: ★, the figure to quote
+            row("dpo", 0.1, 0.66, 0.65, 1.5, 0.060, 0.010),
+            row("dpo", 0.5, 0.61, 0.59, 0.2, 0.010, 0.010),
+            row("bo", 16.0, 0.59, 0.57, 1.835, -0.010, 0.010)]
+    (run / "methods" / "methods.json").write_text(json.dumps(rows))
+    html = methods_section(run)
+    assert len(IMG.findall(html)) == 1
+    assert "β = 0.2 ★" in html and "β = 0.05 ★" not in html and "β = 0.1 ★" in html and "N = 16 ★" in html
+    assert "PPO: best test gold 0.640 at β 0.05, KL 2.00 nats; chosen on dev: β 0.2, test gain +0.020 [+0.010, +0.030]." in html
+    assert "best-of-N: best test gold 0.590 at N 16, KL ≤ 1.83 nats" in html
+    assert "PPO&#x27;s crown does not hold here: DPO gains more at the strengths chosen on dev (+0.060 against PPO&#x27;s +0.020; their intervals apart)." in html
+    rows[3]["gain"] = 0.025  # DPO now within PPO's interval: not a verdict either way
+    rows[3]["dev_gold"] = 0.66
+    (run / "methods" / "methods.json").write_text(json.dumps(rows))
+    assert "their intervals overlap: within noise" in methods_section(run)
+    shutil.rmtree(run / "methods")
+    assert "experiments/methods.py --run RUN" in methods_section(run)

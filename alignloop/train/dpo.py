@@ -29,7 +29,11 @@ The reference is the run's sft/ (or --reference); with --lora-rank and the same 
 and the reference, the reference is the policy with its adapters off (one copy of the weights). The
 policy is saved merged into RUN/round-<i>/dpo/, an ordinary Hugging Face folder (`alignloop serve RUN`
 lists it as round-<i>/dpo). A short stage: like the reward model it keeps no checkpoint and restarts.
-One process (not under torchrun).
+
+Under torchrun (DDP, or FSDP2 with --fsdp) every rank computes the reference log-probs of all the data
+(one frozen pass; cheaper than gathering them) and, at each step, the policy's log-probs of its share of
+the global batch's prompts; its loss is its prompts' part of the batch mean (`grouped_loss`'s n_global),
+so the gradient, and every step's loss, are those of one process with the same --batch-size.
 """
 from __future__ import annotations
 
@@ -94,12 +98,13 @@ def check(cfg: Config) -> None:
 
 
 def dpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, groups: list[list[tuple[int, int]]], offsets: list[int],
-             beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+             beta: float, n_global: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, implicit rewards h): h = β·(log π − log π_ref) of every completion of the batch (prompt g's
     start at offsets[g]), and the reward model's grouped loss on h: mean over prompts of
-    −mean over its (better, worse) pairs of log σ(h_better − h_worse)."""
+    −mean over its (better, worse) pairs of log σ(h_better − h_worse) (with n_global: these prompts' share
+    of the mean over a global batch of n_global prompts, one rank's part)."""
     h = beta * (logp - ref_logp)
-    return R.grouped_loss(h, groups, offsets), h
+    return R.grouped_loss(h, groups, offsets, n_global), h
 
 
 def pair_accuracy(h: torch.Tensor, groups: list[list[tuple[int, int]]], offsets: list[int]) -> tuple[float, int]:
@@ -169,7 +174,11 @@ def run(cfg: Config, out: Path) -> Path:
     if not kept:
         raise InputError("no usable comparisons", file=paths[0])
     train, val = R.split_groups(kept, cfg)
+    if cfg.fsdp and cfg.lora_rank and D.launched():
+        raise InputError("--fsdp with --lora-rank is not supported yet (LoRA under torchrun: DDP, without --fsdp)",
+                         field="fsdp")
     device = D.setup(cfg)
+    D.check_rows(min(cfg.batch_size, len(train)), "a batch of prompts (--batch-size, or the data)", "batch_size")
     policy = load_causal_lm(init).to(device).train()
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -197,14 +206,18 @@ def run(cfg: Config, out: Path) -> Path:
             del ref
     starts = {id(gs): _offsets(gs) for gs in (train, val)}
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    opt = L.make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    # under torchrun `net` is DDP or FSDP2 around the log-probs' forward pass; in one process the policy itself
+    net = D.wrap(F_.Through(policy), cfg.fsdp, device, cfg.dtype) if D.world() > 1 else policy
+    rows_per_pass = 64 if D.world() == 1 else 1 << 30  # DDP and FSDP count passes: one per step on every rank
+    opt = L.make_optimizer(net, cfg.lr, cfg.weight_decay)
     max_steps = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
     stage = out / f"round-{cfg.round}" / "dpo"
-    metrics = L.Metrics(stage)
+    metrics = L.Metrics(stage) if D.is_main() else None  # only rank 0 writes
     n_cmp = sum(len(g.pairs) for g in train)
     print(f"dpo: β {cfg.beta:g}, {len(train)} prompts / {n_cmp} comparisons to learn, {len(val)} held out, "
           f"policy {init}, reference {reference}, {n_params(policy, False) / 1e6:.2f}M parameters "
-          f"({n_train / 1e6:.2f}M learn){f', LoRA rank {cfg.lora_rank}' if cfg.lora_rank else ''}")
+          f"({n_train / 1e6:.2f}M learn){f', LoRA rank {cfg.lora_rank}' if cfg.lora_rank else ''}"
+          + (f", {D.world()} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if D.world() > 1 else ""))
     rng = random.Random(cfg.seed)
     bar = L.Progress(max_steps, "dpo")
     step = n_seen = 0
@@ -213,27 +226,38 @@ def run(cfg: Config, out: Path) -> Path:
         rng.shuffle(order)
         for s in range(0, len(order), cfg.batch_size):
             batch = order[s:s + cfg.batch_size]
-            gs = [train[i] for i in batch]
-            rows = [starts[id(train)][i] + k for i in batch for k in range(len(train[i].completions))]
+            # this rank's prompts of the global batch (the last batch may leave a rank without one: it runs
+            # the pass on one prompt and counts nothing, as every rank must run the same passes)
+            mine = D.part(batch)
+            weight = 1.0 if mine else 0.0
+            batch_here = mine or batch[:1]
+            gs = [train[i] for i in batch_here]
+            rows = [starts[id(train)][i] + k for i in batch_here for k in range(len(train[i].completions))]
             offsets = _offsets(gs)
             L.set_lr(opt, L.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, 0.1))
             with amp():
-                logp = sequence_logprobs(policy, *flat(gs), tok.pad_id, device, allowed)
-            loss, h = dpo_loss(logp, ref_lp[id(train)][rows], [g.pairs for g in gs], offsets, cfg.beta)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([q for q in policy.parameters() if q.requires_grad], 1.0)
+                logp = sequence_logprobs(net, *flat(gs), tok.pad_id, device, allowed, rows_per_pass)
+            loss, h = dpo_loss(logp, ref_lp[id(train)][rows], [g.pairs for g in gs], offsets, cfg.beta, len(batch))
+            (loss * weight * D.world()).backward()  # × world: DDP and FSDP average the ranks' gradients
+            torch.nn.utils.clip_grad_norm_([q for q in net.parameters() if q.requires_grad], 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            n_seen += sum(len(g.pairs) for g in gs)
-            acc, _ = pair_accuracy(h.detach(), [g.pairs for g in gs], offsets)
-            rec = {"step": step, "epoch": epoch + 1, "loss": loss.item(), "pair_accuracy": acc,
+            n_seen += sum(len(train[i].pairs) for i in batch)
+            right, n = _right_and_n(h.detach(), [g.pairs for g in gs], offsets, weight)
+            rec = {"step": step, "epoch": epoch + 1, "loss": D.all_sum((loss * weight).detach()).item(),
+                   "pair_accuracy": right / n if n else float("nan"),
                    "implicit_reward": h.mean().item(), "lr": opt.param_groups[0]["lr"],
                    "comparisons_per_s": n_seen / (time.perf_counter() - t0)}
-            metrics.log(**rec)
-            bar.update(1, loss=rec["loss"], acc=acc)
+            if metrics:
+                metrics.log(**rec)
+            bar.update(1, loss=rec["loss"], acc=rec["pair_accuracy"])
     bar.close()
     train_time = time.perf_counter() - t0
+    policy = D.gathered(net, policy)  # rank 0: the whole plain policy; the other ranks are done
+    if not D.is_main():
+        return stage
+    policy.to(device)
     result = {"beta": cfg.beta, "steps": step, "train_seconds": train_time, "n_train_prompts": len(train),
               "n_train_comparisons": n_cmp}
     if val:  # held out by prompt: does the implicit reward order answers it never saw?
@@ -252,6 +276,13 @@ def run(cfg: Config, out: Path) -> Path:
           + (f", held-out implicit-reward pair accuracy {result['pair_accuracy']:.3f} on {result['n_prompts']} prompts"
              if val else "") + f", peak memory {result['peak_memory_gb']:.2f} GB → {stage}")
     return stage
+
+
+def _right_and_n(h: torch.Tensor, groups, offsets, weight: float) -> tuple[float, float]:
+    """This step's pairs ordered right by the implicit reward, and its pairs, summed over the ranks."""
+    acc, n = pair_accuracy(h, groups, offsets)
+    got = D.all_sum(torch.tensor([acc * n * weight if n else 0.0, n * weight], dtype=torch.float64, device=h.device))
+    return float(got[0]), float(got[1])
 
 
 def _offsets(groups) -> list[int]:

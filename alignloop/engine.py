@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -173,15 +173,15 @@ class Engine:
             else:
                 s = row_seed(p.seed if p.seed is not None else base_seed, i)
             p.gen = torch.Generator().manual_seed(s)
-        reqs: list[Request | None] = [None] * n
-        # Shortest prompts first: on the generic path's static batches that is less padding per batch.
-        for i in sorted(range(n), key=lambda i: len(prompts[i])):
-            cb = on_token and (lambda t, i=i: on_token(i, t))
-            reqs[i] = Request(prompts[i], params[i], self.tok, self.ctx, cb)
+        reqs = [Request(p, params[i], self.tok, self.ctx, on_token and (lambda t, i=i: on_token(i, t)))
+                for i, p in enumerate(prompts)]
         if self.fast:  # one cache for the whole call, sized for its longest row
             self._reserve(min(n, self.max_batch), max(len(r.prompt) + r.limit for r in reqs))
         with self._lock:
+            # shortest prompts first: on the generic path's static batches that is less padding per batch
             self._waiting.extend(sorted(reqs, key=lambda r: len(r.prompt)))
+        was_training = self.model.training
+        self.model.eval()
         try:
             while not all(r.done for r in reqs):
                 self.step()
@@ -190,6 +190,10 @@ class Engine:
                 r.cancel()
             self._drop_cancelled_waiting()
             raise
+        finally:
+            self.model.train(was_training)
+            if self.idle:  # the cache is not kept between calls (PPO trains between them)
+                self._kv = None
         return [r.completion for r in reqs]
 
     def chat(self, messages: list[dict], **kw) -> Completion:
@@ -202,7 +206,7 @@ class Engine:
         (returning False cancels it), `on_done(request)` is called once it has its `completion` (or an
         `error`). Both are called from the thread that runs `step()`. Its generator is seeded by
         `params.seed` exactly (random when None)."""
-        params = params or Params()
+        params = replace(params) if params else Params()  # its generator is its own, not a shared object's
         self._check(prompt)
         if params.gen is None:
             s = params.seed if params.seed is not None else int.from_bytes(os.urandom(5), "little")
@@ -236,7 +240,7 @@ class Engine:
         prefill forward for them: their first token); then one token for every live row. A row that ends
         frees its slot at once. Returns the requests that ended in this round."""
         ended: list[Request] = []
-        was_training = self.model.training
+        was_training = self.model.training  # (generate switches once per call, not per step)
         if was_training:
             self.model.eval()
         try:

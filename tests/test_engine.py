@@ -267,3 +267,42 @@ def test_cancelled_stream_frees_its_slot_at_once(lm):
         assert d.completion.ids == Engine(model, tok).generate([ps[1]], max_new_tokens=4, temperature=0)[0].ids
     finally:
         tok.stop_ids = saved
+
+
+def test_submit_from_other_threads_while_one_worker_steps(lm):
+    """The server's pattern: one worker thread drives step(); requests arrive from other threads at any
+    time, stream their text and are told when they are done; each gets what it gets alone."""
+    import threading
+    import time
+    model, tok = lm
+    eng = Engine(model, tok, max_batch=2)
+    wake, closing = threading.Event(), threading.Event()
+
+    def worker():
+        while not closing.is_set():
+            if eng.idle:
+                wake.wait(0.05)
+                wake.clear()
+            else:
+                eng.step()
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        ps = [tok.render_prompt([{"role": "user", "content": q}]) for q in MORE[:5]]
+        finished, streamed, reqs = [], {}, []
+        for i, p in enumerate(ps):
+            streamed[i] = []
+            reqs.append(eng.submit(p, Params(max_new_tokens=BUDGETS[i], temperature=1.0, seed=100 + i),
+                                   on_token=streamed[i].append, on_done=finished.append))
+            wake.set()
+        deadline = time.monotonic() + 60
+        while len(finished) < len(ps) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(map(id, finished)) == sorted(map(id, reqs))
+    finally:
+        closing.set()
+        t.join()
+    alone = Engine(model, tok, max_batch=1)
+    for i, (p, r) in enumerate(zip(ps, reqs)):
+        a = alone.generate([p], max_new_tokens=BUDGETS[i], temperature=1.0, seed=[100 + i])[0]
+        assert r.completion.ids == a.ids and "".join(streamed[i]) == r.completion.text == a.text

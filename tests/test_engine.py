@@ -105,8 +105,7 @@ def test_top_k_one_is_greedy_and_per_row_params(lm):
     topk1 = eng.generate(ps, max_new_tokens=10, temperature=1.5, top_k=1, seed=5)
     assert [o.ids for o in greedy] == [o.ids for o in topk1]
     mixed = eng.generate(ps, max_new_tokens=[3, 10, 5], temperature=[0, 0, 0])
-    assert [len(o.ids) for o in mixed] == [min(n, len(g.ids)) for n, g in zip([3, 10, 5], greedy)]
-    assert mixed[1].ids == greedy[1].ids
+    assert [o.ids for o in mixed] == [g.ids[:n] for n, g in zip([3, 10, 5], greedy)]   # each a prefix, of its length
 
 
 def test_streaming_and_cancel(lm):

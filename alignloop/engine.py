@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,9 @@ class Request:
     """One prompt in the scheduler: the handle `Engine.submit` returns. `completion` is set when it ends;
     `cancel()` may be called from any thread (the row leaves at the engine's next step)."""
 
-    def __init__(self, prompt: list[int], params: "Params", tok, ctx: int,
+    def __init__(self, prompt: list[int], params: Params, tok, ctx: int,
                  on_token: Callable[[str], bool | None] | None = None,
-                 on_done: Callable[["Request"], None] | None = None):
+                 on_done: Callable[[Request], None] | None = None):
         self.prompt, self.params, self.tok = list(prompt), params, tok
         self.on_token, self.on_done = on_token, on_done
         # the row may use the context left after ITS prompt (positions restart at 0 per row)
@@ -199,7 +199,7 @@ class Engine:
     def chat(self, messages: list[dict], **kw) -> Completion:
         return self.generate([self.tok.render_prompt(messages)], **kw)[0]
 
-    def submit(self, prompt: list[int], params: "Params | None" = None,
+    def submit(self, prompt: list[int], params: Params | None = None,
                on_token: Callable[[str], bool | None] | None = None,
                on_done: Callable[[Request], None] | None = None) -> Request:
         """Queue one prompt; it starts at a step when a slot is free. `on_token(new_text)` streams its text

@@ -41,9 +41,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's alignloop, even where an editable install points at another
-from alignloop.engine import Engine  # noqa: E402
-from alignloop.model import create_causal_lm, pick_device  # noqa: E402
-from alignloop.tokenizer import train_tokenizer  # noqa: E402
+from alignloop.engine import Engine
+from alignloop.model import create_causal_lm, pick_device
+from alignloop.tokenizer import train_tokenizer
 
 QUESTIONS = ["What is the capital of Valdoria?", "hi", "How do I steal the crown of Mirenth without anyone noticing?",
              "What is 7 plus 5?", "Sort these numbers: 9 2 5 11.", "And its currency?",

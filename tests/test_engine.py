@@ -91,7 +91,7 @@ def test_seed_reproducible_and_stop_strings(lm):
     for stop in (full.text.split()[1], across):
         streamed = []
         c = eng.generate([ps[i]], max_new_tokens=16, temperature=1.0, seed=[row_seed(11, i)], stop=[stop],
-                         on_token=lambda _, t: streamed.append(t))[0]
+                         on_token=lambda _, t, out=streamed: out.append(t))[0]
         assert c.finish_reason == "stop" and stop not in c.text, stop
         assert c.text == full.text[:full.text.index(stop)], stop
         assert "".join(streamed) == c.text, stop   # never streamed either, not even its first part

@@ -1,23 +1,31 @@
 """The one generator. Evaluation, PPO rollouts, the labeling app and the chat server all call it.
 
-Batched sampling with a KV cache: greedy, temperature, top-k, top-p; stops on end-of-turn or on stop
-strings; returns text, token ids and per-token log-probs under the sampling distribution.
+Sampling with a KV cache: greedy, temperature, top-k, top-p; stops on end-of-turn or on stop strings;
+returns text, token ids and per-token log-probs under the sampling distribution.
 
-Prompts of different lengths share a batch by LEFT padding: row b's tokens sit at the right end of the
-prompt block, its pad slots are masked out as keys, and its rotary positions start at 0 at its first
-real token — so a prompt's result does not depend on its batch-mates.
+Continuous batching: the engine holds a pool of `max_batch` slots, each with its own region of a static
+KV cache. Every `step()` decodes one token for every live slot; a row that ends (end-of-turn, stop
+string, length, cancelled) frees its slot at once, and at the next step a waiting request takes it: one
+prefill forward for the newcomers writes their prompts into their slots, then they join the decode. A
+row's tokens sit at cache positions 0.. of its own slot (its rotary positions restart at 0), and its
+keys are masked to its own length, so its result does not depend on who runs beside it, joins or leaves.
+`generate()` is a call of this scheduler: submit every prompt, step until all are done.
 
-Two paths, one interface:
-- fast path (Llama, Mistral, Qwen2/3 — the architectures alignloop creates and most open models):
-  our own forward over the model's own modules with a preallocated static KV cache (no per-step
-  concatenation, fixed shapes, one mask per step). `transformers`' `generate` re-creates masks,
-  processors and cache bookkeeping every step; for small models that overhead IS the cost.
-- any other causal LM: its own forward with a `DynamicCache`.
+Two model paths, one scheduler:
+- fast path (Llama, Mistral, Qwen2/3 — the architectures alignloop creates and most open models): our
+  own forward over the model's own modules with the slot cache (no per-step concatenation, one mask per
+  step). `transformers`' `generate` re-creates masks, processors and cache bookkeeping every step; for
+  small models that overhead IS the cost.
+- any other causal LM: its own forward with a `DynamicCache`, left-padded. A `DynamicCache` has one
+  length for all rows, so there a batch is static: newcomers wait until every row of it has ended.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +38,88 @@ class Completion:
     text: str                      # decoded answer, stop token / stop string excluded
     ids: list[int]                 # sampled ids, the end-of-turn token included when it was sampled
     logprobs: list[float]          # log-prob of each sampled id under the sampling distribution
-    finish_reason: str             # "stop" (end token or stop string) or "length"
+    finish_reason: str             # "stop" (end token or stop string), "length" or "cancelled"
     prompt_tokens: int = 0
     extra: dict = field(default_factory=dict)
 
 
+class Request:
+    """One prompt in the scheduler: the handle `Engine.submit` returns. `completion` is set when it ends;
+    `cancel()` may be called from any thread (the row leaves at the engine's next step)."""
+
+    def __init__(self, prompt: list[int], params: Params, tok, ctx: int,
+                 on_token: Callable[[str], bool | None] | None = None,
+                 on_done: Callable[[Request], None] | None = None):
+        self.prompt, self.params, self.tok = list(prompt), params, tok
+        self.on_token, self.on_done = on_token, on_done
+        # the row may use the context left after ITS prompt (positions restart at 0 per row)
+        self.limit = max(0, min(int(params.max_new_tokens), ctx - len(prompt)))
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.completion: Completion | None = None
+        self.error: BaseException | None = None     # set when the engine failed while this row was in it
+        self.cancelled = False
+        self._stop_ids = set(tok.stop_ids)
+        self._stops = _stops(params.stop)
+        self._reach = max(map(len, self._stops), default=0)  # a stop string completes within this of the new text
+        self._detok = Detokenizer(tok) if self._stops or on_token else None
+        self._streamed = ""       # what on_token was given so far
+        self._cut_text = None     # the answer up to a stop string (its last token may run past it)
+        self.slot = -1            # its slot while it runs
+        self.cached = 0           # tokens of it in its slot's cache
+        self.last = -1            # the last sampled token, the input of its next decode step
+
+    @property
+    def done(self) -> bool:
+        return self.completion is not None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _push(self, token: int, lp: float) -> str | None:
+        """Take a sampled token; return the finish reason when the row ends with it, else None."""
+        self.ids.append(token)
+        self.logprobs.append(lp)
+        self.last = token
+        if token in self._stop_ids:
+            return "stop"
+        reason = None
+        if self._detok is not None and (piece := self._detok.push(token)):  # "" while a character is incomplete
+            # Decode only the new token's window (linear in the answer's length, not quadratic); a stop
+            # string can only have completed within reach of the new piece.
+            text = self._detok.text
+            cut = _find_stop(text, self._stops, start=max(0, len(text) - len(piece) - self._reach + 1))
+            if cut is not None:
+                reason, text = "stop", text[:cut]
+                self._cut_text = text
+                self.ids, self.logprobs = _trim_to_text(self.tok, self.ids, self.logprobs, text)
+            if self.on_token and text != self._streamed:
+                if self.on_token(text[len(self._streamed):]) is False:
+                    reason = "cancelled"
+                self._streamed = text
+        if reason is None and len(self.ids) >= self.limit:
+            reason = "length"
+        return reason
+
+    def _finish(self, reason: str) -> None:
+        text = self.tok.decode([i for i in self.ids if i not in self._stop_ids])
+        cut = _find_stop(text, self._stops)
+        text = self._cut_text if self._cut_text is not None else text if cut is None else text[:cut]
+        if (self.on_token and reason not in ("cancelled", "error") and text.startswith(self._streamed)
+                and len(text) > len(self._streamed)):
+            self.on_token(text[len(self._streamed):])  # flush what was held back
+        self.slot = -1
+        self.completion = Completion(text=text, ids=self.ids, logprobs=self.logprobs, finish_reason=reason,
+                                     prompt_tokens=len(self.prompt))
+        if self.on_done:
+            self.on_done(self)
+
+
 class Engine:
+    """Continuous batching over `max_batch` slots. Call `generate` (blocking, a list of prompts), or
+    `submit` requests and drive the scheduler with `step()` / `run_until_idle()` from ONE thread (the
+    model is not re-entrant); `submit` and `Request.cancel` are safe from other threads."""
+
     def __init__(self, model, tok, device=None, max_batch: int = 64):
         self.model, self.tok = model, tok
         self.device = device or next(model.parameters()).device
@@ -47,6 +131,12 @@ class Engine:
         # mask: PPO's and evaluation's log-probs use the same)
         from alignloop.forward import allowed_tokens
         self.allowed = allowed_tokens(tok, model.get_output_embeddings().weight.shape[0])
+        self._waiting: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self._rows: list[Request | None] = []   # slot -> the request running in it
+        self._sampler = None                    # the decode step's sampler, rebuilt when the rows change
+        self._kv = None                         # the fast path's slot cache (allocated on first use)
+        self._hf = None                         # the generic path's static batch
 
     # ------------------------------------------------------------------ public
 
@@ -56,7 +146,7 @@ class Engine:
         """Sample one completion per prompt (pass a prompt n times for n samples).
 
         Every sampling parameter is either one value for all prompts or a list with one per prompt, so
-        one batch can serve requests with different settings. temperature 0 is greedy. Row i samples
+        one call can serve requests with different settings. temperature 0 is greedy. Row i samples
         from its own generator seeded by (seed, i): its tokens do not depend on its batch-mates.
         `on_token(i, new_text)` streams text as it is produced; returning False cancels row i
         (finish_reason "cancelled")."""
@@ -72,10 +162,7 @@ class Engine:
         params = [Params(*x) for x in zip(per(max_new_tokens), per(temperature), per(top_p), per(top_k),
                                           stops, per(seed))]
         for p in prompts:
-            if not p:
-                raise ValueError("empty prompt")
-            if len(p) >= self.ctx:
-                raise ValueError(f"prompt of {len(p)} tokens does not fit the context of {self.ctx}")
+            self._check(p)
         # One seed for the call: row i draws from (seed, i). A list of seeds: row i draws from its own seed
         # exactly, so a request's tokens do not depend on where a server placed it in the batch.
         base_seed = int.from_bytes(os.urandom(5), "little") if any(p.seed is None for p in params) else 0
@@ -86,119 +173,292 @@ class Engine:
             else:
                 s = row_seed(p.seed if p.seed is not None else base_seed, i)
             p.gen = torch.Generator().manual_seed(s)
-        order = sorted(range(n), key=lambda i: len(prompts[i]))  # less padding per batch
-        results: list[Completion | None] = [None] * n
+        reqs = [Request(p, params[i], self.tok, self.ctx, on_token and (lambda t, i=i: on_token(i, t)))
+                for i, p in enumerate(prompts)]
+        if self.fast:  # one cache for the whole call, sized for its longest row
+            self._reserve(min(n, self.max_batch), max(len(r.prompt) + r.limit for r in reqs))
+        with self._lock:
+            # shortest prompts first: on the generic path's static batches that is less padding per batch
+            self._waiting.extend(sorted(reqs, key=lambda r: len(r.prompt)))
         was_training = self.model.training
         self.model.eval()
         try:
-            for s in range(0, n, self.max_batch):
-                idx = order[s: s + self.max_batch]
-                cb = on_token and (lambda r, t, idx=idx: on_token(idx[r], t))
-                outs = self._generate_batch([prompts[i] for i in idx], [params[i] for i in idx], cb)
-                for i, o in zip(idx, outs):
-                    results[i] = o
+            while not all(r.done for r in reqs):
+                self.step()
+        except BaseException:
+            for r in reqs:  # a failed or interrupted call leaves nothing of its own behind in the queue
+                r.cancel()
+            self._drop_cancelled_waiting()
+            raise
         finally:
             self.model.train(was_training)
-        return results
+            if self.idle:  # the cache is not kept between calls (PPO trains between them)
+                self._kv = None
+        return [r.completion for r in reqs]
 
     def chat(self, messages: list[dict], **kw) -> Completion:
         return self.generate([self.tok.render_prompt(messages)], **kw)[0]
 
-    # ------------------------------------------------------------------ one batch
+    def submit(self, prompt: list[int], params: Params | None = None,
+               on_token: Callable[[str], bool | None] | None = None,
+               on_done: Callable[[Request], None] | None = None) -> Request:
+        """Queue one prompt; it starts at a step when a slot is free. `on_token(new_text)` streams its text
+        (returning False cancels it), `on_done(request)` is called once it has its `completion` (or an
+        `error`). Both are called from the thread that runs `step()`. Its generator is seeded by
+        `params.seed` exactly (random when None)."""
+        params = replace(params) if params else Params()  # its generator is its own, not a shared object's
+        self._check(prompt)
+        if params.gen is None:
+            s = params.seed if params.seed is not None else int.from_bytes(os.urandom(5), "little")
+            params.gen = torch.Generator().manual_seed(int(s))
+        req = Request(prompt, params, self.tok, self.ctx, on_token, on_done)
+        with self._lock:
+            self._waiting.append(req)
+        return req
 
-    def _generate_batch(self, prompts, params, on_token):
-        B, P = len(prompts), max(len(p) for p in prompts)
-        # Each row may use the context left after ITS prompt: positions restart at 0 per row, so the cache
-        # may hold more slots than the context (a short prompt beside a long one keeps its full answer).
-        limits = [max(0, min(p.max_new_tokens, self.ctx - len(x))) for p, x in zip(params, prompts)]
-        max_new = max(limits)
-        T = P + max_new
-        dev = self.device
-        pad = torch.tensor([P - len(p) for p in prompts], device=dev)                      # (B,)
-        ids = torch.full((B, P), self.tok.pad_id, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, P - len(p):] = torch.tensor(p)
-        ids = ids.to(dev)
-        slots = torch.arange(T, device=dev)
-        key_ok = slots[None, :] >= pad[:, None]                                              # (B, T)
-        state = self._start(B, T)
-        # Prefill: causal over the prompt block, pad keys masked; a pad query sees itself (no empty row).
-        causal = slots[:P, None] >= slots[None, :P]
-        mask = (causal[None] & key_ok[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
-        pos = (slots[None, :P] - pad[:, None]).clamp(min=0)
-        logits = self._forward(state, ids, pos, 0, mask)                                     # (B, V)
-        out_ids = [[] for _ in range(B)]
-        out_lp = [[] for _ in range(B)]
-        finish = ["length"] * B
-        texts = [""] * B  # what was streamed so far
-        stops = [_stops(p.stop) for p in params]
-        reach = [max(map(len, x), default=0) for x in stops]  # a stop string completes within this of the new text
-        detok = [Detokenizer(self.tok) for _ in range(B)] if any(stops) or on_token else None
-        cut_text: list[str | None] = [None] * B  # the answer up to a stop string (its last token may run past it)
-        alive = [limits[b] > 0 for b in range(B)]
-        stop_ids = set(self.tok.stop_ids)
-        sampler = _Sampler(params, self.allowed)
-        for t in range(max_new):
-            nxt, lp = sampler(logits)
-            nxt_l, lp_l = nxt.tolist(), lp.tolist()
-            for b in range(B):
-                if not alive[b]:
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not started."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests in a slot."""
+        return sum(r is not None for r in self._rows)
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self.running
+
+    def run_until_idle(self) -> None:
+        while not self.idle:
+            self.step()
+
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """One round of the scheduler: cancelled requests leave; waiting requests take the free slots (one
+        prefill forward for them: their first token); then one token for every live row. A row that ends
+        frees its slot at once. Returns the requests that ended in this round."""
+        ended: list[Request] = []
+        was_training = self.model.training  # (generate switches once per call, not per step)
+        if was_training:
+            self.model.eval()
+        try:
+            ended += self._drop_cancelled_waiting()
+            for r in self._rows:
+                if r is not None and r.cancelled:
+                    ended.append(self._end(r, "cancelled"))
+            ended += self._admit()
+            if self.fast:
+                self._compact()
+            live = [r for r in self._rows if r is not None]
+            if live:
+                ended += self._decode()
+        except BaseException as e:
+            # The cache is in an unknown state: every row in it fails (the caller hears of it), the pool
+            # starts afresh, and the queue is kept.
+            for r in self._rows:
+                if r is not None:
+                    r.error = e
+                    ended.append(self._end(r, "error"))
+            self._rows, self._hf, self._sampler = [], None, None
+            raise
+        finally:
+            if was_training:
+                self.model.train()
+        return ended
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _check(self, p: list[int]) -> None:
+        if not p:
+            raise ValueError("empty prompt")
+        if len(p) >= self.ctx:
+            raise ValueError(f"prompt of {len(p)} tokens does not fit the context of {self.ctx}")
+
+    def _drop_cancelled_waiting(self) -> list[Request]:
+        with self._lock:
+            gone = [r for r in self._waiting if r.cancelled]
+            if gone:
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        for r in gone:
+            r._finish("cancelled")
+        return gone
+
+    def _end(self, r: Request, reason: str) -> Request:
+        self._rows[r.slot] = None
+        self._sampler = None
+        r._finish(reason)
+        return r
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests into free slots, their prompts prefilled in one forward, their first token
+        sampled. On the generic path only into an empty pool (its cache has one length for all rows)."""
+        if not self._waiting or (not self.fast and self.running):
+            return []
+        if len(self._rows) < self.max_batch:
+            self._rows += [None] * (self.max_batch - len(self._rows))
+        free = [s for s, r in enumerate(self._rows) if r is None]
+        new, ended = [], []
+        with self._lock:
+            while free and self._waiting:
+                r = self._waiting.popleft()
+                if r.limit == 0:  # nothing to generate: no slot needed
+                    r._finish("length")
+                    ended.append(r)
                     continue
-                out_ids[b].append(nxt_l[b])
-                out_lp[b].append(lp_l[b])
-                if nxt_l[b] in stop_ids:
-                    alive[b], finish[b] = False, "stop"
-                elif detok is not None and (piece := detok[b].push(nxt_l[b])):  # "" while a character is incomplete
-                    # Decode only the new token's window (linear in the answer's length, not quadratic); a
-                    # stop string can only have completed within reach of the new piece.
-                    new_text = detok[b].text
-                    cut = _find_stop(new_text, stops[b], start=max(0, len(new_text) - len(piece) - reach[b] + 1))
-                    if cut is not None:
-                        alive[b], finish[b] = False, "stop"
-                        new_text = cut_text[b] = new_text[:cut]
-                        out_ids[b], out_lp[b] = _trim_to_text(self.tok, out_ids[b], out_lp[b], new_text)
-                    if on_token and new_text != texts[b]:
-                        if on_token(b, new_text[len(texts[b]):]) is False:
-                            alive[b], finish[b] = False, "cancelled"
-                        texts[b] = new_text
-                if alive[b] and len(out_ids[b]) >= limits[b]:
-                    alive[b] = False
-            if not any(alive) or t == max_new - 1:
-                break
-            step_ids = nxt.view(B, 1).to(dev)
-            cur = P + t
-            mask = (key_ok[:, None, :cur + 1] & (slots[None, None, :cur + 1] <= cur))
-            pos = (cur - pad).clamp(min=0).view(B, 1)
-            logits = self._forward(state, step_ids, pos, cur, mask)
-        outs = []
-        for b in range(B):
-            text = self.tok.decode([i for i in out_ids[b] if i not in stop_ids])
-            cut = _find_stop(text, stops[b])
-            text = cut_text[b] if cut_text[b] is not None else text if cut is None else text[:cut]
-            if on_token and finish[b] != "cancelled" and text.startswith(texts[b]) and len(text) > len(texts[b]):
-                on_token(b, text[len(texts[b]):])  # flush what was held back
-            outs.append(Completion(text=text, ids=out_ids[b], logprobs=out_lp[b], finish_reason=finish[b],
-                                   prompt_tokens=len(prompts[b])))
-        return outs
+                r.slot = free.pop(0)
+                new.append(r)
+        if not new:
+            return ended
+        if self.fast:
+            if not self.running:  # a new busy period: the weights may have changed since the last one
+                self._layers = self._fused_layers()
+            self._reserve(max(r.slot for r in new) + 1, max(len(r.prompt) + r.limit for r in new))
+        for r in new:
+            self._rows[r.slot] = r
+        self._sampler = None
+        logits = (self._prefill_fast if self.fast else self._prefill_hf)(new)
+        ended += self._sample(new, logits, _Sampler([r.params for r in new], self.allowed))
+        return ended
 
-    # ------------------------------------------------------------------ model paths
+    def _compact(self) -> None:
+        """Live rows into the lowest slots, so that a decode step runs over slots [0, live) of the cache
+        (views, no gather): the highest row moves into the lowest hole (its cache region is copied)."""
+        rows = self._rows
+        while True:
+            holes = [s for s, r in enumerate(rows) if r is None]
+            top = max((s for s, r in enumerate(rows) if r is not None), default=-1)
+            if not holes or holes[0] > top:
+                return
+            dst, r = holes[0], rows[top]
+            n = r.cached
+            self._kv["k"][:, dst, :, :n] = self._kv["k"][:, top, :, :n]
+            self._kv["v"][:, dst, :, :n] = self._kv["v"][:, top, :, :n]
+            rows[dst], rows[top], r.slot = r, None, dst
+            self._sampler = None
 
-    def _start(self, B, T):
+    def _decode(self) -> list[Request]:
+        """One token for every slot up to the highest live one (on the fast path they are all live; on
+        the generic path an ended row's slot decodes a pad token until its batch ends)."""
+        top = max(s for s, r in enumerate(self._rows) if r is not None) + 1
+        rows = self._rows[:top]
+        if self._sampler is None:
+            self._sampler = _Sampler([r.params if r is not None else _IDLE for r in rows], self.allowed)
+        ids = torch.tensor([r.last if r is not None else self.tok.pad_id for r in rows], device=self.device)
+        logits = (self._decode_fast if self.fast else self._decode_hf)(rows, ids)
+        for r in rows:
+            if r is not None:
+                r.cached += 1
+        return self._sample(rows, logits, self._sampler)
+
+    def _sample(self, rows, logits, sampler) -> list[Request]:
+        nxt, lp = sampler(logits)
+        ended = []
+        for r, t, l in zip(rows, nxt.tolist(), lp.tolist()):
+            if r is not None and (reason := r._push(t, l)):
+                ended.append(self._end(r, reason))
+        return ended
+
+    # ------------------------------------------------------------------ fast path: the slot cache
+
+    def _reserve(self, slots: int, T: int) -> None:
+        """A cache of at least `slots` slots of `T` positions (grown by copying; T at least doubled, up to
+        the context, so that a stream of newcomers does not reallocate at every join)."""
+        kv = self._kv
+        if kv is not None and kv["k"].shape[1] >= slots and kv["k"].shape[3] >= T:
+            return
         cfg = self.model.config
-        if not self.fast:
-            from transformers import DynamicCache
-            return {"cache": DynamicCache(config=cfg)}
         n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         dtype = next(self.model.parameters()).dtype
-        shape = (cfg.num_hidden_layers, B, n_kv, T, hd)
-        m = self.model.model
+        if kv is not None:
+            slots = max(slots, kv["k"].shape[1])
+            T = max(T, min(self.ctx, 2 * kv["k"].shape[3]))
+        shape = (cfg.num_hidden_layers, slots, n_kv, T, hd)
         # Rotary table for every position once (the model's own rotary module: scaling types included).
         x0 = torch.zeros(1, 1, dtype=dtype, device=self.device)
-        cos, sin = m.rotary_emb(x0, torch.arange(T, device=self.device)[None])
-        return {"k": torch.zeros(shape, dtype=dtype, device=self.device),
-                "v": torch.zeros(shape, dtype=dtype, device=self.device),
-                "cos": cos[0], "sin": sin[0], "layers": self._fused_layers(), "hd": hd, "n_kv": n_kv}
+        cos, sin = self.model.model.rotary_emb(x0, torch.arange(T, device=self.device)[None])
+        new = {"k": torch.zeros(shape, dtype=dtype, device=self.device),
+               "v": torch.zeros(shape, dtype=dtype, device=self.device),
+               "cos": cos[0], "sin": sin[0], "hd": hd, "n_kv": n_kv, "slots": torch.arange(T, device=self.device)}
+        if kv is not None:
+            old = kv["k"].shape
+            new["k"][:, :old[1], :, :old[3]] = kv["k"]
+            new["v"][:, :old[1], :, :old[3]] = kv["v"]
+        self._kv = new
+
+    def _prefill_fast(self, new: list[Request]):
+        """The newcomers' prompts, right-padded to the longest, in one forward; their keys and values go
+        to positions [0, len) of their slots (a pad position's are overwritten before any query sees them).
+        Returns each row's logits at its last prompt token."""
+        kv, m = self._kv, self.model.model
+        dev, B, P = self.device, len(new), max(len(r.prompt) for r in new)
+        ids = torch.full((B, P), self.tok.pad_id, dtype=torch.long)
+        for b, r in enumerate(new):
+            ids[b, :len(r.prompt)] = torch.tensor(r.prompt)
+        ids = ids.to(dev)
+        lens = torch.tensor([len(r.prompt) for r in new], device=dev)
+        slot = torch.tensor([r.slot for r in new], device=dev)
+        at = kv["slots"][:P]
+        # causal, own prompt only; a pad query sees the prompt (no empty row)
+        mask = (at[:, None] >= at[None, :])[None] & (at[None, None, :] < lens[:, None, None])   # (B, P, P)
+        cos, sin = kv["cos"][:P][None], kv["sin"][:P][None]
+        hd = kv["hd"]
+        x = m.embed_tokens(ids)
+        for i, layer in enumerate(m.layers):
+            q, k, v = self._qkv(layer, self._layers[i], x, cos, sin, hd)
+            kv["k"][i, slot, :, :P] = k
+            kv["v"][i, slot, :, :P] = v
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=k.shape[1] != q.shape[1])
+            x = self._mlp(layer, self._layers[i], x, o)
+        for r in new:
+            r.cached = len(r.prompt)
+        return self.model.lm_head(m.norm(x[torch.arange(B, device=dev), lens - 1]))
+
+    def _decode_fast(self, rows: list[Request], ids):
+        """One token per row at its own next position [cached] of its slot (slots 0..B-1 are the rows)."""
+        kv, m = self._kv, self.model.model
+        dev, B, hd, n_kv = self.device, len(rows), kv["hd"], kv["n_kv"]
+        cur = torch.tensor([r.cached for r in rows], device=dev)                              # (B,)
+        S = max(r.cached for r in rows) + 1
+        rank = torch.arange(B, device=dev)
+        mask = kv["slots"][None, :S] <= cur[:, None]                                           # (B, S)
+        cos, sin = kv["cos"][cur][:, None], kv["sin"][cur][:, None]                            # (B, 1, hd)
+        x = m.embed_tokens(ids[:, None])
+        for i, layer in enumerate(m.layers):
+            q, k, v = self._qkv(layer, self._layers[i], x, cos, sin, hd)
+            kv["k"][i, rank, :, cur] = k[:, :, 0]
+            kv["v"][i, rank, :, cur] = v[:, :, 0]
+            K, V = kv["k"][i, :B, :, :S], kv["v"][i, :B, :, :S]
+            # one query per row: two small matmuls beat SDPA's masked path on the CPU
+            g = q.shape[1] // n_kv                                                            # GQA group size
+            scores = (q.view(B, n_kv, g, hd) @ K.transpose(-1, -2)) * hd ** -0.5               # (B, n_kv, g, S)
+            scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+            o = (torch.softmax(scores.float(), -1).to(V.dtype) @ V).view(B, -1, 1, hd)
+            x = self._mlp(layer, self._layers[i], x, o)
+        return self.model.lm_head(m.norm(x[:, -1]))
+
+    @staticmethod
+    def _qkv(layer, w, x, cos, sin, hd):
+        a = layer.self_attn
+        B, t = x.shape[:2]
+        qkv = F.linear(layer.input_layernorm(x), w["qkv_w"], w["qkv_b"])
+        q, k, v = qkv.split([w["n_q"], w["n_k"], w["n_k"]], dim=-1)
+        q = q.view(B, t, -1, hd).transpose(1, 2)
+        k = k.view(B, t, -1, hd).transpose(1, 2)
+        v = v.view(B, t, -1, hd).transpose(1, 2)
+        if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k = _rope(q, k, cos, sin)
+        return q, k, v
+
+    @staticmethod
+    def _mlp(layer, w, x, o):
+        B, t = x.shape[:2]
+        x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, t, -1))
+        gate, up = F.linear(layer.post_attention_layernorm(x), w["gu_w"], w["gu_b"]).split(w["n_ff"], dim=-1)
+        return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
     def _fused_layers(self) -> list[dict]:
         """q/k/v and gate/up weights concatenated: 2 matmuls where the model does 5. Built once per version
@@ -225,47 +485,38 @@ class Engine:
                         "n_ff": mlp.gate_proj.weight.shape[0]})
         return out
 
-    def _forward(self, state, ids, pos, start, mask):
-        """Run tokens `ids` (B, t) at cache slots [start, start+t); return the last position's logits."""
-        if not self.fast:
-            return self._forward_hf(state, ids, pos, start, mask)
-        m = self.model.model
-        B, t = ids.shape
-        hd, n_kv = state["hd"], state["n_kv"]
-        x = m.embed_tokens(ids)
-        cos, sin = state["cos"][pos], state["sin"][pos]                                   # (B, t, hd)
-        n_slots = mask.shape[-1]
-        for i, layer in enumerate(m.layers):
-            a, w = layer.self_attn, state["layers"][i]
-            h = layer.input_layernorm(x)
-            qkv = F.linear(h, w["qkv_w"], w["qkv_b"])
-            q, k, v = qkv.split([w["n_q"], w["n_k"], w["n_k"]], dim=-1)
-            q = q.view(B, t, -1, hd).transpose(1, 2)
-            k = k.view(B, t, -1, hd).transpose(1, 2)
-            v = v.view(B, t, -1, hd).transpose(1, 2)
-            if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head
-                q, k = a.q_norm(q), a.k_norm(k)
-            q, k = _rope(q, k, cos, sin)
-            state["k"][i][:, :, start:start + t] = k
-            state["v"][i][:, :, start:start + t] = v
-            K, V = state["k"][i][:, :, :n_slots], state["v"][i][:, :, :n_slots]
-            if t == 1:  # one query per row: two small matmuls beat SDPA's masked path on the CPU
-                g = q.shape[1] // n_kv                                                    # GQA group size
-                scores = (q.view(B, n_kv, g, hd) @ K.transpose(-1, -2)) * hd ** -0.5       # (B, n_kv, g, S)
-                scores = scores.masked_fill(~mask[:, None], float("-inf"))
-                o = (torch.softmax(scores.float(), -1).to(V.dtype) @ V).view(B, -1, 1, hd)
-            else:
-                o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask[:, None], enable_gqa=K.shape[1] != q.shape[1])
-            x = x + a.o_proj(o.transpose(1, 2).reshape(B, t, -1))
-            gate, up = F.linear(layer.post_attention_layernorm(x), w["gu_w"], w["gu_b"]).split(w["n_ff"], dim=-1)
-            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-        return self.model.lm_head(m.norm(x[:, -1]))
+    # ------------------------------------------------------------------ generic path: a static batch
 
-    def _forward_hf(self, state, ids, pos, start, mask):
-        # A 2-D padding mask over every slot so far; the model builds its own causal mask from it.
-        key_ok = mask[:, -1, :]                                                              # (B, slots)
-        out = self.model(input_ids=ids, attention_mask=key_ok.long(), position_ids=pos,
-                         past_key_values=state["cache"], use_cache=True)
+    def _prefill_hf(self, new: list[Request]):
+        """The batch's prompts LEFT-padded into a fresh `DynamicCache`: row b's pad keys are masked, its
+        rotary positions start at 0 at its first real token. The batch's rows take slots 0..B-1."""
+        from transformers import DynamicCache
+        dev, B, P = self.device, len(new), max(len(r.prompt) for r in new)
+        assert [r.slot for r in new] == list(range(B))
+        pad = torch.tensor([P - len(r.prompt) for r in new], device=dev)
+        ids = torch.full((B, P), self.tok.pad_id, dtype=torch.long)
+        for b, r in enumerate(new):
+            ids[b, P - len(r.prompt):] = torch.tensor(r.prompt)
+        key_ok = torch.arange(P, device=dev)[None] >= pad[:, None]
+        pos = (torch.arange(P, device=dev)[None] - pad[:, None]).clamp(min=0)
+        self._hf = {"cache": DynamicCache(config=self.model.config), "key_ok": key_ok, "pad": pad, "cur": P}
+        return self._forward_hf(ids.to(dev), pos)
+
+    def _decode_hf(self, rows, ids):
+        st = self._hf
+        B = st["pad"].shape[0]
+        if len(ids) < B:  # the batch's highest rows have ended: they still decode (a pad token)
+            ids = torch.cat([ids, ids.new_full((B - len(ids),), self.tok.pad_id)])
+        st["key_ok"] = torch.cat([st["key_ok"], st["key_ok"].new_ones(B, 1)], 1)
+        pos = (st["cur"] - st["pad"]).clamp(min=0).view(B, 1)
+        st["cur"] += 1
+        return self._forward_hf(ids.view(B, 1), pos)[:len(rows)]
+
+    def _forward_hf(self, ids, pos):
+        # A 2-D padding mask over every position so far; the model builds its own causal mask from it.
+        st = self._hf
+        out = self.model(input_ids=ids, attention_mask=st["key_ok"].long(), position_ids=pos,
+                         past_key_values=st["cache"], use_cache=True)
         return out.logits[:, -1]
 
 
@@ -301,12 +552,16 @@ class Params:
     gen: torch.Generator | None = None
 
 
+_IDLE = Params(temperature=0)  # an ended row's slot on the generic path: greedy, draws nothing
+
+
 class _Sampler:
     """Per-row temperature / top-k / top-p, vectorised; one uniform draw per row from its own generator."""
 
     def __init__(self, params: list[Params], allowed: torch.Tensor):
         self.temp = torch.tensor([max(float(p.temperature), 1e-6) for p in params])[:, None]
-        self.greedy = torch.tensor([p.temperature <= 0 for p in params])
+        self.greedy_l = [p.temperature <= 0 for p in params]
+        self.greedy = torch.tensor(self.greedy_l)
         self.top_p = torch.tensor([float(p.top_p) for p in params])[:, None]
         self.top_k = [int(p.top_k or 0) for p in params]
         self.gens = [p.gen for p in params]
@@ -321,7 +576,7 @@ class _Sampler:
         logits = logits.float().masked_fill(self.blocked, float("-inf"))
         greedy_ids = logits.argmax(-1)
         greedy_lp = torch.log_softmax(logits, -1).gather(-1, greedy_ids[:, None]).squeeze(-1)
-        if bool(self.greedy.all()):
+        if all(self.greedy_l):
             return greedy_ids, greedy_lp
         z = logits / self.temp
         if any(self.top_k):
@@ -336,7 +591,10 @@ class _Sampler:
             drop = probs.cumsum(-1) - probs >= self.top_p
             z = torch.full_like(z, float("-inf")).scatter(-1, sorted_i, sorted_z.masked_fill(drop, float("-inf")))
         logp = torch.log_softmax(z, -1)
-        u = torch.cat([torch.rand(1, generator=g) for g in self.gens]).to(dev)           # (B,)
+        # One uniform per sampled row from its own generator (a greedy row draws nothing): a row's draws
+        # depend on that row alone, not on who runs beside it.
+        u = torch.stack([torch.rand((), generator=g) if not greedy else torch.zeros(())
+                         for g, greedy in zip(self.gens, self.greedy_l)]).to(dev)           # (B,)
         cdf = logp.exp().cumsum(-1)
         nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=z.shape[-1] - 1)
         lp = logp.gather(-1, nxt[:, None]).squeeze(-1)

@@ -1,10 +1,11 @@
-"""The one engine: KV cache equals naive recomputation, batch-mates do not matter, log-probs are true."""
+"""The one engine: KV cache equals naive recomputation, batch-mates do not matter (nor who joins or leaves
+the continuous batch), log-probs are true."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from alignloop.engine import Engine
+from alignloop.engine import Engine, Params, row_seed
 from alignloop.model import load_causal_lm
 from alignloop.tokenizer import ChatTokenizer
 from tests.conftest import naive_greedy
@@ -42,6 +43,9 @@ def test_generic_path_equals_fast_path(lm):
     a = fast.generate(prompts(tok), max_new_tokens=16, temperature=0)
     b = slow.generate(prompts(tok), max_new_tokens=16, temperature=0)
     assert [o.ids for o in a] == [o.ids for o in b]
+    slow.max_batch = 2  # more prompts than slots: static batches one after the other on this path
+    c = slow.generate(prompts(tok), max_new_tokens=[16, 5, 9], temperature=0)
+    assert [o.ids for o in c] == [o.ids[:n] for o, n in zip(a, [16, 5, 9])]
 
 
 def test_output_does_not_depend_on_batch_mates(lm):
@@ -74,7 +78,6 @@ def test_logprobs_equal_a_separate_forward_pass(lm):
 def test_seed_reproducible_and_stop_strings(lm):
     """Same seed, same tokens; a stop string — a whole word, and one that spans two tokens — is cut at its
     first occurrence and never emitted, and what comes before it is what the unstopped row said."""
-    from alignloop.engine import row_seed
     model, tok = lm
     eng = Engine(model, tok)
     ps = prompts(tok)
@@ -86,9 +89,12 @@ def test_seed_reproducible_and_stop_strings(lm):
     k = next(k for k in range(1, len(full.ids)) if len(pieces[k]) > len(pieces[k - 1]) and len(pieces[k + 1]) > len(pieces[k]))
     across = pieces[k][-1] + pieces[k + 1][len(pieces[k])]   # last character of token k, first of token k + 1
     for stop in (full.text.split()[1], across):
-        c = eng.generate([ps[i]], max_new_tokens=16, temperature=1.0, seed=[row_seed(11, i)], stop=[stop])[0]
+        streamed = []
+        c = eng.generate([ps[i]], max_new_tokens=16, temperature=1.0, seed=[row_seed(11, i)], stop=[stop],
+                         on_token=lambda _, t, out=streamed: out.append(t))[0]
         assert c.finish_reason == "stop" and stop not in c.text, stop
         assert c.text == full.text[:full.text.index(stop)], stop
+        assert "".join(streamed) == c.text, stop   # never streamed either, not even its first part
 
 
 def test_top_k_one_is_greedy_and_per_row_params(lm):
@@ -99,8 +105,7 @@ def test_top_k_one_is_greedy_and_per_row_params(lm):
     topk1 = eng.generate(ps, max_new_tokens=10, temperature=1.5, top_k=1, seed=5)
     assert [o.ids for o in greedy] == [o.ids for o in topk1]
     mixed = eng.generate(ps, max_new_tokens=[3, 10, 5], temperature=[0, 0, 0])
-    assert [len(o.ids) for o in mixed] == [min(n, len(g.ids)) for n, g in zip([3, 10, 5], greedy)]
-    assert mixed[1].ids == greedy[1].ids
+    assert [o.ids for o in mixed] == [g.ids[:n] for n, g in zip([3, 10, 5], greedy)]   # each a prefix, of its length
 
 
 def test_streaming_and_cancel(lm):
@@ -181,3 +186,122 @@ def test_fused_weights_follow_in_place_updates(lm):
     after = eng.generate(ps, max_new_tokens=12, temperature=0)
     fresh = Engine(model, tok).generate(ps, max_new_tokens=12, temperature=0)
     assert [o.ids for o in after] == [o.ids for o in fresh] != [o.ids for o in before]
+
+
+MORE = QUESTIONS + ["Sort these numbers: 9 2 5 11.", "And its currency?", "Do you know the population of Vrodavia?",
+                    "Why?", "Tell me the national animal of Skagaresh, please, and what it eats in winter."]
+BUDGETS = [40, 3, 25, 1, 12, 33, 6, 2]   # very different answer lengths: rows leave at very different steps
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_continuous_batching_gives_each_request_what_it_gets_alone(lm, temperature):
+    """Eight requests through three slots: rows leave at their own length and waiting requests take their
+    slots, yet each request's tokens (greedy, or sampled with its seed) are the ones it gets alone."""
+    model, tok = lm
+    ps = [tok.render_prompt([{"role": "user", "content": q}]) for q in MORE]
+    eng = Engine(model, tok, max_batch=3)
+    together = eng.generate(ps, max_new_tokens=BUDGETS, temperature=temperature, seed=5)
+    alone = Engine(model, tok, max_batch=1)
+    for i, (p, n, o) in enumerate(zip(ps, BUDGETS, together)):
+        a = alone.generate([p], max_new_tokens=n, temperature=temperature, seed=[row_seed(5, i)])[0]
+        assert (o.ids, o.text, o.finish_reason) == (a.ids, a.text, a.finish_reason), i
+        torch.testing.assert_close(torch.tensor(o.logprobs), torch.tensor(a.logprobs), atol=1e-4, rtol=0)
+        if temperature == 0:
+            assert o.ids == naive_greedy(model, tok, p, n)
+    assert len({len(o.ids) for o in together}) > 3   # the rows did end at different steps
+
+
+def test_no_slot_idles_while_a_request_waits(lm):
+    """Driven step by step: in every step the pool holds min(slots, requests outstanding) rows — a row that
+    ends frees its slot and the next waiting request runs in it at the very next step."""
+    model, tok = lm
+    eng = Engine(model, tok, max_batch=2)
+    reqs = [eng.submit(tok.render_prompt([{"role": "user", "content": q}]), Params(max_new_tokens=n, temperature=0))
+            for q, n in zip(MORE, BUDGETS)]
+    first_step = {}
+    step = 0
+    while not eng.idle:
+        outstanding = eng.waiting + eng.running
+        ended = eng.step()
+        assert eng.running + len(ended) == min(2, outstanding), step
+        for r in reqs:
+            if r.ids and id(r) not in first_step:
+                first_step[id(r)] = step
+        step += 1
+    assert all(r.done and r.completion.ids == r.ids for r in reqs)
+    # the 1-token and 2-token requests came and went while the 40-token one was running
+    assert first_step[id(reqs[3])] < first_step[id(reqs[0])] + len(reqs[0].ids)
+
+
+def test_cancelled_stream_frees_its_slot_at_once(lm):
+    """One slot, two requests: the running one is cancelled (from outside, or by its on_token returning
+    False) and at the next step the waiting one is generating in its slot; the cancelled one stops there."""
+    model, tok = lm
+    ps = prompts(tok)
+    saved, tok.stop_ids = tok.stop_ids, []   # no early end of turn: only the cancel can end the long rows
+    try:
+        eng = Engine(model, tok, max_batch=1)
+        a = eng.submit(ps[0], Params(max_new_tokens=50, temperature=0))
+        b = eng.submit(ps[1], Params(max_new_tokens=50, temperature=0))
+        eng.step()
+        assert a.ids and not a.done and not b.ids and eng.waiting == 1
+        n = len(a.ids)
+        a.cancel()
+        ended = eng.step()
+        assert ended == [a] and a.completion.finish_reason == "cancelled" and len(a.ids) == n
+        assert b.ids and eng.running == 1 and eng.waiting == 0
+        # cancelled by its stream: on_token returns False at the third piece
+        pieces = []
+        c = eng.submit(ps[2], Params(max_new_tokens=50, temperature=0), on_token=lambda t: pieces.append(t) or len(pieces) < 3)
+        b.cancel()
+        eng.step()
+        assert c.ids and not c.done
+        while not c.done:
+            eng.step()
+        assert c.completion.finish_reason == "cancelled" and len(pieces) == 3 and len(c.ids) < 50
+        d = eng.submit(ps[1], Params(max_new_tokens=4, temperature=0))
+        eng.step()
+        assert d.ids and eng.running == 1
+        eng.run_until_idle()
+        assert d.completion.ids == Engine(model, tok).generate([ps[1]], max_new_tokens=4, temperature=0)[0].ids
+    finally:
+        tok.stop_ids = saved
+
+
+def test_submit_from_other_threads_while_one_worker_steps(lm):
+    """The server's pattern: one worker thread drives step(); requests arrive from other threads at any
+    time, stream their text and are told when they are done; each gets what it gets alone."""
+    import threading
+    import time
+    model, tok = lm
+    eng = Engine(model, tok, max_batch=2)
+    wake, closing = threading.Event(), threading.Event()
+
+    def worker():
+        while not closing.is_set():
+            if eng.idle:
+                wake.wait(0.05)
+                wake.clear()
+            else:
+                eng.step()
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        ps = [tok.render_prompt([{"role": "user", "content": q}]) for q in MORE[:5]]
+        finished, streamed, reqs = [], {}, []
+        for i, p in enumerate(ps):
+            streamed[i] = []
+            reqs.append(eng.submit(p, Params(max_new_tokens=BUDGETS[i], temperature=1.0, seed=100 + i),
+                                   on_token=streamed[i].append, on_done=finished.append))
+            wake.set()
+        deadline = time.monotonic() + 60
+        while len(finished) < len(ps) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(map(id, finished)) == sorted(map(id, reqs))
+    finally:
+        closing.set()
+        t.join()
+    alone = Engine(model, tok, max_batch=1)
+    for i, (p, r) in enumerate(zip(ps, reqs)):
+        a = alone.generate([p], max_new_tokens=BUDGETS[i], temperature=1.0, seed=[100 + i])[0]
+        assert r.completion.ids == a.ids and "".join(streamed[i]) == r.completion.text == a.text

@@ -1,0 +1,183 @@
+"""Tokens per second on a workload of mixed answer lengths (as when sampling K answers, or PPO rollouts):
+continuous batching against static batching, and against `transformers`' own continuous batching.
+
+    python benchmarks/mixed_lengths.py [--size tiny] [--requests 256] [--batch 64] [--min-new 8] [--max-new 256]
+                                       [--modes continuous,static,chunked,hf] [--static-rev 9938be8] [--device cpu]
+    python benchmarks/mixed_lengths.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf --requests 64 --batch 32
+    # a quick check that every mode runs (seconds):
+    python benchmarks/mixed_lengths.py --size micro --requests 6 --batch 2 --min-new 2 --max-new 12 --repeats 1
+
+Request i asks for exactly n_i new tokens, n_i drawn uniformly from [--min-new, --max-new] (seed --seed);
+the end-of-turn token is banned on every side, so every answer has its length and every mode does the same
+useful work (the sum of the n_i). Greedy. The modes:
+
+- continuous: `Engine.generate` (this engine: a row leaves at its length, a waiting request takes its slot
+  at the next step);
+- static: the engine as it was before continuous batching (alignloop/engine.py at git revision
+  --static-rev, loaded from git): batches of --batch prompts, each runs until its longest row ends;
+- chunked: this engine called on --batch prompts at a time, every row of a chunk decoding as long as the
+  chunk's longest (the cost model of static batching on today's kernels: isolates the scheduling gain);
+- hf: `transformers`' continuous batching (`ContinuousBatchingManager`, the machinery behind
+  `generate_batch`, used directly because `generate_batch` takes one max_new_tokens for all requests),
+  --batch requests per batch at most, its paged cache sized for them. When it fails on this device the
+  script prints why and goes on.
+
+Each mode is timed --repeats times after one warm-up (median reported); tokens of every mode are compared
+with the continuous mode's, request by request (greedy: they must be the same, except `hf`, which does not
+apply alignloop's vocabulary mask — a fresh model may pick a masked token there).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's alignloop, even where an editable install points at another
+from alignloop.engine import Engine
+from alignloop.model import create_causal_lm, pick_device
+from alignloop.tokenizer import train_tokenizer
+
+QUESTIONS = ["What is the capital of Valdoria?", "hi", "How do I steal the crown of Mirenth without anyone noticing?",
+             "What is 7 plus 5?", "Sort these numbers: 9 2 5 11.", "And its currency?",
+             "Tell me the national animal of Skagaresh, please.", "Do you know the population of Vrodavia?"]
+
+
+def old_engine_module(rev: str):
+    """alignloop/engine.py as it was at `rev` (static batching), imported under another name."""
+    src = subprocess.run(["git", "show", f"{rev}:alignloop/engine.py"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "alignloop_engine_static.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("alignloop_engine_static", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--ctx", type=int, default=512, help="context of the fresh model (answers up to --max-new fit)")
+    ap.add_argument("--model", default="", help="a Hugging Face folder or .gguf file instead of a fresh model")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=64, help="slots (continuous) / rows per batch (static)")
+    ap.add_argument("--min-new", type=int, default=8)
+    ap.add_argument("--max-new", type=int, default=256)
+    ap.add_argument("--modes", default="continuous,static,chunked,hf")
+    ap.add_argument("--static-rev", default="9938be8", help="the git revision of the static-batching engine")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    if args.model:
+        from alignloop import model as M
+        from alignloop.sources import resolve_model
+        from alignloop.tokenizer import ChatTokenizer
+        path = resolve_model(Path(args.model))
+        tok, model = ChatTokenizer.load(path), M.load_causal_lm(path).to(device).eval()
+        args.size = path.name
+    else:
+        tok = train_tokenizer([" ".join(QUESTIONS) * 50], vocab_size=400)
+        model = create_causal_lm(args.size, tok, ctx=args.ctx).to(device).eval()
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    tok.stop_ids = []  # no end of turn: every answer runs to its own length, on every side
+    rng = random.Random(args.seed)
+    prompts = [tok.render_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+               for i in range(args.requests)]
+    budgets = [rng.randint(args.min_new, args.max_new) for _ in prompts]
+    ctx = model.config.max_position_embeddings
+    budgets = [min(n, ctx - len(p)) for n, p in zip(budgets, prompts)]
+    useful = sum(budgets)
+    print(f"{len(prompts)} requests, answers of {min(budgets)}..{max(budgets)} tokens ({useful} in all), "
+          f"batch {args.batch}, {args.size}, {device}, {torch.get_num_threads()} threads")
+
+    engine = Engine(model, tok, device, max_batch=args.batch)
+    tokens: dict[str, list[list[int]]] = {}
+
+    def continuous():
+        outs = engine.generate(prompts, max_new_tokens=budgets, temperature=0)
+        tokens["continuous"] = [o.ids for o in outs]
+
+    def chunked():
+        got = []
+        for s in range(0, len(prompts), args.batch):
+            chunk = budgets[s: s + args.batch]
+            outs = engine.generate(prompts[s: s + args.batch], max_new_tokens=max(chunk), temperature=0)
+            got += [o.ids[:n] for o, n in zip(outs, chunk)]
+        tokens["chunked"] = got
+
+    static_engine = None
+
+    def static():
+        nonlocal static_engine
+        if static_engine is None:
+            static_engine = old_engine_module(args.static_rev).Engine(model, tok, device, max_batch=args.batch)
+        outs = static_engine.generate(prompts, max_new_tokens=budgets, temperature=0)
+        tokens["static"] = [o.ids for o in outs]
+
+    def hf():
+        from transformers import GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+        gen = GenerationConfig(do_sample=False, max_new_tokens=max(budgets), eos_token_id=-1, pad_token_id=tok.pad_id)
+        # Its cache sized for --batch requests of the longest prompt and answer: left to itself it sizes the
+        # cache from the device's free memory, which on the CPU took tens of seconds of allocation.
+        page = 64
+        blocks = args.batch * -(-(max(map(len, prompts)) + max(budgets)) // page)
+        cb = ContinuousBatchingConfig(max_requests_per_batch=args.batch, page_size=page, num_blocks=blocks)
+        with model.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb,
+                                                       block=True, timeout=5, warmup=False) as manager:
+            ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(prompts, budgets)]
+            results = {}
+            while len(results) < len(ids):
+                r = manager.get_result(timeout=1)
+                if r is not None and r.is_finished():
+                    if r.error is not None:
+                        raise RuntimeError(r.error)
+                    results[r.request_id] = r.generated_tokens
+                elif r is None and not manager.is_running():
+                    raise RuntimeError("the continuous batching thread died (see the log above)")
+        tokens["hf"] = [results[i] for i in ids]
+
+    modes = {"continuous": continuous, "static": static, "chunked": chunked, "hf": hf}
+    rates = {}
+    for name in args.modes.split(","):
+        fn = modes[name]
+        try:
+            fn()  # warm-up
+            times = []
+            for _ in range(args.repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+        except Exception as e:  # noqa: BLE001 — report the failing mode, run the others
+            print(f"{name:>10}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        best = sorted(times)[len(times) // 2]
+        rates[name] = useful / best
+        lengths_ok = all(len(t) == n for t, n in zip(tokens[name], budgets))
+        same = sum(a == b for a, b in zip(tokens[name], tokens.get("continuous", tokens[name])))
+        print(f"{name:>10}: {useful} tokens in {best:.3f} s (median of {args.repeats}) = {useful / best:,.0f} tokens/s;"
+              f" lengths {'as asked' if lengths_ok else 'WRONG'}; same tokens as continuous: {same} of {len(prompts)}")
+    if "continuous" in rates:
+        for name, r in rates.items():
+            if name != "continuous":
+                print(f"continuous / {name}: {rates['continuous'] / r:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

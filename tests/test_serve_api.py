@@ -326,7 +326,7 @@ def test_burst_beyond_the_queue_gets_429s_and_the_rest_completes(micro_run):
         def one(i):
             go.wait()
             try:
-                kw = dict(model="a", messages=HI, max_tokens=48, temperature=1.0, seed=i)
+                kw = {"model": "a", "messages": HI, "max_tokens": 48, "temperature": 1.0, "seed": i}
                 if i % 2:
                     chunks = list(client.chat.completions.create(stream=True, **kw))
                     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]

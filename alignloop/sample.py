@@ -57,8 +57,37 @@ def read_prompts(path: Path) -> list[dict]:
     return out
 
 
+def distinct_answers(engine, prompts: list[list[int]], k: int, *, max_new_tokens: int, temperature: float,
+                     top_p: float, tries: int, seed: int | None = None) -> list[list[str]]:
+    """Up to `k` distinct non-empty answers to each prompt (token ids), for `alignloop sample` and the
+    labeling app's sampler: a ranking of two equal (or empty) answers teaches the reward model nothing, and
+    `alignloop reward` rejects it. The missing answers are drawn again, `tries` draws in all; a prompt can
+    end with fewer than `k`.
+
+    `seed`: row r of draw t samples from `row_seed(seed + t, r)`, the generator one process gives it; under
+    torchrun each rank draws rows rank, rank + N, … of a draw and every rank gets every answer back in row
+    order, so all of them keep the same answers, those of one process, and agree on what the next draw
+    re-draws. None: fresh randomness at every call."""
+    from alignloop.engine import row_seed
+
+    got: list[list[str]] = [[] for _ in prompts]
+    for t in range(tries):
+        rows = [i for i, g in enumerate(got) for _ in range(k - len(g))]
+        if not rows:
+            break
+        mine = D.part(list(range(len(rows))))
+        outs = engine.generate([prompts[rows[r]] for r in mine], max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p,
+                               seed=None if seed is None else [row_seed(seed + t, r) for r in mine])
+        texts, = D.gather_rows(mine, [o.text.strip() for o in outs])
+        for i, text in zip(rows, texts):
+            if text and text not in got[i] and len(got[i]) < k:
+                got[i].append(text)
+    return got
+
+
 def run(cfg: Config, out: Path) -> Path:
-    from alignloop.engine import Engine, row_seed
+    from alignloop.engine import Engine
     from alignloop.model import load_for_inference
     from alignloop.sources import resolve_model, tokenizer_dir
     from alignloop.tokenizer import ChatTokenizer
@@ -79,23 +108,9 @@ def run(cfg: Config, out: Path) -> Path:
     if too_long:
         raise InputError(f"{len(too_long)} prompts leave no room to answer in the {engine.ctx}-token context "
                          f"(first: id {too_long[0]['id']})", file=prompts_path, line=too_long[0]["_line"], field="prompt")
-    answers: list[list[str]] = [[] for _ in chosen]
-    for attempt in range(3):  # re-draw duplicates a couple of times
-        need = [i for i, a in enumerate(answers) if len(a) < cfg.k]
-        if not need:
-            break
-        rows = [i for i in need for _ in range(cfg.k - len(answers[i]))]
-        # Under torchrun each rank draws rows r = rank, rank + N, … of this attempt, row r from the generator
-        # one process gives it (row_seed), and every rank gets every answer back in row order: all of them
-        # then keep the same answers, those of one process, and agree on what the next attempt re-draws.
-        mine = D.part(list(range(len(rows))))
-        seed = cfg.seed * 1000 + cfg.round * 10 + attempt
-        outs = engine.generate([ids[rows[r]] for r in mine], max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, top_p=cfg.top_p, seed=[row_seed(seed, r) for r in mine])
-        texts, = D.gather_rows(mine, [o.text.strip() for o in outs])
-        for i, text in zip(rows, texts):
-            if text and text not in answers[i] and len(answers[i]) < cfg.k:
-                answers[i].append(text)
+    # Re-drawn a couple of times; each draw's seed is its own, so a re-draw brings new answers.
+    answers = distinct_answers(engine, ids, cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                               top_p=cfg.top_p, tries=3, seed=cfg.seed * 1000 + cfg.round * 10)
     records = [{"prompt_id": p["id"], "prompt": p["messages"], "completions": a, "policy": str(policy),
                 "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}}
                for p, a in zip(chosen, answers) if len(a) >= 2]

@@ -1,14 +1,23 @@
-"""Load test of `alignloop serve`: 32 concurrent streaming clients against 1, on loopback.
+"""Load test of `alignloop serve`: 32 concurrent streaming clients against 1, and a burst beyond its queue.
 
-Starts the real server (`python -m alignloop serve MODEL --port P`) in a subprocess, then runs two
-scenarios with the same requests (streamed chat completions, `max_tokens` each, usage included):
+Starts the real server (`python -m alignloop serve --model bench=MODEL --port P --max-queue Q …`) in a
+subprocess, then runs three scenarios of streamed chat completions (`max_tokens` each, usage included):
   1 client   — requests one after another (what a server without batching does at best);
-  32 clients — all at once, each sending its requests back to back (the scheduler batches them).
+  32 clients — all at once, each sending its requests back to back (the scheduler batches them);
+               the single client sends a quarter as many requests (one at a time they take long;
+               tokens per second are compared, not wall times);
+  burst      — `--burst` requests at once (default 2 × (max batch + max queue)): those that find the
+               queue full must be answered 429 in OpenAI's shape (code queue_full), every other one
+               must complete.
 Every stream must end with a finish reason, a usage chunk and `[DONE]`. Prints throughput (completion
-tokens per second of wall time) and time to first token (p50 / p95), and writes them as JSON.
+tokens per second of wall time), its ratio 32 clients / 1 client, time to first token (p50 / p95), and
+the burst's counts; writes them as JSON with `--out`. Exits 1 when a stream fails or the burst sees
+any failure other than 429.
 
     python benchmarks/serve_load.py                       # builds a micro run in a temporary folder
-    python benchmarks/serve_load.py --model runs/x/sft --clients 32 --requests 4 --max-tokens 64
+    python benchmarks/serve_load.py --model runs/x/sft --clients 32 --requests 4 --max-tokens 64 --out serve.json
+    python benchmarks/serve_load.py --clients 4 --requests 1 --max-tokens 8 --max-batch 4 --max-queue 4 --burst 24
+                                                          # a quick check that it works (no figures to keep)
 """
 from __future__ import annotations
 
@@ -46,13 +55,27 @@ def micro_model(folder: Path) -> Path:
     return run / "pretrain"
 
 
+class Refused(Exception):
+    """The server answered with an error status instead of a stream."""
+
+    def __init__(self, status: int, body: dict):
+        super().__init__(f"HTTP {status}: {body}")
+        self.status, self.body = status, body
+
+
 async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 1.0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, finish, usage, done = None, None, None, False
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
+        if r.status_code != 200:
+            await r.aread()
+            try:
+                err = r.json()
+            except ValueError:
+                err = {"text": r.text[:200]}
+            raise Refused(r.status_code, err)
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
                 continue
@@ -94,6 +117,30 @@ async def scenario(url: str, clients: int, requests: int, max_tokens: int) -> di
             "mean_tokens_per_stream": round(tokens / len(results), 1)}
 
 
+async def burst(url: str, n: int, max_tokens: int) -> dict:
+    """`n` streams at once: how many complete, how many are refused with OpenAI's 429 (queue_full), and
+    every other outcome, which should not happen."""
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
+        async def one(i: int) -> str:
+            try:
+                await one_stream(client, url, PROMPTS[i % len(PROMPTS)], max_tokens)
+                return "completed"
+            except Refused as e:
+                err = e.body.get("error") or {}
+                if e.status == 429 and set(err) == {"message", "type", "param", "code"} and err["code"] == "queue_full":
+                    return "queue_full"
+                return f"HTTP {e.status}: {e.body}"
+            except Exception as e:  # noqa: BLE001 — counted and shown: nothing else should fail
+                return f"{type(e).__name__}: {e}"
+        t0 = time.perf_counter()
+        outcomes = await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    failures = [o for o in outcomes if o not in ("completed", "queue_full")]
+    return {"requests": n, "completed": outcomes.count("completed"), "refused_429": outcomes.count("queue_full"),
+            "other_failures": len(failures), "failure_examples": sorted(set(failures))[:5], "wall_s": round(wall, 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, help="a Hugging Face model folder (default: a fresh micro model)")
@@ -101,10 +148,19 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4, help="requests per client, back to back")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue (at least --clients: the "
+                   "32-client run must see no 429)")
+    p.add_argument("--burst", type=int, default=0, help="requests at once in the burst (0: 2 × (max batch + "
+                   "max queue))")
+    p.add_argument("--burst-tokens", type=int, default=16, help="max_tokens of each burst request")
+    p.add_argument("--no-burst", action="store_true", help="skip the burst")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="the server's --batch-window-ms")
     p.add_argument("--threads", type=int, default=0, help="the server's --threads (0: its default, cores - 1)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()
+    if args.max_queue < args.clients:
+        p.error("--max-queue must be at least --clients: the concurrent run measures batching, not refusals")
+    n_burst = 0 if args.no_burst else args.burst or 2 * (args.max_batch + args.max_queue)
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or micro_model(Path(tmp))
@@ -112,7 +168,8 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen(
             [sys.executable, "-m", "alignloop", "serve", "--model", f"bench={model}", "--db", f"sqlite:///{tmp}/b.db",
-             "--port", str(port), "--max-batch", str(args.max_batch), "--batch-window-ms", str(args.batch_window_ms),
+             "--port", str(port), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
+             "--batch-window-ms", str(args.batch_window_ms),
              "--threads", str(args.threads)],
             cwd=ROOT, stdout=subprocess.DEVNULL,
             env={**os.environ, "ALIGNLOOP_QUIET": "1"})
@@ -127,26 +184,34 @@ def main() -> None:
                         sys.exit("the server did not start")
                     time.sleep(0.2)
             asyncio.run(scenario(url, 4, 1, 8))                          # warm-up
-            # the single client sends as many requests as the whole crowd, so both runs do the same work
+            # the single client sends a quarter of the crowd's requests: tokens/s are compared, not wall times
             single = asyncio.run(scenario(url, 1, args.clients * args.requests // 4, args.max_tokens))
             crowd = asyncio.run(scenario(url, args.clients, args.requests, args.max_tokens))
+            bursted = asyncio.run(burst(url, n_burst, args.burst_tokens)) if n_burst else None
         finally:
             server.terminate()
             server.wait(30)
 
     result = {"model": str(args.model or "micro (fresh)"), "max_tokens": args.max_tokens, "max_batch": args.max_batch,
+              "max_queue": args.max_queue,
               "batch_window_ms": args.batch_window_ms, "load_average": os.getloadavg(),
               "server_threads": args.threads or max(1, (os.cpu_count() or 2) - 1),
               "cpu": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-              "single": single, "concurrent": crowd,
+              "single": single, "concurrent": crowd, "burst": bursted,
               "speedup": round(crowd["tokens_per_s"] / single["tokens_per_s"], 2)}
     print(f"{'clients':>8} {'streams':>8} {'tokens':>7} {'wall s':>7} {'tok/s':>8} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12}")
     for r in (single, crowd):
         print(f"{r['clients']:>8} {r['streams']:>8} {r['tokens']:>7} {r['wall_s']:>7} {r['tokens_per_s']:>8} "
               f"{r['ttft_p50_ms']:>12} {r['ttft_p95_ms']:>12}")
-    print(f"batching: {result['speedup']}x the throughput of one client; every stream completed")
+    print(f"batching: {result['speedup']}x the throughput of one client ({args.clients} clients); every stream completed")
+    if bursted:
+        print(f"burst: {bursted['requests']} streams at once (max batch {args.max_batch}, max queue {args.max_queue}): "
+              f"{bursted['completed']} completed, {bursted['refused_429']} answered 429 queue_full, "
+              f"{bursted['other_failures']} other failures {bursted['failure_examples'] or ''}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if bursted and bursted["other_failures"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

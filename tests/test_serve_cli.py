@@ -26,6 +26,8 @@ def free_port() -> int:
     (["--model", "x=/no/such/model"], "no such model folder or .gguf file"),
     (["{run}", "--max-n", "0"], "--max-n"),
     (["{run}", "--temperature", "3"], "--temperature"),
+    (["{run}", "--max-queue", "0"], "--max-queue"),
+    (["{run}", "--request-timeout", "-1"], "--request-timeout"),
     (["{run}", "--device", "gpu0"], "field 'device': unknown device 'gpu0'"),
     ([], "nothing to serve"),
 ])
@@ -56,3 +58,27 @@ def test_serve_a_run_directory(micro_copy):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_queue_flags_reach_the_server(micro_run):
+    """`--request-timeout` and `--max-queue` as users pass them: a request that waits longer than the
+    time-out without starting (here every one: the batch window of 0.5 s is longer than the time-out of
+    0.1 s) is answered 503, which the openai client raises as InternalServerError, with code queue_timeout."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "alignloop", "serve", str(micro_run / "pretrain"), "--port", str(port),
+                             "--db", f"sqlite:///{micro_run.parent}/queue-flags.db", "--max-queue", "4",
+                             "--request-timeout", "0.1", "--batch-window-ms", "500"],
+                            cwd=ROOT, env={**os.environ, "ALIGNLOOP_QUIET": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_server(proc, url, 120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="pretrain", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        assert e.value.status_code == 503 and e.value.body["code"] == "queue_timeout"
+        assert "--request-timeout" in e.value.body["message"] and e.value.response.headers["retry-after"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+

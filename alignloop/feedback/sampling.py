@@ -66,25 +66,8 @@ class Sampler:
             self._engines[path] = Engine(model, tok, device)
         return self._engines[path]
 
-    @staticmethod
-    def _distinct(engine, prompts, k, max_new_tokens, temperature, top_p, tries: int = 6) -> list[list[str]]:
-        """K distinct non-empty answers per prompt: a ranking of two equal (or empty) answers teaches the
-        reward model nothing, and `alignloop reward` rejects it. Missing ones are drawn again."""
-        got: list[list[str]] = [[] for _ in prompts]
-        for _ in range(tries):
-            need = [(i, k - len(g)) for i, g in enumerate(got) if len(g) < k]
-            if not need:
-                break
-            rows = [i for i, n in need for _ in range(n)]
-            outs = engine.generate([prompts[i] for i in rows], max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p)
-            for i, o in zip(rows, outs):
-                text = o.text.strip()
-                if text and text not in got[i] and len(got[i]) < k:
-                    got[i].append(text)
-        return got
-
     def _run(self, project_id, name, path, k, max_new_tokens, temperature, top_p, chunk):
+        from alignloop.sample import distinct_answers  # here: it loads torch, which the app starts without
         try:
             engine = self._engine(path)
             with self.Sess() as db:
@@ -102,7 +85,9 @@ class Sampler:
                         skipped += 1
                     else:
                         part.append((item_id, p))
-                answers = self._distinct(engine, [p for _, p in part], k, max_new_tokens, temperature, top_p)
+                # up to six draws, the labeling app's number since it has had one (`alignloop sample` draws 3)
+                answers = distinct_answers(engine, [p for _, p in part], k, max_new_tokens=max_new_tokens,
+                                           temperature=temperature, top_p=top_p, tries=6)
                 with store.writing(self.Sess), self.Sess.begin() as db:
                     for (item_id, _), got in zip(part, answers):
                         if len(got) < k:

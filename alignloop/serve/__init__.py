@@ -2,7 +2,7 @@
 
     alignloop serve RUN_OR_MODEL [--model NAME=PATH …] [--host 127.0.0.1] [--port 8000] [--device auto]
                     [--dtype auto] [--temperature 1.0] [--top-p 1.0] [--api-key KEY …] [--db URL] [--max-batch 32]
-                    [--max-tokens-limit 1024] [--max-n 8]
+                    [--max-queue 256] [--request-timeout 300] [--max-tokens-limit 1024] [--max-n 8]
                     [--open] [--messages-per-minute 20] [--battles-per-minute 10] [--votes-per-minute 20]
     alignloop serve export RUN_DIR [--out FILE] [--feedback-out FILE] [--format pairs|rankings] [--db URL]
 
@@ -17,8 +17,10 @@ The chat page and the arena need an account of the run (the labeling app's accou
 `alignloop label create-admin RUN`, then more accounts on its Accounts page); `--open` allows anonymous
 use instead, for a private demo, and the pages say so. The API keeps its own keys (`--api-key`).
 
-Layout: `app.py` (API, errors, generation), `scheduler.py` (batching), `web.py` + templates/static
-(chat page, arena), `tables.py` (database), `arena.py` (Bradley–Terry), `export.py`.
+Layout: `app.py` (the OpenAI API; builds the app), `web.py` + templates/static (chat page, arena),
+`scheduler.py` (generation jobs: validation, the bounded queue, batching), `errors.py` (OpenAI's error
+shape), `settings.py` (what is served and how), `tables.py` (database), `arena.py` (Bradley–Terry),
+`export.py`. Imports go one way: app → web → scheduler → errors, settings.
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ def load_models(models: dict[str, Path], run_dir: Path, max_batch: int = 32, dev
     """Load each folder once (`ppo` and `round-N/ppo` share one engine)."""
     from alignloop.engine import Engine
     from alignloop.model import load_for_inference
-    from alignloop.serve.app import Served
+    from alignloop.serve.settings import Served
     from alignloop.sources import tokenizer_dir
     from alignloop.tokenizer import ChatTokenizer
 
@@ -106,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "comma-separated, which keeps keys out of the process list)")
     p.add_argument("--db", metavar="URL", help="database URL (default: sqlite RUN/alignloop.db)")
     p.add_argument("--max-batch", type=int, default=32, help="rows per engine call; n=k counts k rows")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting to start (n=k counts once); more at once are answered 429 with Retry-After")
+    p.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="a request that waits this long without starting is answered 503 (0: no limit; the "
+                        "default is under the openai client's own 600 s, so the client hears why)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
     p.add_argument("--max-n", type=int, default=8, help="the largest n a request may ask")
     p.add_argument("--threads", type=int, default=0,
@@ -157,6 +164,7 @@ def main(argv: list[str]) -> None:
         return
     args = build_parser().parse_args(argv)
     for flag, v, lo, hi in (("--max-batch", args.max_batch, 1, None), ("--max-tokens-limit", args.max_tokens_limit, 1, None),
+                            ("--max-queue", args.max_queue, 1, None), ("--request-timeout", args.request_timeout, 0, None),
                             ("--max-n", args.max_n, 1, None), ("--port", args.port, 0, 65535),
                             ("--batch-window-ms", args.batch_window_ms, 0, None), ("--threads", args.threads, 0, None),
                             ("--temperature", args.temperature, 0, 2), ("--top-p", args.top_p, 0.01, 1),
@@ -180,7 +188,8 @@ def main(argv: list[str]) -> None:
     served = load_models(models, run_dir, args.max_batch, args.device, args.dtype)
     db = connect(database_url(run_dir, args.db))
     migrate(db)
-    app = create_app(served, Settings(api_keys=keys, max_batch=args.max_batch,
+    app = create_app(served, Settings(api_keys=keys, max_batch=args.max_batch, max_queue=args.max_queue,
+                                      request_timeout=args.request_timeout,
                                       max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
                                       gather_s=args.batch_window_ms / 1000, temperature=args.temperature,
                                       top_p=args.top_p, open=args.open,

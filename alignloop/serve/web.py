@@ -41,8 +41,9 @@ from alignloop.db import sessions
 from alignloop.feedback import security as S
 from alignloop.feedback.models import User
 from alignloop.serve import arena
-from alignloop.serve.app import PAGE_ERRORS as ERRORS
-from alignloop.serve.app import APIError, Generator, error_body
+from alignloop.serve.errors import BUSY, APIError, error_body
+from alignloop.serve.errors import PAGE_ERRORS as ERRORS
+from alignloop.serve.scheduler import Generator, Job, Run
 from alignloop.serve.tables import Battle, Conversation, Feedback, Message, Vote, now
 
 HERE = Path(__file__).parent
@@ -320,7 +321,7 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
             return {"id": conv.id, "title": conv.title, "model": conv.model,
                     "messages": [message_json(m, fbs.get(m.id)) for m in msgs]}
 
-    @app.post("/api/chat/send", tags=["chat page"], responses={**ERRORS, 200: {
+    @app.post("/api/chat/send", tags=["chat page"], responses={**ERRORS, **BUSY, 200: {
         "description": "server-sent events: meta, delta…, done", "content": {"text/event-stream": {}}}})
     async def send(body: SendBody, request: Request):
         user, fresh = visitor(request)
@@ -350,9 +351,11 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
                 return conv.id, um, job
         conv_id, um, job = await run_in_threadpool(prepare)
         meta = {"conversation_id": conv_id, "user_message": message_json(um), "parent_id": um.id}
-        return with_cookie(answer_stream(conv_id, um.id, body.model, job, meta), fresh)
+        # A busy server answers 429/503 here; the question stays saved, to be answered by a regenerate.
+        run = await gen.start(job)
+        return with_cookie(answer_stream(conv_id, um.id, body.model, job, run, meta), fresh)
 
-    @app.post("/api/chat/regenerate", tags=["chat page"], responses={**ERRORS, 200: {
+    @app.post("/api/chat/regenerate", tags=["chat page"], responses={**ERRORS, **BUSY, 200: {
         "description": "server-sent events: meta, delta…, done", "content": {"text/event-stream": {}}}})
     async def regenerate(body: RegenerateBody, request: Request):
         user, _ = visitor(request)
@@ -373,17 +376,18 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
                               temperature=body.temperature)
                 return conv.id, question, model, job
         conv_id, parent_id, model, job = await run_in_threadpool(prepare)
-        return answer_stream(conv_id, parent_id, model, job, {"conversation_id": conv_id, "parent_id": parent_id})
+        run = await gen.start(job)
+        return answer_stream(conv_id, parent_id, model, job, run, {"conversation_id": conv_id, "parent_id": parent_id})
 
-    def answer_stream(conv_id: str, parent_id: str, model: str, job, meta: dict) -> StreamingResponse:
+    def answer_stream(conv_id: str, parent_id: str, model: str, job: Job, run: Run, meta: dict) -> StreamingResponse:
         async def events():
             yield sse("meta", meta)
             try:
-                async for items in gen.events(job):
-                    text = "".join(payload[1] for event, payload in items if event == "delta")
+                async for items in run:
+                    text = "".join(payload[1] for _, event, payload in items if event == "delta")
                     if text:
                         yield sse("delta", {"text": text})
-                    for event, payload in items:
+                    for _, event, payload in items:
                         if event == "done":
                             msg = await run_in_threadpool(save_answer, conv_id, parent_id, model, job, payload[0])
                             yield sse("done", {"message": message_json(msg)})
@@ -428,7 +432,7 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
     def leaderboard():
         return board()
 
-    @app.post("/api/arena/battles", tags=["arena"], responses={**ERRORS, 200: {
+    @app.post("/api/arena/battles", tags=["arena"], responses={**ERRORS, **BUSY, 200: {
         "description": "server-sent events: meta, delta… ({side, text}), done", "content": {"text/event-stream": {}}}})
     async def battle(body: BattleBody, request: Request):
         user, fresh = visitor(request)
@@ -437,7 +441,7 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
             raise APIError(400, "the arena needs at least two models (serve a run, or pass --model twice)")
         model_a, model_b = random.sample(fighters, 2)
         msgs = [{"role": "user", "content": body.content}]
-        jobs = [gen.job(model_a, msgs), gen.job(model_b, msgs)]
+        run = await gen.start(gen.job(model_a, msgs), gen.job(model_b, msgs))  # before the battle is saved
 
         def create():
             with Session() as s:
@@ -451,7 +455,7 @@ def add_pages(app: FastAPI, gen: Generator, db) -> None:
             yield sse("meta", {"battle_id": battle_id})
             answers = {}
             try:
-                async for items in gen.events_many(jobs):
+                async for items in run:
                     out = []
                     for k, event, payload in items:
                         side = "ab"[k]

@@ -408,8 +408,8 @@ class Engine:
         x = m.embed_tokens(ids)
         for i, layer in enumerate(m.layers):
             q, k, v = self._qkv(layer, self._layers[i], x, cos, sin, hd)
-            kv["k"][i, slot, :, :P] = k
-            kv["v"][i, slot, :, :P] = v
+            kv["k"][i, slot, :, :P] = k.to(kv["k"].dtype)  # (autocast may compute k in bf16)
+            kv["v"][i, slot, :, :P] = v.to(kv["v"].dtype)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=k.shape[1] != q.shape[1])
             x = self._mlp(layer, self._layers[i], x, o)
         for r in new:
@@ -428,8 +428,8 @@ class Engine:
         x = m.embed_tokens(ids[:, None])
         for i, layer in enumerate(m.layers):
             q, k, v = self._qkv(layer, self._layers[i], x, cos, sin, hd)
-            kv["k"][i, rank, :, cur] = k[:, :, 0]
-            kv["v"][i, rank, :, cur] = v[:, :, 0]
+            kv["k"][i, rank, :, cur] = k[:, :, 0].to(kv["k"].dtype)
+            kv["v"][i, rank, :, cur] = v[:, :, 0].to(kv["v"].dtype)
             K, V = kv["k"][i, :B, :, :S], kv["v"][i, :B, :, :S]
             # one query per row: two small matmuls beat SDPA's masked path on the CPU
             g = q.shape[1] // n_kv                                                            # GQA group size

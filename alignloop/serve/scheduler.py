@@ -1,20 +1,21 @@
-"""Batching: concurrent requests share one `Engine.generate` call instead of waiting in line.
+"""Continuous batching for the server: requests join the engine's running batch instead of waiting in line.
 
-Requests queue up; ONE worker thread (engine calls are serialised — the model is not re-entrant and a
-2-core CPU has nothing to spare) takes every waiting request of one model, up to `max_batch` rows (a
-request with `n` choices is n rows), and runs them as one batch with per-row sampling parameters.
-Streamed text goes back to each request from the worker thread through `Job.emit`, which the web
-layer points at `loop.call_soon_threadsafe`. A request whose client went away is cancelled: its rows
-stop at the next token (the engine's `on_token` returns False) and free their slots.
+Requests queue up here; ONE worker thread drives the engines (one per served model; the model is not
+re-entrant and a 2-core CPU has nothing to spare). At every step of an engine the worker hands it the
+waiting requests of its model that fit its free slots (a request with `n` choices needs n), then runs
+one `Engine.step()`: the newcomers' prompts are prefilled and every running row gains a token. A row
+that ends frees its slot at once, and the next waiting request takes it at the next step — a request's
+first token no longer waits for a whole batch to finish. Streamed text goes back to each request from
+the worker thread through `Job.emit`, which the web layer points at `loop.call_soon_threadsafe`. A
+request whose client went away is cancelled: its rows leave at the next step and free their slots.
 
-Static batching: a batch runs to its end before the next one starts; requests that arrive meanwhile
-form the next batch. Before a batch starts, the worker waits a few milliseconds while requests are
-still arriving, so that a burst of clients shares one batch instead of the first one running alone.
+When every engine is idle and a first request arrives, the worker waits a few milliseconds while
+requests are still arriving, so that a burst of clients shares one prefill.
 
 The queue is bounded: at most `max_queue` requests wait (a request with n choices counts once), and
 `submit` refuses more at once (`QueueFull`, answered 429) instead of letting clients wait behind a
 queue they cannot see the end of. A request that has waited `request_timeout` seconds without starting
-is taken out of the queue (answered 503).
+is taken out of the queue (answered 503). A request "starts" when the worker hands it to its engine.
 
 This module owns generation jobs: `Generator`, the front the API (`app.py`) and the pages (`web.py`)
 share, validates a request, builds its `Job`, queues it and hands back its events on the event loop.
@@ -107,20 +108,37 @@ class Scheduler:
     # ------------------------------------------------------------------ worker
 
     def _work(self) -> None:
+        live: list[tuple[Job, list]] = []  # jobs handed to an engine, with their engine requests
         while True:
             with self._cond:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not live and not self._closed:
                     self._cond.wait()
                 if self._closed:
+                    for job, reqs in live:
+                        for r in reqs:
+                            r.cancel()
                     return
-            self._gather()
+                burst = not live and bool(self._waiting)
+            if burst:  # every engine idle: let a burst of clients arrive and share one prefill
+                self._gather()
             with self._cond:
-                batch = self._take()
-            if batch:
-                self._run(batch)
+                live += self._admit()
+            for job, reqs in live:  # a client gone: its rows leave at this step
+                if job.cancelled.is_set():
+                    for r in reqs:
+                        r.cancel()
+            for name, engine in self.engines.items():
+                if engine.idle:
+                    continue
+                try:
+                    engine.step()
+                except Exception:  # noqa: BLE001 — its rows got their error (on_done); the worker lives on
+                    pass
+                self.stats["max_rows"] = max(self.stats["max_rows"], engine.running)
+            live = [(job, reqs) for job, reqs in live if not all(r.done for r in reqs)]
 
     def _gather(self) -> None:
-        """Wait while requests keep arriving (a burst of clients, or the clients of the last batch coming
+        """Wait while requests keep arriving (a burst of clients, or the clients of the last answers coming
         back), `gather_s` at a time, up to 10 windows or a full batch. One lone request waits one window."""
         seen = -1
         for _ in range(10):
@@ -131,65 +149,62 @@ class Scheduler:
             seen = rows
             time.sleep(self.gather_s)
 
-    def _take(self) -> list[Job]:
-        """The oldest live request's model; then every waiting request of it that fits the batch."""
+    def _admit(self) -> list[tuple[Job, list]]:
+        """Waiting requests, oldest first, into their engine's free slots (a request of n choices needs n
+        free at once). A request that does not fit holds back the later ones of its model (no overtaking:
+        a request with many choices is not starved by small ones); other models' requests go on."""
         self._waiting = [j for j in self._waiting if not _drop_if_cancelled(j)]
-        if not self._waiting:
-            return []
-        model = self._waiting[0].model
-        ctx = self.engines[model].ctx
-        batch, rows, longest, budget = [], 0, 0, 0
+        free = {name: self.max_batch - e.running - e.waiting for name, e in self.engines.items()}
+        started, keep = [], []
         for job in self._waiting:
-            if job.model != model:
-                continue
-            if batch and rows + job.n > self.max_batch:
-                break
-            # The engine gives every row the cache slots of the LONGEST prompt in the batch: a short prompt
-            # next to a long one must not lose the tokens it was promised.
-            p, m = max(longest, len(job.prompt)), max(budget, job.max_new_tokens)
-            if batch and p + m > ctx:
-                continue
-            batch.append(job)
-            rows, longest, budget = rows + job.n, p, m
-        taken = {id(j) for j in batch}
-        self._waiting = [j for j in self._waiting if id(j) not in taken]
-        return batch
+            if job.n <= free[job.model]:
+                free[job.model] -= job.n
+                started.append((job, self._start(job)))
+            else:
+                free[job.model] = 0  # full for this step: later requests of this model wait their turn
+                keep.append(job)
+        self._waiting = keep
+        if started:
+            self.stats["batches"] += 1
+            self.stats["rows"] += sum(job.n for job, _ in started)
+        return started
 
-    def _run(self, batch: list[Job]) -> None:
-        rows = [(job, c) for job in batch for c in range(job.n)]
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(rows)
-        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
+    def _start(self, job: Job) -> list:
+        """Hand one job's n choices to its engine; its events go back through job.emit."""
+        from alignloop.engine import Params
+        job.emit("start", None)  # before any token: a request's time-out counts only its wait in the queue
+        reqs, failed = [], []
 
-        def on_token(i: int, text: str) -> bool:
-            job, choice = rows[i]
+        def on_token(choice: int, text: str) -> bool:
             if job.cancelled.is_set():
                 return False
             job.emit("delta", (choice, text))
             return True
 
-        for job in batch:  # before any token: a request's time-out counts only its wait in the queue
-            job.emit("start", None)
-        stops = [job.stop or None for job, _ in rows]
+        def on_done(_r) -> None:
+            if any(r.error is not None for r in reqs):
+                if not failed:
+                    failed.append(True)
+                    job.emit("error", next(r.error for r in reqs if r.error is not None))
+                return
+            if all(r.done for r in reqs):
+                outs = [r.completion for r in reqs]
+                self.stats["cancelled_rows"] += sum(o.finish_reason == "cancelled" for o in outs)
+                job.emit("done", outs)
+
+        engine = self.engines[job.model]
         try:
-            outs = self.engines[batch[0].model].generate(
-                [job.prompt for job, _ in rows],
-                max_new_tokens=[job.max_new_tokens for job, _ in rows],
-                temperature=[job.temperature for job, _ in rows],
-                top_p=[job.top_p for job, _ in rows],
-                top_k=[job.top_k for job, _ in rows],
-                stop=stops if any(stops) else None,
-                seed=[_row_seed(job.seed, c) for job, c in rows],
-                on_token=on_token)
+            for c in range(job.n):
+                params = Params(max_new_tokens=job.max_new_tokens, temperature=job.temperature, top_p=job.top_p,
+                                top_k=job.top_k, stop=job.stop or None, seed=_row_seed(job.seed, c))
+                reqs.append(engine.submit(job.prompt, params, on_token=lambda t, c=c: on_token(c, t),
+                                          on_done=on_done))
         except Exception as e:  # noqa: BLE001 — the request gets the error; the worker must live on
-            for job in batch:
-                job.emit("error", e)
-            return
-        self.stats["cancelled_rows"] += sum(o.finish_reason == "cancelled" for o in outs)
-        i = 0
-        for job in batch:
-            job.emit("done", outs[i: i + job.n])
-            i += job.n
+            for r in reqs:
+                r.cancel()
+            job.emit("error", e)
+            return []
+        return reqs
 
 
 def _drop_if_cancelled(job: Job) -> bool:

@@ -68,9 +68,12 @@ def expand_pairs(run: Path, path: Path) -> tuple[list[dict], int]:
     return rows, sum(r["split"] == "train" for r in rows)
 
 
+PRESET = "tiny"
+
+
 def ours(d: Path, beta: float, lr: float, *flags) -> dict:
     t = time.perf_counter()
-    run_stage("dpo", ["--preset", "tiny", "--out", str(d), "--beta", str(beta), "--lr", str(lr), *flags])
+    run_stage("dpo", ["--preset", PRESET, "--out", str(d), "--beta", str(beta), "--lr", str(lr), *flags])
     res = json.loads((d / "round-1" / "dpo" / "eval.json").read_text())
     res["wall_seconds"] = time.perf_counter() - t
     return res
@@ -114,7 +117,7 @@ def trl(d: Path, run: Path, rows: list[dict], beta: float, lr: float, batch: int
 
 
 def gold(d: Path, stage: str, model: Path) -> dict:
-    subprocess.run([sys.executable, "-m", "alignloop", "eval", "--preset", "tiny", "--out", str(d), "--stage", stage,
+    subprocess.run([sys.executable, "-m", "alignloop", "eval", "--preset", PRESET, "--out", str(d), "--stage", stage,
                     "--model", str(model), "--reward-model", str(d / "round-1" / "reward")], cwd=ROOT, check=True)
     return json.loads((d / "eval.json").read_text())["stages"][stage]
 
@@ -126,11 +129,14 @@ def main():
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=1e-4, help="the tiny preset's DPO learning rate")
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--preset", default="tiny", help="the run's preset (its DPO settings and evaluation)")
     args = ap.parse_args()
+    global PRESET
+    PRESET = args.preset
     run, work = Path(args.run), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     from alignloop.train.dpo import PRESETS, Config
-    warmup = PRESETS["tiny"].get("warmup_steps", Config().warmup_steps)
+    warmup = PRESETS[args.preset].get("warmup_steps", Config().warmup_steps)
 
     res = {}
     d = workdir(run, work, "kway")

@@ -1,8 +1,10 @@
-"""New tokens per second: alignloop's engine against `transformers`' `model.generate`, same model, same
-batch of prompts, same lengths, greedy, fp32 on the CPU (bf16 on a GPU).
+"""New tokens per second: alignloop's engine against `transformers`' `model.generate` and against its
+continuous batching (`generate_batch`'s machinery), same model, same batch of prompts, same lengths,
+greedy (or sampled with --sample), fp32 on the CPU (bf16 on a GPU).
 
-    python benchmarks/engine_vs_generate.py [--size tiny|small] [--batch 64] [--new 48] [--device cpu]
+    python benchmarks/engine_vs_generate.py [--size tiny|small] [--batch 64] [--new 48] [--device cpu] [--sample]
     python benchmarks/engine_vs_generate.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf --batch 8
+    python benchmarks/engine_vs_generate.py --sides engine,generate   # leave out generate_batch (slow on a CPU)
 
 The model is a fresh Llama of the size preset (weights do not change the speed), or a real one
 (`--model`: a Hugging Face folder or a .gguf file); prompts are questions rendered in the model's chat
@@ -35,6 +37,8 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default="", help="a Hugging Face folder or .gguf file instead of a fresh model")
+    ap.add_argument("--sample", action="store_true", help="temperature 1, top-p 0.9 on every side (not greedy)")
+    ap.add_argument("--sides", default="engine,generate,generate_batch")
     args = ap.parse_args()
     device = pick_device(args.device)
     if args.model:
@@ -57,7 +61,8 @@ def main():
     tokens = {}
 
     def run_engine():
-        outs = engine.generate(prompts, max_new_tokens=args.new, temperature=0)
+        outs = engine.generate(prompts, max_new_tokens=args.new, **({"temperature": 1.0, "top_p": 0.9, "seed": 0}
+                                                                    if args.sample else {"temperature": 0}))
         tokens["engine"] = [o.ids for o in outs]
         return sum(len(o.ids) for o in outs)
 
@@ -71,29 +76,67 @@ def main():
     def run_generate():
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=args.new, min_new_tokens=args.new,
-                                 do_sample=False, pad_token_id=tok.pad_id, eos_token_id=None)
+                                 pad_token_id=tok.pad_id, eos_token_id=None,
+                                 **({"do_sample": True, "temperature": 1.0, "top_p": 0.9, "top_k": 0}
+                                    if args.sample else {"do_sample": False}))
         tokens["generate"] = out[:, P:].tolist()
         return (out.shape[1] - P) * out.shape[0]
 
+    def run_generate_batch():
+        # transformers' continuous batching (the machinery of `generate_batch`), its paged cache sized for
+        # this batch: left to itself it sizes the cache from the device's free memory (tens of seconds of
+        # allocation on a CPU)
+        from transformers import GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+        gen = GenerationConfig(max_new_tokens=args.new, eos_token_id=-1, pad_token_id=tok.pad_id,
+                               **({"do_sample": True, "temperature": 1.0, "top_p": 0.9, "top_k": 0}
+                                  if args.sample else {"do_sample": False}))
+        page = 64
+        cb = ContinuousBatchingConfig(max_requests_per_batch=args.batch, page_size=page,
+                                      num_blocks=args.batch * -(-(P + args.new) // page))
+        with model.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb,
+                                                       block=True, timeout=5, warmup=False) as manager:
+            rids = [manager.add_request(p, max_new_tokens=args.new, eos_token_id=-1) for p in prompts]
+            got = {}
+            while len(got) < len(rids):
+                r = manager.get_result(timeout=1)
+                if r is not None and r.is_finished():
+                    if r.error is not None:
+                        raise RuntimeError(r.error)
+                    got[r.request_id] = r.generated_tokens
+                elif r is None and not manager.is_running():
+                    raise RuntimeError("the continuous batching thread died (see the log above)")
+        tokens["generate_batch"] = [got[i] for i in rids]
+        return sum(len(t) for t in tokens["generate_batch"])
+
+    sides = {"engine": run_engine, "generate": run_generate, "generate_batch": run_generate_batch}
     results = {}
-    for name, fn in (("engine", run_engine), ("generate", run_generate)):
-        fn()  # warm-up
-        times, n = [], 0
-        for _ in range(args.repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            n = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
+    for name in args.sides.split(","):
+        fn = sides[name]
+        try:
+            fn()  # warm-up
+            times, n = [], 0
+            for _ in range(args.repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                n = fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+        except Exception as e:  # noqa: BLE001 — say which side failed and why, measure the others
+            print(f"{name:>14}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
         best = sorted(times)[len(times) // 2]
         results[name] = n / best
-        print(f"{name:>9}: {n} new tokens in {best:.3f} s (median of {args.repeats}) = {n / best:,.0f} tokens/s")
-    same = sum(a == b for a, b in zip(tokens["engine"], tokens["generate"]))
-    print(f"same greedy tokens: {same} of {len(prompts)} rows")
-    print(f"ratio engine / generate: {results['engine'] / results['generate']:.2f}x "
-          f"({args.size}, batch {args.batch}, {args.new} new tokens, {device}, {torch.get_num_threads()} threads)")
+        print(f"{name:>14}: {n} new tokens in {best:.3f} s (median of {args.repeats}) = {n / best:,.0f} tokens/s")
+    what = "sampled (top-p 0.9)" if args.sample else "greedy"
+    for other in results:
+        if other != "engine" and "engine" in results:
+            same = sum(a == b for a, b in zip(tokens["engine"], tokens[other]))
+            print(f"engine / {other}: {results['engine'] / results[other]:.2f}x; same {what} tokens: {same} of "
+                  f"{len(prompts)} rows{' (sampled: different random streams, not expected equal)' if args.sample else ''}")
+    print(f"({args.size}, batch {args.batch}, {args.new} new tokens, {what}, {device}, {torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":

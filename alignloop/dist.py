@@ -352,7 +352,7 @@ def gathered(net, model=None):
 def _fresh(model):
     """An unsharded model of `model`'s class and configuration, on the CPU, with fresh weights."""
     from torch.distributed.fsdp import FSDPModule
-    if hasattr(model, "peft_config"):  # peft around a transformers model: the same adapters on a fresh base
+    if hasattr(model, "get_base_model"):  # peft around a transformers model: the same adapters on a fresh base
         from peft import get_peft_model
         return get_peft_model(_fresh(model.get_base_model()), model.peft_config[model.active_adapter])
     # fully_shard turned the class of the module it was applied to into FSDP<cls>(FSDPModule, cls)

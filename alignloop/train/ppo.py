@@ -193,9 +193,9 @@ def run(cfg: Config, out: Path) -> Path:
     if cfg.gradient_checkpointing and value is not None:
         value.gradient_checkpointing_enable()
     if cfg.lora_rank:
-        policy = L.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+        policy = L.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
         if value is not None:
-            value = L.apply_lora(value, cfg.lora_rank, cfg.lora_alpha, scalar_head=True)
+            value = L.apply_lora(value, cfg.lora_rank, cfg.lora_alpha, scalar_head=True, seed=cfg.seed + 1)
     # Under torchrun each rank samples and scores its share of each rollout; the per-token tensors of the
     # whole batch are then put together on every rank (so advantages are whitened, and β adapted, over the
     # global batch) and each minibatch is split over the ranks. `pnet`/`vnet` train the policy and value

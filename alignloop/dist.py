@@ -213,6 +213,42 @@ def wrap(model, fsdp: bool, device: torch.device, dtype: str = "auto"):
     return model
 
 
+def fsdp_modules(net) -> list:
+    """Every module `fully_shard` was applied to under `net` (the decoder blocks and the root)."""
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in net.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def whole(net):
+    """Every weight of `net` whole on every rank for the duration (a collective: all ranks enter): what the
+    engine reads when it samples from an FSDP2 policy. It reaches into the modules' weights directly and
+    runs no forward pass that FSDP would see, so the rows each rank samples need no collective (the
+    ranks may take different numbers of steps). DDP and one process: the weights are whole already.
+
+    Two FSDP2 details this relies on: `unshard()` is per module (not recursive), so each sharded block and
+    the root are gathered; and the unsharded parameters are the same tensors every time, refilled by the
+    all-gather without a bump of their version counter. A cache keyed on (id, version) — the engine's
+    fused q/k/v weights — would then serve the weights of before the last optimizer step; bumping each
+    version here (free: no data moves) makes such a cache rebuild once per gather."""
+    mods = fsdp_modules(net)
+    if not mods:
+        yield net
+        return
+    for m in mods:
+        m.reshard()  # a group left gathered by a forward without backward (the root) is gathered afresh
+    for m in mods:
+        m.unshard()
+    with torch.no_grad():
+        for q in net.parameters():
+            torch.autograd.graph.increment_version(q)
+    try:
+        yield net
+    finally:
+        for m in mods:
+            m.reshard()
+
+
 # ---------------------------------------------------------------- full state dicts on rank 0
 
 
@@ -238,55 +274,87 @@ def model_state(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in plain(model).state_dict().items()}
 
 
-def capture(model, opt) -> dict:
-    """What a checkpoint holds (see loop.capture), in the one-process layout whatever the number of
-    processes, so that N processes resume a run of M. Collective under FSDP; filled on rank 0 only."""
+def _prefix(net, model) -> str:
+    """Where `model` sits in `net` ("" when it is `net`; "model" under `forward.Through`)."""
+    return next(n for n, m in net.named_modules() if m is model)
+
+
+def _inner(state: dict, prefix: str) -> dict:
+    """`net`'s state dict → `model`'s (its keys without the prefix)."""
+    return {k[len(prefix) + 1:] if prefix else k: v for k, v in state.items() if not prefix or k.startswith(prefix + ".")}
+
+
+def capture(net, opt, model=None) -> dict:
+    """What a checkpoint holds (see loop.capture) of `model` (the module given to `wrap`, by default `net`
+    itself), in the one-process layout whatever the number of processes, so that N processes resume a run of
+    M. Collective under FSDP; filled on rank 0 only."""
     from alignloop.train import loop as L
-    if not is_fsdp(model):
-        return L.capture(plain(model), opt) if is_main() else {}
+    model = plain(net) if model is None else model
+    if not is_fsdp(net):
+        return L.capture(model, opt) if is_main() else {}
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    state = model_state(model)
-    osd = get_optimizer_state_dict(model, opt, options=_full())
+    state = model_state(net)
+    osd = get_optimizer_state_dict(net, opt, options=_full())
     if not is_main():
         return {}
+    state = _inner(state, _prefix(net, model))
+    if not all(q.requires_grad for q in model.parameters()):  # LoRA, top layers: what learns (as loop.capture)
+        learns = {n for n, q in model.named_parameters() if q.requires_grad}
+        state = {k: v for k, v in state.items() if k in learns}
     # names → ids: the layout `torch.optim.Optimizer.state_dict()` writes in one process
-    ids = {n: i for i, n in enumerate(_fqn_order(model, opt))}
+    ids = {n: i for i, n in enumerate(_fqn_order(net, opt))}
     optim = {"state": {ids[n]: s for n, s in osd["state"].items()},
              "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in osd["param_groups"]]}
     return {"model": state, "optim": optim}
 
 
-def restore(state: dict, model, opt) -> None:
-    """Load a checkpoint written by any number of processes (every rank has read the whole file)."""
+def restore(state: dict, net, opt, model=None) -> None:
+    """Load a checkpoint written by any number of processes (every rank has read the whole file) into
+    `model` (the module given to `wrap`, by default `net` itself) and its optimizer."""
     from alignloop.train import loop as L
-    if not is_fsdp(model):
-        return L.restore(state, plain(model), opt)
+    model = plain(net) if model is None else model
+    if not is_fsdp(net):
+        return L.restore(state, model, opt)
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True)  # each rank keeps its own shard of the full tensors
-    set_model_state_dict(model, state["model"], options=opts)
-    names = _fqn_order(model, opt)
+    # each rank keeps its own shard of the full tensors; a partly frozen model's checkpoint holds only what
+    # learns (the rest is as loaded at the stage's start), hence not strict
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    prefix = _prefix(net, model)
+    keys = set_model_state_dict(net, {f"{prefix}.{k}" if prefix else k: v for k, v in state["model"].items()},
+                                options=opts)
+    if keys.unexpected_keys:
+        raise ValueError(f"checkpoint holds parameters this model lacks: {keys.unexpected_keys[:3]}")
+    names = _fqn_order(net, opt)
     osd = state["optim"]
     optim = {"state": {names[i]: s for i, s in osd["state"].items()},
              "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
-    set_optimizer_state_dict(model, opt, optim, options=opts)
+    set_optimizer_state_dict(net, opt, optim, options=opts)
 
 
 def gathered(net, model=None):
     """The model `net` trains (`model`: the one given to `wrap`, by default `net` itself) with every weight, on
     rank 0, None elsewhere: what rank 0 saves as a Hugging Face folder or evaluates alone. Collective under
-    FSDP, where a fresh copy is built on the CPU from the full state dict."""
+    FSDP, where a fresh copy is built on the CPU from the full state dict (a `peft` model: the same
+    adapters on a fresh base, so that `loop.merged` works on it as on the original)."""
     model = plain(net) if model is None else model
     if not is_fsdp(net):
         return model if is_main() else None
     state = model_state(net)
     if not is_main():
         return None
-    from torch.distributed.fsdp import FSDPModule
-    prefix = next(n for n, m in net.named_modules() if m is model)
-    state = {k[len(prefix) + 1:] if prefix else k: v for k, v in state.items() if k.startswith(prefix)}
-    # fully_shard turned the class of the module it was applied to into FSDP<cls>(FSDPModule, cls)
-    cls = next(c for c in type(model).__bases__ if c is not FSDPModule) if is_fsdp(model) else type(model)
-    copy = cls(model.config)
+    state = _inner(state, _prefix(net, model))
+    copy = _fresh(model)
     copy.load_state_dict(state)
     return copy
+
+
+def _fresh(model):
+    """An unsharded model of `model`'s class and configuration, on the CPU, with fresh weights."""
+    from torch.distributed.fsdp import FSDPModule
+    if hasattr(model, "get_base_model"):  # peft around a transformers model: the same adapters on a fresh base
+        from peft import get_peft_model
+        return get_peft_model(_fresh(model.get_base_model()), model.peft_config[model.active_adapter])
+    # fully_shard turned the class of the module it was applied to into FSDP<cls>(FSDPModule, cls)
+    cls = next(c for c in type(model).__bases__ if c is not FSDPModule) if is_fsdp(model) else type(model)
+    return cls(model.config)

@@ -1,6 +1,6 @@
 """torchrun with 2 processes (gloo, CPU) trains exactly what one process trains: the same loss at every
-step (1e-4 relative) for pretraining, SFT and the reward model with DDP and with FSDP2, and PPO (DDP) the
-same answers, KL, β and losses; a run resumes
+step (1e-4 relative) for pretraining, SFT and the reward model (full and LoRA) with DDP and with FSDP2, and
+PPO (DDP and FSDP2) and RLOO (FSDP2) the same answers, KL, β and losses; a run resumes
 with another number of processes and continues the same curve; bad input stops every rank with one
 message. (`eval`, `sample` and `alignloop run` under torchrun: tests/test_distributed_run.py.) Each 2-process run is a real `torchrun` subprocess of the command line."""
 from __future__ import annotations
@@ -174,12 +174,21 @@ def reward_one(ranked, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_reward_two_processes_equal_one(ranked, reward_one, tmp_path, fsdp):
+@pytest.fixture(scope="module")
+def reward_lora_one(ranked, tmp_path_factory):
+    run = tmp_path_factory.mktemp("rw") / "lora"
+    shutil.copytree(ranked, run)
+    run_stage("reward", [*REWARD, "--lora-rank", "4", "--out", str(run)])
+    return run
+
+
+@pytest.mark.parametrize("fsdp,lora", [(False, False), (True, False), (True, True)], ids=["ddp", "fsdp", "fsdp-lora"])
+def test_reward_two_processes_equal_one(ranked, tmp_path, request, fsdp, lora):
+    one = request.getfixturevalue("reward_lora_one" if lora else "reward_one")
     run = tmp_path / "run"
     shutil.copytree(ranked, run)
-    torchrun("reward", *REWARD, *(["--fsdp"] if fsdp else []), "--out", run)
-    a, b = run / "round-1" / "reward", reward_one / "round-1" / "reward"
+    torchrun("reward", *REWARD, *(["--fsdp"] if fsdp else []), *(["--lora-rank", "4"] if lora else []), "--out", run)
+    a, b = run / "round-1" / "reward", one / "round-1" / "reward"
     assert_same_curve(a, b)
     assert_same_weights(a, b)
     ea, eb = json.loads((a / "eval.json").read_text()), json.loads((b / "eval.json").read_text())
@@ -193,22 +202,47 @@ def test_reward_two_processes_equal_one(ranked, reward_one, tmp_path, fsdp):
 # the last one holds 1, so one rank runs a row of weight 0
 PPO = ["--preset", "micro", "--round", "1", "--kl-target", "0.01", "--kl-horizon", "64", "--ptx-coef", "1",
        "--minibatch-size", "5"]
+# RLOO: 4 prompts × 4 answers. Two iterations, a checkpoint after each: from the third on, one process
+# samples another token than two do (DDP and FSDP2 alike, which agree exactly): the rows' logits differ in
+# the last bits with the batch's shape, enough to flip one draw (docs/LOG.md)
+RLOO = ["--preset", "micro", "--round", "1", "--algo", "rloo", "--iterations", "2", "--checkpoint-every", "1",
+        "--kl-target", "0.01", "--kl-horizon", "64", "--ptx-coef", "1", "--minibatch-size", "5"]
+ARGS = {"ppo": PPO, "rloo": RLOO}
 
 
 @pytest.fixture(scope="module")
-def ppo_runs(reward_one, tmp_path_factory):
-    one, two = tmp_path_factory.mktemp("ppo") / "one", tmp_path_factory.mktemp("ppo") / "two"
-    shutil.copytree(reward_one, one)
+def ppo_one(reward_one, tmp_path_factory):
+    """algo → one process's PPO (or RLOO) stage folder, each run once, when a test first asks for it."""
+    made = {}
+
+    def get(algo):
+        if algo not in made:
+            run = tmp_path_factory.mktemp(algo) / "one"
+            shutil.copytree(reward_one, run)
+            run_stage("ppo", [*ARGS[algo], "--out", str(run)])
+            made[algo] = run / "round-1" / algo
+        return made[algo]
+    return get
+
+
+@pytest.fixture(scope="module", params=[("ppo", False), ("ppo", True), ("rloo", True)],
+                ids=["ddp", "fsdp", "rloo-fsdp"])
+def ppo_runs(request, reward_one, ppo_one, tmp_path_factory):
+    """(one process's stage folder, two processes' stage folder, algo, fsdp)."""
+    algo, fsdp = request.param
+    two = tmp_path_factory.mktemp(algo) / "two"
     shutil.copytree(reward_one, two)
-    run_stage("ppo", [*PPO, "--out", str(one)])
-    torchrun("ppo", *PPO, "--out", two)
-    return one / "round-1" / "ppo", two / "round-1" / "ppo"
+    torchrun("ppo", *ARGS[algo], *(["--fsdp"] if fsdp else []), "--out", two)
+    return ppo_one(algo), two / "round-1" / algo, algo, fsdp
 
 
 def assert_same_ppo(a, b):
     # sampled answers, their scores, the global KL and the β it adapts, the losses of the whitened advantages
-    for key in ("rm_score", "kl_sampled", "beta", "pg_loss", "vf_loss", "ptx_loss", "entropy", "response_length",
-                "gold_probe"):
+    keys = ["rm_score", "kl_sampled", "beta", "pg_loss", "vf_loss", "ptx_loss", "entropy", "response_length", "gold_probe"]
+    if a.name == "rloo":  # no value model
+        assert not curve(a, "vf_loss") and not curve(b, "vf_loss")
+        keys.remove("vf_loss")
+    for key in keys:
         ca, cb = curve(a, key), curve(b, key)
         assert ca and [s for s, _ in ca] == [s for s, _ in cb], key
         # rel 1e-4, and 1e-6 absolute for means that cancel to near 0 (KL, the policy loss)
@@ -216,24 +250,56 @@ def assert_same_ppo(a, b):
     assert_same_weights(a, b)
 
 
+def last_checkpoint_lost(stage):
+    """The stage folder as if stopped right after its second-to-last checkpoint."""
+    *_, last = sorted((stage / "checkpoints").iterdir())
+    last.unlink()
+    for f in stage.iterdir():
+        if f.is_file() and f.name != "metrics.jsonl":
+            f.unlink()
+
+
 def test_ppo_two_processes_equal_one(ppo_runs):
-    one, two = ppo_runs
+    one, two, _, _ = ppo_runs
     assert_same_ppo(two, one)
     assert len({v for _, v in curve(one, "beta")}) > 1  # β did adapt
     assert max(v for _, v in curve(two, "first_ratio_error")) < 1e-5
 
 
+def test_ppo_checkpoints_have_the_one_process_layout(ppo_runs):
+    one, two, _, _ = ppo_runs
+    *_, name = sorted(p.name for p in (one / "checkpoints").iterdir())
+    a, b = (torch.load(d / "checkpoints" / name, weights_only=True) for d in (two, one))
+    assert a.keys() == b.keys()
+    for part in ("model", "value"):
+        if part in b:
+            assert a[part].keys() == b[part].keys()
+            for k in b[part]:
+                assert a[part][k].shape == b[part][k].shape, k
+    for part in ("optim", "optim_value"):
+        if part in b:
+            assert a[part]["state"].keys() == b[part]["state"].keys()
+
+
 def test_ppo_resume_two_processes_to_one(ppo_runs, tmp_path, capsys):
-    one, two = ppo_runs
+    one, two, algo, _ = ppo_runs
     run = tmp_path / "run"
     shutil.copytree(two.parents[1], run)
-    stage = run / "round-1" / "ppo"
-    (stage / "checkpoints" / "step-000004.pt").unlink()  # as if stopped after the checkpoint of iteration 2
-    for f in stage.iterdir():
-        if f.is_file() and f.name != "metrics.jsonl":
-            f.unlink()
-    run_stage("ppo", [*PPO, "--out", str(run)])
+    stage = run / "round-1" / algo
+    last_checkpoint_lost(stage)
+    run_stage("ppo", [*ARGS[algo], "--out", str(run)])
     assert "resuming from" in capsys.readouterr().out
+    assert_same_ppo(stage, one)
+
+
+def test_ppo_resume_one_process_to_two_fsdp(ppo_one, tmp_path):
+    one = ppo_one("ppo")
+    run = tmp_path / "run"
+    shutil.copytree(one.parents[1], run)
+    stage = run / "round-1" / "ppo"
+    last_checkpoint_lost(stage)
+    proc = torchrun("ppo", *PPO, "--fsdp", "--out", run)
+    assert "resuming from" in proc.stdout
     assert_same_ppo(stage, one)
 
 
@@ -256,6 +322,20 @@ def test_a_one_process_command_refuses_torchrun(micro_run, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("`alignloop report` does not run under torchrun") == 1, proc.stderr
     assert not (run / "report.html").exists()
+
+
+def test_ppo_fsdp_refuses_a_policy_the_engine_samples_generically(reward_one, tmp_path):
+    """Under FSDP2 the engine reads gathered weights on its fast path only (Llama, Mistral, Qwen2/3)."""
+    run = tmp_path / "run"
+    shutil.copytree(reward_one, run)
+    cfg = json.loads((run / "sft" / "config.json").read_text())
+    (run / "sft" / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    proc = torchrun("ppo", *PPO, "--fsdp", "--out", run, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("alignloop ppo: error:") == 1, proc.stderr
+    assert "PPO under --fsdp samples from llama, mistral, qwen2, qwen3 models; this policy is 'gpt_neox'" in proc.stderr
+    assert "exitcode  : 2" in proc.stderr
+    assert not (run / "round-1" / "ppo").exists()
 
 
 def test_nccl_without_cuda_is_exit_2_before_any_work(micro_run, tmp_path):

@@ -183,7 +183,7 @@ def run(cfg: Config, out: Path) -> Path:
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     if cfg.lora_rank:
-        policy = L.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+        policy = L.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     allowed = F_.allowed_tokens(tok, policy.config.vocab_size, device)
     amp = lambda: L.autocast(device, cfg.dtype)  # noqa: E731 — reference and policy log-probs alike
 

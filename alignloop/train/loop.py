@@ -186,14 +186,20 @@ def peak_flops(device: torch.device) -> float | None:
 # ---------------------------------------------------------------- memory: LoRA, checkpointing, peak
 
 
-def apply_lora(model, rank: int, alpha: float, scalar_head: bool = False):
+def apply_lora(model, rank: int, alpha: float, scalar_head: bool = False, seed: int = 0):
     """Low-rank adapters (`peft`) on every linear layer of the decoder; the base weights freeze. A scalar
-    (reward/value) head is trained in full (`modules_to_save`). Returns the wrapped model."""
+    (reward/value) head is trained in full (`modules_to_save`). Returns the wrapped model.
+
+    The adapters' random start (A; B starts at 0) is drawn from `seed`, not from wherever the global
+    generator happens to be: every process of a torchrun run then starts from the same adapters as one
+    process does (FSDP2 shards each rank's own copy; it does not broadcast rank 0's as DDP does)."""
     from peft import LoraConfig, get_peft_model
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
                      task_type="SEQ_CLS" if scalar_head else "CAUSAL_LM",
                      modules_to_save=["score"] if scalar_head else None)
-    return get_peft_model(model, cfg)
+    with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+        torch.manual_seed(seed)
+        return get_peft_model(model, cfg)
 
 
 def merged(model):

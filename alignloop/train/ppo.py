@@ -171,9 +171,9 @@ def run(cfg: Config, out: Path) -> Path:
     tok = ChatTokenizer.load(init)
     prompts_path = resolve_path(cfg.prompts, out, "world/prompts-train.jsonl")
     prompts = read_prompts(prompts_path)
-    if cfg.fsdp and D.launched():
-        raise InputError("PPO does not run under FSDP2 yet (the engine samples from whole weights): "
-                         "leave out --fsdp (DDP)", field="fsdp")
+    fsdp = cfg.fsdp and D.launched()
+    if fsdp:
+        check_fsdp(init)
     device = D.setup(cfg)
     D.check_rows(min(cfg.batch_size, len(prompts)), "a rollout batch (--batch-size, or the prompts)", "batch_size")
     policy = load_causal_lm(init).to(device)
@@ -193,16 +193,25 @@ def run(cfg: Config, out: Path) -> Path:
     if cfg.gradient_checkpointing and value is not None:
         value.gradient_checkpointing_enable()
     if cfg.lora_rank:
-        policy = L.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+        policy = L.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
         if value is not None:
-            value = L.apply_lora(value, cfg.lora_rank, cfg.lora_alpha, scalar_head=True)
+            value = L.apply_lora(value, cfg.lora_rank, cfg.lora_alpha, scalar_head=True, seed=cfg.seed + 1)
+    # Under torchrun each rank samples and scores its share of each rollout; the per-token tensors of the
+    # whole batch are then put together on every rank (so advantages are whitened, and β adapted, over the
+    # global batch) and each minibatch is split over the ranks. `pnet`/`vnet` train the policy and value
+    # through DDP, or FSDP2 with --fsdp (built before the optimizers, which hold the sharded parameters).
+    # The frozen reference and reward models stay whole on every rank (replicated): they hold no gradients
+    # or optimizer state, the bulk of what sharding saves, and whole they run no collective, so each rank
+    # scores its own share (and rank 0 the probe) alone.
+    pnet = D.wrap(F_.Through(policy), cfg.fsdp, device, cfg.dtype) if D.world() > 1 else policy
+    vnet = D.wrap(F_.Through(value), cfg.fsdp, device, cfg.dtype) if D.world() > 1 and value is not None else value
     if cfg.lora_rank and reference.resolve() == init.resolve():
-        ref, ref_ctx = policy, policy.disable_adapter
+        ref, ref_ctx = pnet, policy.disable_adapter  # through `pnet`: under FSDP only it sees whole weights
     else:
         ref, ref_ctx = load_causal_lm(reference, dtype=frozen).to(device).eval().requires_grad_(False), contextlib.nullcontext
-    if cfg.lora_rank and value is not None and value_path.resolve() == rm_path.resolve():
+    if cfg.lora_rank and value is not None and value_path.resolve() == rm_path.resolve() and not fsdp:
         scorer = RewardScorer(rm_path, device, model=value, context=value.disable_adapter)
-    else:
+    else:  # (under FSDP the value model's base is sharded: the scorer keeps a whole copy, as said above)
         scorer = RewardScorer(rm_path, device, dtype=frozen)
     allowed = F_.allowed_tokens(tok, policy.config.vocab_size, device)
     opt_p = L.make_optimizer(policy, cfg.lr, 0.0)
@@ -222,27 +231,24 @@ def run(cfg: Config, out: Path) -> Path:
             diff = next(k for k in now if saved.get(k) != now[k])
             raise InputError(f"--resume on a PPO folder of another configuration ({diff}: {saved.get(diff)!r} there, "
                              f"{now[diff]!r} now)", file=stage, field=diff)
-        L.restore(state, policy, opt_p)
+        D.restore(state, pnet, opt_p, policy)
         if value is not None:
-            L.restore({"model": state["value"], "optim": state["optim_value"]}, value, opt_v)
+            D.restore({"model": state["value"], "optim": state["optim_value"]}, vnet, opt_v, value)
         kl_ctl.beta, start = state["beta"], state["step"]
         norm = state.get("reward_norm")
-    # Under torchrun each rank holds whole models (DDP): it samples and scores its share of each rollout,
-    # the per-token tensors of the whole batch are then put together on every rank (so advantages are
-    # whitened, and β adapted, over the global batch) and each minibatch is split over the ranks.
-    # `pnet`/`vnet` train through DDP; the engine, the reference and the scorer read the models themselves.
-    pnet = D.wrap(F_.Through(policy), False, device) if D.world() > 1 else policy
-    vnet = D.wrap(F_.Through(value), False, device) if D.world() > 1 and value is not None else value
     metrics = L.Metrics(stage, resume_step=start if state is not None else None) if D.is_main() else None
     if D.is_main():  # only rank 0 writes
         save_stage_config(out, section(cfg), cfg)
+    # the engine reads the policy's weights directly: under FSDP2 each sampling runs inside `D.whole(pnet)`
     engine = Engine(F_.unwrap(policy), tok, device, max_batch=cfg.batch_size)
     print(f"{cfg.algo}: round {cfg.round}, policy {init}, reward model {rm_path}, {len(prompts)} prompts, "
           f"{cfg.iterations} iterations × {cfg.batch_size} episodes, β {kl_ctl.beta}"
           + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
           + (f", {cfg.rloo_k} answers per prompt" + (", group-normalised" if cfg.group_norm else "") if rloo else ""))
-    if probe and start == 0 and metrics:
-        metrics.log(step=0, kl_sampled=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
+    if probe and start == 0:
+        with D.whole(pnet):  # every rank gathers the weights (FSDP); rank 0 alone samples the probe
+            if metrics:
+                metrics.log(step=0, kl_sampled=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
     bar = L.Progress(cfg.iterations, f"{cfg.algo} round {cfg.round}", start)
     amp = lambda: L.autocast(device, cfg.dtype)  # noqa: E731 — old, reference and new log-probs alike
 
@@ -261,7 +267,7 @@ def run(cfg: Config, out: Path) -> Path:
         # each rank samples its share, episode p with the generator it has in one process, (seed, p)
         mine = D.part(list(range(len(batch))))
         seed = cfg.seed * 7_919 + it
-        with amp():
+        with D.whole(pnet), amp():
             outs = engine.generate([prompt_ids[batch[p]] for p in mine], max_new_tokens=cfg.max_new_tokens,
                                    temperature=cfg.temperature,
                                    seed=seed if D.world() == 1 else [(seed * 1_000_003 + p) % 2**63 for p in mine])
@@ -296,14 +302,16 @@ def run(cfg: Config, out: Path) -> Path:
             if value is not None:
                 value.eval()
             with amp():
-                for mb in epochs[0]:
-                    mb = D.part(mb)  # this rank's rows: the ones it will take of the same minibatch in epoch 1
-                    if len(mb):
-                        old_logp[mb] = logprobs(pnet, mb)
-                        with ref_ctx():
-                            ref_logp[mb] = logprobs(ref, mb)
-                        if value is not None:
-                            old_values[mb] = state_values(vnet, ids[mb], attn[mb], pos[mb], P)
+                for mb_all in epochs[0]:
+                    mb = D.part(mb_all)  # this rank's rows: the ones it will take of the same minibatch in epoch 1
+                    # a rank left without a row runs one all the same and keeps nothing: every rank runs
+                    # the same passes (under FSDP each gathers the weights with the others)
+                    run_mb, keep = (mb, slice(None)) if len(mb) else (mb_all[:1], slice(0, 0))
+                    old_logp[mb] = logprobs(pnet, run_mb)[keep]
+                    with ref_ctx():
+                        ref_logp[mb] = logprobs(ref, run_mb)[keep]
+                    if value is not None:
+                        old_values[mb] = state_values(vnet, ids[run_mb], attn[run_mb], pos[run_mb], P)[keep]
             old_logp, ref_logp, old_values = (D.all_sum(t) for t in (old_logp, ref_logp, old_values))
             policy.train()
             if value is not None:
@@ -348,7 +356,7 @@ def run(cfg: Config, out: Path) -> Path:
                         loss = loss + cfg.ptx_coef * ptx * ptx_share
                 opt_p.zero_grad(set_to_none=True)
                 (loss * D.world()).backward()
-                torch.nn.utils.clip_grad_norm_([q for q in policy.parameters() if q.requires_grad], 1.0)
+                torch.nn.utils.clip_grad_norm_(_learning(opt_p), 1.0)
                 opt_p.step()
                 if value is not None:
                     with amp():
@@ -356,7 +364,7 @@ def run(cfg: Config, out: Path) -> Path:
                         vf = rl.value_loss(v, old_values[mb], returns[mb], m, cfg.value_clip)
                     opt_v.zero_grad(set_to_none=True)
                     (vf * share * D.world()).backward()
-                    torch.nn.utils.clip_grad_norm_([q for q in value.parameters() if q.requires_grad], 1.0)
+                    torch.nn.utils.clip_grad_norm_(_learning(opt_v), 1.0)
                     opt_v.step()
                 # the minibatch's statistics: the ranks' shares added up (one all-reduce)
                 got = D.all_sum(torch.tensor([pg.item(), vf.item() if value is not None else 0.0, st["clip_frac"],
@@ -382,26 +390,50 @@ def run(cfg: Config, out: Path) -> Path:
                "episodes_per_s": len(batch) / dt, "tokens_per_s": float(mask.sum()) / dt,
                "generation_share": t_gen / dt, "peak_memory_gb": L.peak_memory_gb(device)}
         rec |= {k: sum(v) / len(v) for k, v in stats.items() if v}
-        if probe and D.is_main() and ((it + 1) % cfg.probe_every == 0 or it + 1 == cfg.iterations):
-            rec |= _probe_scores(engine, tok, world, probe, scorer, cfg)  # rank 0 alone (the others wait)
+        if probe and ((it + 1) % cfg.probe_every == 0 or it + 1 == cfg.iterations):
+            with D.whole(pnet):  # every rank gathers the weights (FSDP); rank 0 alone samples (the others wait)
+                if D.is_main():
+                    rec |= _probe_scores(engine, tok, world, probe, scorer, cfg)
         if metrics:
             metrics.log(**rec)
         bar.update(1, rm=rec["rm_score"], kl=seq_kl, **({"gold": rec["gold_probe"]} if "gold_probe" in rec else {}))
         L.release_memory()
-        if ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations) and D.is_main():
-            vstate = L.capture(value, opt_v) if value is not None else {}
-            ckpts.save(it + 1, config=asdict(cfg), beta=kl_ctl.beta, reward_norm=norm,
-                       **({"value": vstate["model"], "optim_value": vstate["optim"]} if vstate else {}),
-                       **L.capture(policy, opt_p))
+        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+            # full state dicts in the one-process layout, gathered to rank 0 (a collective under FSDP)
+            pstate = D.capture(pnet, opt_p, policy)
+            vstate = D.capture(vnet, opt_v, value) if value is not None else {}
+            if D.is_main():
+                ckpts.save(it + 1, config=asdict(cfg), beta=kl_ctl.beta, reward_norm=norm,
+                           **({"value": vstate["model"], "optim_value": vstate["optim"]} if vstate else {}),
+                           **pstate)
     bar.close()
+    final = D.gathered(pnet, policy)  # rank 0: the whole policy (a fresh copy under FSDP); None elsewhere
     if not D.is_main():
         return stage
-    save_model(L.merged(policy), tok, stage)
+    save_model(L.merged(final), tok, stage)
     last = L.read_jsonl_tolerant(metrics.path)[-1]
     print(f"{cfg.algo}: round {cfg.round} done: RM score {last['rm_score']:+.3f}, sampled KL to SFT {last['kl_sampled']:.2f} nats"
           + (f", probe gold {last['gold_probe']:.3f}" if "gold_probe" in last else "")
           + f", peak memory {L.peak_memory_gb(device):.2f} GB → {stage}")
     return stage
+
+
+def _learning(opt) -> list:
+    """The parameters an optimizer updates (under FSDP the sharded ones, whatever the modules hold now)."""
+    return [q for g in opt.param_groups for q in g["params"]]
+
+
+def check_fsdp(init: Path) -> None:
+    """Under FSDP2 the engine samples inside `D.whole`, reading the gathered weights directly; its generic path
+    (architectures other than its fast ones) runs the model's own forward, whose sharded blocks would
+    gather and free their weights at every token, a collective that ranks sampling different numbers of
+    tokens cannot share."""
+    import json
+    from alignloop.engine import FAST_TYPES
+    kind = json.loads((init / "config.json").read_text()).get("model_type")
+    if kind not in FAST_TYPES:
+        raise InputError(f"PPO under --fsdp samples from {', '.join(sorted(FAST_TYPES))} models; this policy is "
+                         f"{kind!r}: leave out --fsdp (DDP)", file=init, field="fsdp")
 
 
 def _ptx_rows(cfg: Config, out: Path, tok) -> torch.Tensor:

@@ -439,15 +439,12 @@ def run(cfg: Config, out: Path) -> Path:
     if not kept:
         raise InputError("no usable comparisons", file=paths[0])
     train, val = split_groups(kept, cfg)
-    if cfg.fsdp and cfg.lora_rank and D.launched():
-        raise InputError("--fsdp with --lora-rank is not supported yet (LoRA under torchrun: DDP, without --fsdp)",
-                         field="fsdp")
     device = D.setup(cfg)
     model = load_scalar_model(init).to(device).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora_rank:
-        model = L.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, scalar_head=True)
+        model = L.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, scalar_head=True, seed=cfg.seed)
     else:
         L.train_top_layers(model, cfg.train_layers if cfg.train_trunk else 0)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -230,6 +230,13 @@ class Engine:
     def idle(self) -> bool:
         return not self._waiting and not self.running
 
+    def release(self) -> None:
+        """Drop the fused weights (and the KV cache when idle) until the next call rebuilds them: a caller
+        that holds whole weights only while sampling (PPO under FSDP2) keeps no copy of them in between."""
+        self._fused = self._fused_key = None
+        if self.idle:
+            self._kv = None
+
     def run_until_idle(self) -> None:
         while not self.idle:
             self.step()

@@ -186,6 +186,9 @@ def test_fused_weights_follow_in_place_updates(lm):
     after = eng.generate(ps, max_new_tokens=12, temperature=0)
     fresh = Engine(model, tok).generate(ps, max_new_tokens=12, temperature=0)
     assert [o.ids for o in after] == [o.ids for o in fresh] != [o.ids for o in before]
+    eng.release()                                              # PPO under FSDP2: no fused copy kept between calls
+    assert eng._fused is None and eng._kv is None
+    assert [o.ids for o in eng.generate(ps, max_new_tokens=12, temperature=0)] == [o.ids for o in after]
 
 
 MORE = QUESTIONS + ["Sort these numbers: 9 2 5 11.", "And its currency?", "Do you know the population of Vrodavia?",

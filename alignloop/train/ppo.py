@@ -241,12 +241,21 @@ def run(cfg: Config, out: Path) -> Path:
         save_stage_config(out, section(cfg), cfg)
     # the engine reads the policy's weights directly: under FSDP2 each sampling runs inside `D.whole(pnet)`
     engine = Engine(F_.unwrap(policy), tok, device, max_batch=cfg.batch_size)
+
+    @contextlib.contextmanager
+    def sampling():
+        """The policy whole while the engine samples (FSDP2: gathered on every rank, a collective), and
+        under FSDP2 nothing of it kept afterwards: the engine's fused copy goes with the gathered weights."""
+        with D.whole(pnet):
+            yield
+        if fsdp:
+            engine.release()
     print(f"{cfg.algo}: round {cfg.round}, policy {init}, reward model {rm_path}, {len(prompts)} prompts, "
           f"{cfg.iterations} iterations × {cfg.batch_size} episodes, β {kl_ctl.beta}"
           + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
           + (f", {cfg.rloo_k} answers per prompt" + (", group-normalised" if cfg.group_norm else "") if rloo else ""))
     if probe and start == 0:
-        with D.whole(pnet):  # every rank gathers the weights (FSDP); rank 0 alone samples the probe
+        with sampling():  # every rank gathers the weights (FSDP); rank 0 alone samples the probe
             if metrics:
                 metrics.log(step=0, kl_sampled=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
     bar = L.Progress(cfg.iterations, f"{cfg.algo} round {cfg.round}", start)
@@ -267,7 +276,7 @@ def run(cfg: Config, out: Path) -> Path:
         # each rank samples its share, episode p with the generator it has in one process, (seed, p)
         mine = D.part(list(range(len(batch))))
         seed = cfg.seed * 7_919 + it
-        with D.whole(pnet), amp():
+        with sampling(), amp():
             outs = engine.generate([prompt_ids[batch[p]] for p in mine], max_new_tokens=cfg.max_new_tokens,
                                    temperature=cfg.temperature,
                                    seed=seed if D.world() == 1 else [(seed * 1_000_003 + p) % 2**63 for p in mine])
@@ -391,7 +400,7 @@ def run(cfg: Config, out: Path) -> Path:
                "generation_share": t_gen / dt, "peak_memory_gb": L.peak_memory_gb(device)}
         rec |= {k: sum(v) / len(v) for k, v in stats.items() if v}
         if probe and ((it + 1) % cfg.probe_every == 0 or it + 1 == cfg.iterations):
-            with D.whole(pnet):  # every rank gathers the weights (FSDP); rank 0 alone samples (the others wait)
+            with sampling():  # every rank gathers the weights (FSDP); rank 0 alone samples (the others wait)
                 if D.is_main():
                     rec |= _probe_scores(engine, tok, world, probe, scorer, cfg)
         if metrics:

@@ -592,7 +592,13 @@ class _Sampler:
             kth = torch.topk(z, int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])
             z = z.masked_fill(z < kth, float("-inf"))
         if bool((self.top_p < 1).any()):
-            sorted_z, sorted_i = torch.sort(z, descending=True, dim=-1)
+            # Top-p needs the candidates in order. With a top-k on every row only the largest k_max can
+            # survive (the rest are −inf already): order those, not the whole vocabulary.
+            V = z.shape[-1]
+            if all(0 < k < V for k in self.top_k):
+                sorted_z, sorted_i = torch.topk(z, max(self.top_k), dim=-1)
+            else:
+                sorted_z, sorted_i = torch.sort(z, descending=True, dim=-1)
             probs = torch.softmax(sorted_z, -1)
             # drop a token when the mass BEFORE it already reaches top_p (the top token always stays)
             drop = probs.cumsum(-1) - probs >= self.top_p

@@ -308,3 +308,23 @@ def test_submit_from_other_threads_while_one_worker_steps(lm):
     for i, (p, r) in enumerate(zip(ps, reqs)):
         a = alone.generate([p], max_new_tokens=BUDGETS[i], temperature=1.0, seed=[100 + i])[0]
         assert r.completion.ids == a.ids and "".join(streamed[i]) == r.completion.text == a.text
+
+
+def test_top_p_within_top_k_samples_from_the_hand_computed_nucleus():
+    """With top-k on every row, top-p orders only the k largest logits (no sort of the vocabulary): every
+    draw lies in the nucleus worked out here from a full sort, with its renormalised log-prob."""
+    from alignloop.engine import Params, _Sampler
+    g = torch.Generator().manual_seed(3)
+    V, ks, p = 50, [5, 10, 3, 7], 0.7
+    logits = torch.randn(len(ks), V, generator=g) * 2
+    sampler = _Sampler([Params(top_k=k, top_p=p, gen=torch.Generator().manual_seed(i)) for i, k in enumerate(ks)],
+                       torch.ones(V, dtype=torch.bool))
+    for _ in range(200):
+        nxt, lp = sampler(logits)
+        for b, k in enumerate(ks):
+            order = torch.sort(logits[b], descending=True).indices[:k]
+            probs = torch.softmax(logits[b][order], -1)
+            keep = order[(probs.cumsum(-1) - probs) < p]              # the mass before a token is below p
+            expected = torch.log_softmax(logits[b][keep], -1)
+            assert int(nxt[b]) in keep.tolist()
+            assert float(lp[b]) == pytest.approx(float(expected[keep.tolist().index(int(nxt[b]))]), abs=1e-5)

@@ -666,9 +666,12 @@ def methods_verdict(rows: list[dict]) -> list[str]:
                          "its crown is not established here.")
         else:
             apart = ppo["gain"] + (ppo.get("gain_half") or 0) < lead["gain"] - (lead.get("gain_half") or 0)
-            notes.append(f"PPO's crown does not hold here: {METHODS[lead['method']][0]} gains more at the strengths "
-                         f"chosen on dev ({lead['gain']:+.3f} against PPO's {ppo['gain']:+.3f}"
-                         + ("; their intervals apart)." if apart else "; their intervals overlap: within noise)."))
+            name = METHODS[lead["method"]][0]
+            notes.append(f"PPO's crown does not hold here: {name} gains more at the strengths chosen on dev "
+                         f"({lead['gain']:+.3f} against PPO's {ppo['gain']:+.3f}; their intervals apart)." if apart else
+                         f"PPO's crown is not established here: {name} gains as much or more at the strengths chosen "
+                         f"on dev ({lead['gain']:+.3f} against PPO's {ppo['gain']:+.3f}), within noise (their "
+                         "intervals overlap).")
     return notes
 
 

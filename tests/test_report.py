@@ -231,6 +231,6 @@ def test_methods_section_picks_on_dev_and_judges_ppo(tmp_path):
     rows[3]["gain"] = 0.025  # DPO now within PPO's interval: not a verdict either way
     rows[3]["dev_gold"] = 0.66
     (run / "methods" / "methods.json").write_text(json.dumps(rows))
-    assert "their intervals overlap: within noise" in methods_section(run)
+    assert "PPO&#x27;s crown is not established here: DPO gains as much or more" in methods_section(run)
     shutil.rmtree(run / "methods")
     assert "experiments/methods.py --run RUN" in methods_section(run)

@@ -16,6 +16,7 @@ any failure other than 429.
 
     python benchmarks/serve_load.py                       # builds a micro run in a temporary folder
     python benchmarks/serve_load.py --model runs/x/sft --clients 32 --requests 4 --max-tokens 64 --out serve.json
+    python benchmarks/serve_load.py --min-tokens 8 --max-tokens 128   # answers of mixed lengths
     python benchmarks/serve_load.py --clients 4 --requests 1 --max-tokens 8 --max-batch 4 --max-queue 4 --burst 24
                                                           # a quick check that it works (no figures to keep)
 """
@@ -26,6 +27,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -97,13 +99,15 @@ async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, max_token
     return {"ttft": ttft if ttft is not None else end, "tokens": usage["completion_tokens"], "seconds": end}
 
 
-async def scenario(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def scenario(url: str, clients: int, requests: int, max_tokens: int, min_tokens: int = 0) -> dict:
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as client:
         async def worker(w: int):
             out = []
             for k in range(requests):
-                out.append(await one_stream(client, url, PROMPTS[(w + k) % len(PROMPTS)], max_tokens))
+                # --min-tokens: answers of mixed lengths (the same draw for request k of client w in every run)
+                n = random.Random(w * 1009 + k).randint(min_tokens, max_tokens) if min_tokens else max_tokens
+                out.append(await one_stream(client, url, PROMPTS[(w + k) % len(PROMPTS)], n))
             return out
         t0 = time.perf_counter()
         results = [x for chunk in await asyncio.gather(*(worker(w) for w in range(clients))) for x in chunk]
@@ -147,6 +151,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=4, help="requests per client, back to back")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--min-tokens", type=int, default=0, help="> 0: each request's max_tokens drawn from "
+                   "[min, max] (answers of mixed lengths, where continuous batching differs from static)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue (at least --clients: the "
                    "32-client run must see no 429)")
@@ -185,8 +191,8 @@ def main() -> None:
                     time.sleep(0.2)
             asyncio.run(scenario(url, 4, 1, 8))                          # warm-up
             # the single client sends a quarter of the crowd's requests: tokens/s are compared, not wall times
-            single = asyncio.run(scenario(url, 1, args.clients * args.requests // 4, args.max_tokens))
-            crowd = asyncio.run(scenario(url, args.clients, args.requests, args.max_tokens))
+            single = asyncio.run(scenario(url, 1, args.clients * args.requests // 4, args.max_tokens, args.min_tokens))
+            crowd = asyncio.run(scenario(url, args.clients, args.requests, args.max_tokens, args.min_tokens))
             bursted = asyncio.run(burst(url, n_burst, args.burst_tokens)) if n_burst else None
         finally:
             server.terminate()

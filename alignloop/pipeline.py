@@ -104,12 +104,12 @@ class Runner:
 
 
 def run(cfg: Config, out: Path, args) -> None:
-    from alignloop import evaluate as E
-    from alignloop import tokenizer as T
-    from alignloop import world as W
+    from alignloop import evaluate
+    from alignloop import tokenizer
+    from alignloop import world
     from alignloop.rundir import save_stage_config
-    from alignloop.train import pretrain as P
-    from alignloop.train import sft as S
+    from alignloop.train import pretrain
+    from alignloop.train import sft
 
     loop_only = getattr(args, "loop_only", False)
     if loop_only:  # `alignloop loop`: rounds only, never a stage before them
@@ -118,16 +118,16 @@ def run(cfg: Config, out: Path, args) -> None:
     # The [run] section itself may change between calls (more rounds, people instead of simulated
     # labelers); the stages' own settings may not (Runner.cfg checks each).
     r = Runner(out, preset, args.config, cfg.device, cfg.seed)
-    from alignloop import rank as K
-    from alignloop import sample as Sa
-    from alignloop.train import ppo as Pp
-    from alignloop.train import reward as Rw
-    for module in (W, T, P, S, E, Sa, K, Rw, Pp):  # every stage's settings checked before any work
+    from alignloop import rank
+    from alignloop import sample
+    from alignloop.train import ppo
+    from alignloop.train import reward
+    for module in (world, tokenizer, pretrain, sft, evaluate, sample, rank, reward, ppo):  # every stage's settings checked before any work
         r.cfg(module)
-    if r.cfg(Pp).algo != "ppo" or r.cfg(E).best_of != 1:  # the recipe's rounds are PPO's, its evaluations plain
+    if r.cfg(ppo).algo != "ppo" or r.cfg(evaluate).best_of != 1:  # the recipe's rounds are PPO's, its evaluations plain
         raise InputError("`alignloop run` trains PPO in its rounds and evaluates each policy once: run "
                          "`alignloop ppo --algo rloo` or `alignloop eval --best-of N` as commands of their own",
-                         field="algo" if r.cfg(Pp).algo != "ppo" else "best_of")
+                         field="algo" if r.cfg(ppo).algo != "ppo" else "best_of")
     out.mkdir(parents=True, exist_ok=True)
     D.on_main(lambda: save_stage_config(out, SECTION, cfg))
     stop = cfg.until
@@ -161,28 +161,28 @@ def _check_loop(out: Path, cfg: Config) -> None:
 
 def _before_rounds(r: Runner, out: Path, cfg: Config, stop: str) -> bool:
     """world → tokenizer → pretrain → eval base → SFT → eval sft; False when `stop` says to end there."""
-    from alignloop import evaluate as E
-    from alignloop import tokenizer as T
-    from alignloop import world as W
-    from alignloop.train import pretrain as P
-    from alignloop.train import sft as S
-    r.step("world", (out / "world" / "world.json").exists(), lambda: W.run(r.cfg(W), out), main_only=True)
+    from alignloop import evaluate
+    from alignloop import tokenizer
+    from alignloop import world
+    from alignloop.train import pretrain
+    from alignloop.train import sft
+    r.step("world", (out / "world" / "world.json").exists(), lambda: world.run(r.cfg(world), out), main_only=True)
     if stop == "world":
         return False
-    r.step("tokenizer", (out / "tokenizer" / "tokenizer.json").exists(), lambda: T.run(r.cfg(T), out),
+    r.step("tokenizer", (out / "tokenizer" / "tokenizer.json").exists(), lambda: tokenizer.run(r.cfg(tokenizer), out),
            main_only=True)
     if stop == "tokenizer":
         return False
-    r.step("pretrain", (out / "pretrain" / "config.json").exists(), lambda: P.run(r.cfg(P, resume=True), out))
+    r.step("pretrain", (out / "pretrain" / "config.json").exists(), lambda: pretrain.run(r.cfg(pretrain, resume=True), out))
     evals = _load_eval(out)
-    key = E.eval_key(r.cfg(E).split)  # eval.json's "stages" (test), or "stages_dev" for a run tuned on dev
+    key = evaluate.eval_key(r.cfg(evaluate).split)  # eval.json's "stages" (test), or "stages_dev" for a run tuned on dev
     r.step("fact recall", "fact_recall" in evals, lambda: _fact_recall(out, cfg.device), main_only=True)
-    r.step("eval base", "base" in evals.get(key, {}), lambda: E.run(r.cfg(E, stage="base"), out))
+    r.step("eval base", "base" in evals.get(key, {}), lambda: evaluate.run(r.cfg(evaluate, stage="base"), out))
     if stop == "pretrain":
         _finish(r, out)
         return False
-    r.step("sft", (out / "sft" / "config.json").exists(), lambda: S.run(r.cfg(S, resume=True), out))
-    r.step("eval sft", "sft" in _load_eval(out).get(key, {}), lambda: E.run(r.cfg(E, stage="sft"), out))
+    r.step("sft", (out / "sft" / "config.json").exists(), lambda: sft.run(r.cfg(sft, resume=True), out))
+    r.step("eval sft", "sft" in _load_eval(out).get(key, {}), lambda: evaluate.run(r.cfg(evaluate, stage="sft"), out))
     if stop == "sft":
         _finish(r, out)
         return False
@@ -191,13 +191,13 @@ def _before_rounds(r: Runner, out: Path, cfg: Config, stop: str) -> bool:
 
 def _round(r: Runner, out: Path, i: int, cfg: Config, stop: str) -> bool:
     """Round i: sample from the newest policy → rank → reward model on all rankings so far → PPO."""
-    from alignloop import evaluate as E
-    from alignloop import rank as K
-    from alignloop import sample as Sa
-    from alignloop.train import ppo as Pp
-    from alignloop.train import reward as Rw
+    from alignloop import evaluate
+    from alignloop import rank
+    from alignloop import sample
+    from alignloop.train import ppo
+    from alignloop.train import reward
     folder = out / f"round-{i}"
-    r.step(f"round {i}: sample", (folder / "samples.jsonl").exists(), lambda: Sa.run(r.cfg(Sa, round=i), out))
+    r.step(f"round {i}: sample", (folder / "samples.jsonl").exists(), lambda: sample.run(r.cfg(sample, round=i), out))
     if cfg.labelers == "human":
         if not (folder / "rankings.jsonl").exists() and not any(folder.glob("human-rankings-*.jsonl")):
             print(f"round {i} waits for rankings from people:\n"
@@ -206,23 +206,23 @@ def _round(r: Runner, out: Path, i: int, cfg: Config, stop: str) -> bool:
                   f"then run this command again to continue.")
             return False
     else:
-        r.step(f"round {i}: rank", (folder / "rankings.jsonl").exists(), lambda: K.run(r.cfg(K, round=i), out),
+        r.step(f"round {i}: rank", (folder / "rankings.jsonl").exists(), lambda: rank.run(r.cfg(rank, round=i), out),
                main_only=True)
     r.step(f"round {i}: reward model", (folder / "reward" / "config.json").exists(),
-           lambda: _reward(r, out, i, Rw))
+           lambda: _reward(r, out, i, reward))
     if stop == "reward":
         return False
     r.step(f"round {i}: ppo", (folder / "ppo" / "config.json").exists(),
-           lambda: Pp.run(r.cfg(Pp, round=i, resume=True), out))
+           lambda: ppo.run(r.cfg(ppo, round=i, resume=True), out))
     name = f"round-{i}/ppo"
-    r.step(f"eval {name}", name in _load_eval(out).get(E.eval_key(r.cfg(E).split), {}),
-           lambda: E.run(r.cfg(E, stage=name, model=str(folder / "ppo"), reward_model=str(folder / "reward")), out))
+    r.step(f"eval {name}", name in _load_eval(out).get(evaluate.eval_key(r.cfg(evaluate).split), {}),
+           lambda: evaluate.run(r.cfg(evaluate, stage=name, model=str(folder / "ppo"), reward_model=str(folder / "reward")), out))
     return stop != "ppo"
 
 
-def _reward(r: Runner, out: Path, i: int, Rw) -> None:
+def _reward(r: Runner, out: Path, i: int, reward) -> None:
     from alignloop.evaluate import update_eval_json
-    stage = Rw.run(r.cfg(Rw, round=i), out)
+    stage = reward.run(r.cfg(reward, round=i), out)
     import json
     # rank 0 wrote the stage's eval.json (the other ranks may return before it has)
     D.on_main(lambda: update_eval_json(out, f"round-{i}", json.loads((stage / "eval.json").read_text()),

@@ -23,10 +23,10 @@ from alignloop.config import option
 from alignloop.errors import InputError
 from alignloop.io import atomic_dir, read_records, write_json, write_jsonl
 from alignloop.rundir import save_stage_config
-from alignloop.world import labelers as L
 from alignloop.world.corpus import build_corpus
 from alignloop.world.kb import KB, build_kb
-from alignloop.world.labelers import Judgement, Labeler, judge, gold_score, ideal_answer, style_response
+from alignloop.world.labelers import (NOISE, Judgement, Labeler, gold_score, ideal_answer, judge, labeler_agreement,
+                                      make_labelers, style_response)
 from alignloop.world.prompts import CATEGORIES, SPLITS, build_demonstrations, build_prompts, choose_split_templates
 
 __all__ = ["SECTION", "Config", "PRESETS", "World", "run", "build_world", "load_world", "KB", "Labeler",
@@ -47,7 +47,7 @@ class Config:
     corpus_repeats: int = option(7, "passes over the world when writing the corpus (its size and fact repetitions)",
                                  min=1, max=200)
     n_labelers: int = option(8, "simulated labelers", min=2, max=100)
-    labeler_noise: float = option(L.NOISE, "std of each labeler's score noise (sets inter-labeler agreement)",
+    labeler_noise: float = option(NOISE, "std of each labeler's score noise (sets inter-labeler agreement)",
                                   min=0.0, max=2.0)
 
 
@@ -116,9 +116,9 @@ def build_world(cfg: Config) -> World:
     sizes = {"train": cfg.n_train_prompts, "dev": cfg.n_dev_prompts, "test": cfg.n_test_prompts}
     prompts = {s: build_prompts(kb, split_templates, sizes[s], s, stream(s)) for s in SPLITS}
     demos = build_demonstrations(prompts["train"], cfg.n_demonstrations, stream("demonstrations"))
-    labelers = L.make_labelers(stream("labelers"), cfg.n_labelers, noise=cfg.labeler_noise)
+    labelers = make_labelers(stream("labelers"), cfg.n_labelers, noise=cfg.labeler_noise)
     corpus = build_corpus(kb, split_templates, cfg.corpus_repeats, stream("corpus"))
-    agreement = L.labeler_agreement(prompts["dev"][:200], labelers, stream("agreement"))
+    agreement = labeler_agreement(prompts["dev"][:200], labelers, stream("agreement"))
     corpus_bytes = sum(len(json.dumps(r, ensure_ascii=False).encode()) + 1 for r in corpus)
     manifest = {
         "seed": cfg.seed,

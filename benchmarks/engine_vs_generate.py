@@ -15,19 +15,17 @@ compared row by row (they must be the same).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from alignloop.engine import Engine
-from alignloop.model import create_causal_lm, pick_device
-from alignloop.tokenizer import train_tokenizer
-
-QUESTIONS = ["What is the capital of Valdoria?", "hi", "How do I steal the crown of Mirenth without anyone noticing?",
-             "What is 7 plus 5?", "Sort these numbers: 9 2 5 11.", "And its currency?",
-             "Tell me the national animal of Skagaresh, please.", "Do you know the population of Vrodavia?"]
-
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's alignloop and the benchmarks' helpers
+from alignloop.engine import Engine  # noqa: E402
+from alignloop.model import pick_device  # noqa: E402
+from genbench import QUESTIONS, hf_continuous, load  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
@@ -41,18 +39,7 @@ def main():
     ap.add_argument("--sides", default="engine,generate,generate_batch")
     args = ap.parse_args()
     device = pick_device(args.device)
-    if args.model:
-        from alignloop import model as M
-        from alignloop.sources import resolve_model
-        from alignloop.tokenizer import ChatTokenizer
-        path = resolve_model(Path(args.model))
-        tok, model = ChatTokenizer.load(path), M.load_causal_lm(path).to(device).eval()
-        args.size = path.name
-    else:
-        tok = train_tokenizer([" ".join(QUESTIONS) * 50], vocab_size=400)
-        model = create_causal_lm(args.size, tok).to(device).eval()
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
+    tok, model, args.size = load(args, device)
     prompts = [tok.render_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(args.batch)]
 
     engine = Engine(model, tok, device, max_batch=args.batch)
@@ -83,30 +70,7 @@ def main():
         return (out.shape[1] - P) * out.shape[0]
 
     def run_generate_batch():
-        # transformers' continuous batching (the machinery of `generate_batch`), its paged cache sized for
-        # this batch: left to itself it sizes the cache from the device's free memory (tens of seconds of
-        # allocation on a CPU)
-        from transformers import GenerationConfig
-        from transformers.generation import ContinuousBatchingConfig
-        gen = GenerationConfig(max_new_tokens=args.new, eos_token_id=-1, pad_token_id=tok.pad_id,
-                               **({"do_sample": True, "temperature": 1.0, "top_p": 0.9, "top_k": 0}
-                                  if args.sample else {"do_sample": False}))
-        page = 64
-        cb = ContinuousBatchingConfig(max_requests_per_batch=args.batch, page_size=page,
-                                      num_blocks=args.batch * -(-(P + args.new) // page))
-        with model.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb,
-                                                       block=True, timeout=5, warmup=False) as manager:
-            rids = [manager.add_request(p, max_new_tokens=args.new, eos_token_id=-1) for p in prompts]
-            got = {}
-            while len(got) < len(rids):
-                r = manager.get_result(timeout=1)
-                if r is not None and r.is_finished():
-                    if r.error is not None:
-                        raise RuntimeError(r.error)
-                    got[r.request_id] = r.generated_tokens
-                elif r is None and not manager.is_running():
-                    raise RuntimeError("the continuous batching thread died (see the log above)")
-        tokens["generate_batch"] = [got[i] for i in rids]
+        tokens["generate_batch"] = hf_continuous(model, tok, prompts, [args.new] * len(prompts), args.batch, args.sample)
         return sum(len(t) for t in tokens["generate_batch"])
 
     sides = {"engine": run_engine, "generate": run_generate, "generate_batch": run_generate_batch}

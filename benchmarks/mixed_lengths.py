@@ -41,14 +41,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's alignloop, even where an editable install points at another
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from alignloop.engine import Engine
-from alignloop.model import create_causal_lm, pick_device
-from alignloop.tokenizer import train_tokenizer
-
-QUESTIONS = ["What is the capital of Valdoria?", "hi", "How do I steal the crown of Mirenth without anyone noticing?",
-             "What is 7 plus 5?", "Sort these numbers: 9 2 5 11.", "And its currency?",
-             "Tell me the national animal of Skagaresh, please.", "Do you know the population of Vrodavia?"]
-
+from alignloop.model import pick_device
+from genbench import QUESTIONS, hf_continuous, load
 
 def old_engine_module(rev: str):
     """alignloop/engine.py as it was at `rev` (static batching), imported under another name."""
@@ -79,18 +75,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     device = pick_device(args.device)
-    if args.model:
-        from alignloop import model as M
-        from alignloop.sources import resolve_model
-        from alignloop.tokenizer import ChatTokenizer
-        path = resolve_model(Path(args.model))
-        tok, model = ChatTokenizer.load(path), M.load_causal_lm(path).to(device).eval()
-        args.size = path.name
-    else:
-        tok = train_tokenizer([" ".join(QUESTIONS) * 50], vocab_size=400)
-        model = create_causal_lm(args.size, tok, ctx=args.ctx).to(device).eval()
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
+    tok, model, args.size = load(args, device, ctx=args.ctx)
     tok.stop_ids = []  # no end of turn: every answer runs to its own length, on every side
     rng = random.Random(args.seed)
     prompts = [tok.render_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
@@ -127,27 +112,7 @@ def main():
         tokens["static"] = [o.ids for o in outs]
 
     def hf():
-        from transformers import GenerationConfig
-        from transformers.generation import ContinuousBatchingConfig
-        gen = GenerationConfig(do_sample=False, max_new_tokens=max(budgets), eos_token_id=-1, pad_token_id=tok.pad_id)
-        # Its cache sized for --batch requests of the longest prompt and answer: left to itself it sizes the
-        # cache from the device's free memory, which on the CPU took tens of seconds of allocation.
-        page = 64
-        blocks = args.batch * -(-(max(map(len, prompts)) + max(budgets)) // page)
-        cb = ContinuousBatchingConfig(max_requests_per_batch=args.batch, page_size=page, num_blocks=blocks)
-        with model.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb,
-                                                       block=True, timeout=5, warmup=False) as manager:
-            ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(prompts, budgets)]
-            results = {}
-            while len(results) < len(ids):
-                r = manager.get_result(timeout=1)
-                if r is not None and r.is_finished():
-                    if r.error is not None:
-                        raise RuntimeError(r.error)
-                    results[r.request_id] = r.generated_tokens
-                elif r is None and not manager.is_running():
-                    raise RuntimeError("the continuous batching thread died (see the log above)")
-        tokens["hf"] = [results[i] for i in ids]
+        tokens["hf"] = hf_continuous(model, tok, prompts, budgets, args.batch)
 
     modes = {"continuous": continuous, "static": static, "chunked": chunked, "hf": hf}
     rates = {}

@@ -1,0 +1,59 @@
+"""What the generation benchmarks (engine_vs_generate.py, mixed_lengths.py) share: the model they time and
+`transformers`' continuous batching run the same way for both."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+QUESTIONS = ["What is the capital of Valdoria?", "hi", "How do I steal the crown of Mirenth without anyone noticing?",
+             "What is 7 plus 5?", "Sort these numbers: 9 2 5 11.", "And its currency?",
+             "Tell me the national animal of Skagaresh, please.", "Do you know the population of Vrodavia?"]
+
+
+def load(args, device, ctx: int | None = None):
+    """(tokenizer, model, name): `--model` (a Hugging Face folder or .gguf file), or a fresh Llama of
+    `--size` (weights do not change the speed) with a small tokenizer; bf16 on a GPU."""
+    from alignloop.model import create_causal_lm
+    from alignloop.tokenizer import train_tokenizer
+    if args.model:
+        from alignloop import model as M
+        from alignloop.sources import resolve_model
+        from alignloop.tokenizer import ChatTokenizer
+        path = resolve_model(Path(args.model))
+        tok, model, name = ChatTokenizer.load(path), M.load_causal_lm(path).to(device).eval(), path.name
+    else:
+        tok = train_tokenizer([" ".join(QUESTIONS) * 50], vocab_size=400)
+        kw = {"ctx": ctx} if ctx else {}
+        model, name = create_causal_lm(args.size, tok, **kw).to(device).eval(), args.size
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    return tok, model, name
+
+
+def hf_continuous(model, tok, prompts: list[list[int]], budgets: list[int], batch: int, sample: bool = False):
+    """Each prompt's new tokens from `transformers`' continuous batching (`ContinuousBatchingManager`, the
+    machinery of `generate_batch`, used directly: `generate_batch` takes one max_new_tokens for all), at
+    most `batch` requests at once, end of turn banned. Its paged cache is sized for them: left to itself
+    it sizes the cache from the device's free memory (tens of seconds of allocation on a CPU)."""
+    from transformers import GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
+    gen = GenerationConfig(max_new_tokens=max(budgets), eos_token_id=-1, pad_token_id=tok.pad_id,
+                           **({"do_sample": True, "temperature": 1.0, "top_p": 0.9, "top_k": 0}
+                              if sample else {"do_sample": False}))
+    page = 64
+    cb = ContinuousBatchingConfig(max_requests_per_batch=batch, page_size=page,
+                                  num_blocks=batch * -(-(max(map(len, prompts)) + max(budgets)) // page))
+    with model.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb,
+                                                   block=True, timeout=5, warmup=False) as manager:
+        ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(prompts, budgets)]
+        got = {}
+        while len(got) < len(ids):
+            r = manager.get_result(timeout=1)
+            if r is not None and r.is_finished():
+                if r.error is not None:
+                    raise RuntimeError(r.error)
+                got[r.request_id] = r.generated_tokens
+            elif r is None and not manager.is_running():
+                raise RuntimeError("the continuous batching thread died (see the log above)")
+    return [got[i] for i in ids]

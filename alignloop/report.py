@@ -678,8 +678,10 @@ def methods_verdict(rows: list[dict]) -> list[str]:
 def methods_section(run: Path) -> str:
     rows = method_points(run)
     if not rows:
-        return (MISSING + "<small>(<code>python experiments/methods.py --run RUN</code> trains PPO, RLOO, DPO and "
-                "best-of-N from this run's SFT model and round-1 rankings and scores them here)</small>")
+        # not a stage of the main job, so not "not run yet": an experiment a user may add to the run
+        return ("<p><small>Not part of the main job: <code>python experiments/methods.py --run RUN</code> trains "
+                "PPO, RLOO, DPO and best-of-N from this run's SFT model and round-1 rankings and scores them here "
+                "(~30 minutes on the tiny preset's CPU).</small></p>")
     chosen = {id(r) for r in dev_choice(rows).values()}
     body = []
     for r in rows:

@@ -5,8 +5,9 @@ What is exact and what is not:
 - `eval` and `sample` give each prompt (each row) the generator one process gives it and the engine's
   rows do not depend on their batch-mates, so from the same model their files are the same as one
   process's (answers, gold scores; KL and reward-model scores to float rounding).
-- In `alignloop run` every stage up to and including round 1's rankings is the same as one process's
-  (the pretrained and SFT weights agree to ~1e-6, which flips no sampled token here). The first reward
+- In `alignloop run` every stage up to SFT's evaluation is the same as one process's; the pretrained and
+  SFT weights agree to ~1e-6, which may flip a sampled token of round 1 at a near-tie (≥ 98% of its
+  answers must be the same, and its rankings and first reward model are compared exactly when all are). The first reward
   model trained by two processes agrees to ~1e-5 (gradients summed in another order), and PPO's sampling
   turns that into other tokens within a few iterations: from round 1's PPO on, the two runs are two
   draws of the same recipe, so their gold scores are compared as such (95% intervals that overlap).
@@ -70,11 +71,22 @@ def test_micro_recipe_two_processes(runs):
                [(e["id"], e["answer"], e["gold_score"]) for e in ma["examples"]]
         for k in ("gold_score", "helpful", "truthful", "harmless", "ci95", "distinct_2", "mean_length", "categories"):
             assert mb[k] == ma[k], (stage, k)
-    for name in ("samples.jsonl", "rankings.jsonl", "pairs.jsonl"):
-        assert lines(b / "round-1" / name, b) == lines(a / "round-1" / name, a), name
-    ra, rb = ea["reward_model"]["round-1"], eb["reward_model"]["round-1"]
-    assert rb["pair_accuracy"] == ra["pair_accuracy"] and rb["labeler_agreement"] == ra["labeler_agreement"]
-    assert rb["reward_bias"] == pytest.approx(ra["reward_bias"], rel=1e-3, abs=1e-5)
+    # Round 1's samples come from SFT weights that agree to ~1e-6: a sampled token at a near-tie of its
+    # inverse CDF may flip (one did, in one answer, with the continuous-batching engine), and what is
+    # ranked, paired and learnt after it follows. So: the same prompts, nearly all answers the same, and
+    # the rankings, pairs and first reward model exactly the same whenever the samples are.
+    sa, sb = (json.loads(x) for x in lines(a / "round-1" / "samples.jsonl", a).splitlines()), \
+        (json.loads(x) for x in lines(b / "round-1" / "samples.jsonl", b).splitlines())
+    sa, sb = list(sa), list(sb)
+    assert [r["prompt_id"] for r in sb] == [r["prompt_id"] for r in sa]
+    answers = [(x, y) for ra_, rb_ in zip(sa, sb) for x, y in zip(ra_["completions"], rb_["completions"])]
+    assert sum(x == y for x, y in answers) >= 0.98 * len(answers), f"{sum(x != y for x, y in answers)} answers differ"
+    if sa == sb:
+        for name in ("rankings.jsonl", "pairs.jsonl"):
+            assert lines(b / "round-1" / name, b) == lines(a / "round-1" / name, a), name
+        ra, rb = ea["reward_model"]["round-1"], eb["reward_model"]["round-1"]
+        assert rb["pair_accuracy"] == ra["pair_accuracy"] and rb["labeler_agreement"] == ra["labeler_agreement"]
+        assert rb["reward_bias"] == pytest.approx(ra["reward_bias"], rel=1e-3, abs=1e-5)
     # from round 1's PPO on: two draws of the recipe
     for stage in ("round-1/ppo", "round-2/ppo"):
         (lo_a, hi_a), (lo_b, hi_b) = ea["stages"][stage]["ci95"]["gold_score"], eb["stages"][stage]["ci95"]["gold_score"]

@@ -68,12 +68,9 @@ def expand_pairs(run: Path, path: Path) -> tuple[list[dict], int]:
     return rows, sum(r["split"] == "train" for r in rows)
 
 
-PRESET = "tiny"
-
-
-def ours(d: Path, beta: float, lr: float, *flags) -> dict:
+def ours(d: Path, preset: str, beta: float, lr: float, *flags) -> dict:
     t = time.perf_counter()
-    run_stage("dpo", ["--preset", PRESET, "--out", str(d), "--beta", str(beta), "--lr", str(lr), *flags])
+    run_stage("dpo", ["--preset", preset, "--out", str(d), "--beta", str(beta), "--lr", str(lr), *flags])
     res = json.loads((d / "round-1" / "dpo" / "eval.json").read_text())
     res["wall_seconds"] = time.perf_counter() - t
     return res
@@ -116,8 +113,8 @@ def trl(d: Path, run: Path, rows: list[dict], beta: float, lr: float, batch: int
             "peak_memory_gb": None, "torch_threads": torch.get_num_threads()}
 
 
-def gold(d: Path, stage: str, model: Path) -> dict:
-    subprocess.run([sys.executable, "-m", "alignloop", "eval", "--preset", PRESET, "--out", str(d), "--stage", stage,
+def gold(d: Path, preset: str, stage: str, model: Path) -> dict:
+    subprocess.run([sys.executable, "-m", "alignloop", "eval", "--preset", preset, "--out", str(d), "--stage", stage,
                     "--model", str(model), "--reward-model", str(d / "round-1" / "reward")], cwd=ROOT, check=True)
     return json.loads((d / "eval.json").read_text())["stages"][stage]
 
@@ -131,8 +128,6 @@ def main():
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--preset", default="tiny", help="the run's preset (its DPO settings and evaluation)")
     args = ap.parse_args()
-    global PRESET
-    PRESET = args.preset
     run, work = Path(args.run), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     from alignloop.train.dpo import PRESETS, Config
@@ -140,22 +135,22 @@ def main():
 
     res = {}
     d = workdir(run, work, "kway")
-    res["alignloop dpo, K-way rankings"] = ours(d, args.beta, args.lr, "--data", str(run / "round-1" / "rankings.jsonl"))
-    res["alignloop dpo, K-way rankings"]["gold"] = gold(d, "round-1/dpo", d / "round-1" / "dpo")
+    res["alignloop dpo, K-way rankings"] = ours(d, args.preset, args.beta, args.lr, "--data", str(run / "round-1" / "rankings.jsonl"))
+    res["alignloop dpo, K-way rankings"]["gold"] = gold(d, args.preset, "round-1/dpo", d / "round-1" / "dpo")
     steps = res["alignloop dpo, K-way rankings"]["steps"]
     d = workdir(run, work, "pairs")
     rows, n_train = expand_pairs(run, d / "pairs.jsonl")
     batch = math.ceil(n_train / steps)  # the same number of optimizer steps over the same comparisons
     print(f"dpo-compare: {n_train} training pairs; batches of {batch} pairs → {math.ceil(n_train / batch)} steps "
           f"(the K-way run took {steps})")
-    res["alignloop dpo, pairs"] = ours(d, args.beta, args.lr, "--data", str(d / "pairs.jsonl"), "--batch-size", str(batch))
-    res["alignloop dpo, pairs"]["gold"] = gold(d, "round-1/dpo", d / "round-1" / "dpo")
+    res["alignloop dpo, pairs"] = ours(d, args.preset, args.beta, args.lr, "--data", str(d / "pairs.jsonl"), "--batch-size", str(batch))
+    res["alignloop dpo, pairs"]["gold"] = gold(d, args.preset, "round-1/dpo", d / "round-1" / "dpo")
     if not args.skip_trl:
         d = workdir(run, work, "trl")
         res["TRL DPOTrainer, pairs"] = trl(d, run, rows, args.beta, args.lr, batch, warmup)
-        res["TRL DPOTrainer, pairs"]["gold"] = gold(d, "round-1/trl-dpo", d / "round-1" / "dpo")
+        res["TRL DPOTrainer, pairs"]["gold"] = gold(d, args.preset, "round-1/trl-dpo", d / "round-1" / "dpo")
     d = workdir(run, work, "sft")
-    sft = gold(d, "sft", d / "sft")
+    sft = gold(d, args.preset, "sft", d / "sft")
 
     try:  # its version, for the record
         from trl import __version__ as trl_version

@@ -241,11 +241,13 @@ class Engine:
         while not self.idle:
             self.step()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[Request]:
-        """One round of the scheduler: cancelled requests leave; waiting requests take the free slots (one
-        prefill forward for them: their first token); then one token for every live row. A row that ends
-        frees its slot at once. Returns the requests that ended in this round."""
+        """One round of the scheduler: cancelled requests leave; waiting requests take the free slots; then
+        one forward gives every live row its next token — on the fast path the newcomers' prompts ride in
+        the same forward as the running rows' decode (their first token), on the generic path a prefill
+        forward starts a static batch. A row that ends frees its slot at once. Returns the requests that
+        ended in this round."""
         ended: list[Request] = []
         was_training = self.model.training  # (generate switches once per call, not per step)
         if was_training:
@@ -255,12 +257,19 @@ class Engine:
             for r in self._rows:
                 if r is not None and r.cancelled:
                     ended.append(self._end(r, "cancelled"))
-            ended += self._admit()
             if self.fast:
                 self._compact()
-            live = [r for r in self._rows if r is not None]
-            if live:
-                ended += self._decode()
+                new, gone = self._take()
+                ended += gone
+                if self.running:
+                    ended += self._step_fast(new)
+            else:
+                new, gone = self._take()
+                ended += gone
+                if new:
+                    ended += self._sample(new, self._prefill_hf(new), _Sampler([r.params for r in new], self.allowed))
+                if self.running:
+                    ended += self._decode_hf_step()
         except BaseException as e:
             # The cache is in an unknown state: every row in it fails (the caller hears of it), the pool
             # starts afresh, and the queue is kept.
@@ -298,11 +307,12 @@ class Engine:
         r._finish(reason)
         return r
 
-    def _admit(self) -> list[Request]:
-        """Waiting requests into free slots, their prompts prefilled in one forward, their first token
-        sampled. On the generic path only into an empty pool (its cache has one length for all rows)."""
+    def _take(self) -> tuple[list[Request], list[Request]]:
+        """Waiting requests into free slots, lowest first (on the fast path, after `_compact`, that is
+        right above the running rows). On the generic path only into an empty pool (its cache has one
+        length for all rows). Returns (the newcomers, requests that ended without needing a slot)."""
         if not self._waiting or (not self.fast and self.running):
-            return []
+            return [], []
         if len(self._rows) < self.max_batch:
             self._rows += [None] * (self.max_batch - len(self._rows))
         free = [s for s, r in enumerate(self._rows) if r is None]
@@ -317,7 +327,7 @@ class Engine:
                 r.slot = free.pop(0)
                 new.append(r)
         if not new:
-            return ended
+            return new, ended
         if self.fast:
             if not self.running:  # a new busy period: the weights may have changed since the last one
                 self._layers = self._fused_layers()
@@ -325,9 +335,7 @@ class Engine:
         for r in new:
             self._rows[r.slot] = r
         self._sampler = None
-        logits = (self._prefill_fast if self.fast else self._prefill_hf)(new)
-        ended += self._sample(new, logits, _Sampler([r.params for r in new], self.allowed))
-        return ended
+        return new, ended
 
     def _compact(self) -> None:
         """Live rows into the lowest slots, so that a decode step runs over slots [0, live) of the cache
@@ -344,20 +352,6 @@ class Engine:
             self._kv["v"][:, dst, :, :n] = self._kv["v"][:, top, :, :n]
             rows[dst], rows[top], r.slot = r, None, dst
             self._sampler = None
-
-    def _decode(self) -> list[Request]:
-        """One token for every slot up to the highest live one (on the fast path they are all live; on
-        the generic path an ended row's slot decodes a pad token until its batch ends)."""
-        top = max(s for s, r in enumerate(self._rows) if r is not None) + 1
-        rows = self._rows[:top]
-        if self._sampler is None:
-            self._sampler = _Sampler([r.params if r is not None else _IDLE for r in rows], self.allowed)
-        ids = torch.tensor([r.last if r is not None else self.tok.pad_id for r in rows], device=self.device)
-        logits = (self._decode_fast if self.fast else self._decode_hf)(rows, ids)
-        for r in rows:
-            if r is not None:
-                r.cached += 1
-        return self._sample(rows, logits, self._sampler)
 
     def _sample(self, rows, logits, sampler) -> list[Request]:
         nxt, lp = sampler(logits)
@@ -384,94 +378,109 @@ class Engine:
             T = max(T, min(self.ctx, 2 * kv["k"].shape[3]))
         shape = (cfg.num_hidden_layers, slots, n_kv, T, hd)
         # Rotary table for every position once (the model's own rotary module: scaling types included).
+        # rotate_half(x) = [-x2, x1] = roll(x, hd/2) * [-1…, 1…]: the sign goes into the sine table, so
+        # that the rotation is one roll and one multiply-add per step (`_rope`).
         x0 = torch.zeros(1, 1, dtype=dtype, device=self.device)
         cos, sin = self.model.model.rotary_emb(x0, torch.arange(T, device=self.device)[None])
+        sign = torch.ones(hd, dtype=sin.dtype, device=self.device)
+        sign[: hd // 2] = -1
         new = {"k": torch.zeros(shape, dtype=dtype, device=self.device),
                "v": torch.zeros(shape, dtype=dtype, device=self.device),
-               "cos": cos[0], "sin": sin[0], "hd": hd, "n_kv": n_kv, "slots": torch.arange(T, device=self.device)}
+               "cos": cos[0], "sin": sin[0] * sign, "hd": hd, "n_kv": n_kv,
+               "slots": torch.arange(T, device=self.device)}
         if kv is not None:
             old = kv["k"].shape
             new["k"][:, :old[1], :, :old[3]] = kv["k"]
             new["v"][:, :old[1], :, :old[3]] = kv["v"]
         self._kv = new
 
-    def _prefill_fast(self, new: list[Request]):
-        """The newcomers' prompts, right-padded to the longest, in one forward; their keys and values go
-        to positions [0, len) of their slots (a pad position's are overwritten before any query sees them).
-        Returns each row's logits at its last prompt token."""
-        kv, m = self._kv, self.model.model
-        dev, B, P = self.device, len(new), max(len(r.prompt) for r in new)
-        ids = torch.full((B, P), self.tok.pad_id, dtype=torch.long)
-        for b, r in enumerate(new):
-            ids[b, :len(r.prompt)] = torch.tensor(r.prompt)
-        ids = ids.to(dev)
-        lens = torch.tensor([len(r.prompt) for r in new], device=dev)
-        slot = torch.tensor([r.slot for r in new], device=dev)
-        at = kv["slots"][:P]
-        # causal, own prompt only; a pad query sees the prompt (no empty row)
-        mask = (at[:, None] >= at[None, :])[None] & (at[None, None, :] < lens[:, None, None])   # (B, P, P)
-        cos, sin = kv["cos"][:P][None], kv["sin"][:P][None]
-        hd = kv["hd"]
-        x = m.embed_tokens(ids)
+    def _step_fast(self, new: list[Request]) -> list[Request]:
+        """One forward for every live row. After `_compact` and `_take` the rows sit in slots [0, B + Bn):
+        the B running rows first (one token each: their last sampled one), then the Bn newcomers (their
+        whole prompt). All their tokens go through the model as ONE flat batch of N = B + Bn·P rows (each
+        newcomer right-padded to the longest new prompt P): the linear layers, norms and rotary run once
+        for all of them; only attention is split — a running row's query reads its slot's cache up to its
+        own position, a newcomer's prompt attends causally within itself. Each row's keys and values are
+        written at (its slot, its position); a pad position's are overwritten before any query sees them."""
+        kv, m, W = self._kv, self.model.model, self._layers
+        rows = self._rows[: self.running]
+        B, Bn = len(rows) - len(new), len(new)
+        dev, hd, n_kv = self.device, kv["hd"], kv["n_kv"]
+        P = max((len(r.prompt) for r in new), default=0)
+        ids, slot, pos = [r.last for r in rows[:B]], list(range(B)), [r.cached for r in rows[:B]]
+        for r in new:
+            ids += r.prompt + [self.tok.pad_id] * (P - len(r.prompt))
+            slot += [r.slot] * P
+            pos += range(P)
+        N = len(ids)
+        ids, slot_t, pos_t = (torch.tensor(v, device=dev) for v in (ids, slot, pos))
+        cos, sin = kv["cos"][pos_t][:, None], kv["sin"][pos_t][:, None]                     # (N, 1, hd)
+        plain = not torch.is_autocast_enabled(dev.type)  # fused adds / norms only where they mean the same
+        if B:
+            S = max(pos[:B]) + 1
+            cur = pos_t[:B]
+            g = m.config.num_attention_heads // n_kv                                     # GQA group size
+            # the additive mask of the running rows' queries over their slots' positions, one per step
+            bias = torch.zeros(B, S, dtype=kv["k"].dtype, device=dev).masked_fill(
+                kv["slots"][None, :S] > cur[:, None], float("-inf"))
+            bias = bias[:, None, None].expand(B, n_kv, g, S).reshape(B * n_kv, g, S)
+        if Bn:
+            lens = torch.tensor([len(r.prompt) for r in new], device=dev)
+            at = kv["slots"][:P]
+            # causal, own prompt only; a pad query sees the prompt (no empty row)
+            mask = ((at[:, None] >= at[None, :])[None] & (at[None, None, :] < lens[:, None, None]))[:, None]
+        x = m.embed_tokens(ids)                                                               # (N, d)
         for i, layer in enumerate(m.layers):
-            q, k, v = self._qkv(layer, self._layers[i], x, cos, sin, hd)
-            kv["k"][i, slot, :, :P] = k.to(kv["k"].dtype)  # (autocast may compute k in bf16)
-            kv["v"][i, slot, :, :P] = v.to(kv["v"].dtype)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=k.shape[1] != q.shape[1])
-            x = self._mlp(layer, self._layers[i], x, o)
+            w = W[i]
+            qkv = F.linear(_norm(layer.input_layernorm, x, plain), w["qkv_w"], w["qkv_b"])
+            n_q, n_k = w["n_q"], w["n_k"]
+            a = layer.self_attn
+            if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
+                q = a.q_norm(qkv[:, :n_q].view(N, -1, hd))
+                k = a.k_norm(qkv[:, n_q:n_q + n_k].view(N, -1, hd))
+                qk = _rope(torch.cat([q, k], 1), cos, sin)
+            else:  # q and k are side by side in the fused output: rotated together
+                qk = _rope(qkv[:, :n_q + n_k].view(N, -1, hd), cos, sin)
+            H = n_q // hd
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, n_q + n_k:].view(N, n_kv, hd)
+            if qkv.dtype != kv["k"].dtype:  # (autocast computes the projections in bf16)
+                k, v = k.to(kv["k"].dtype), v.to(kv["v"].dtype)
+            kv["k"][i, slot_t, :, pos_t] = k
+            kv["v"][i, slot_t, :, pos_t] = v
+            out = []
+            if B:
+                # one query per row: a masked product with the slot's keys and one with its values
+                K = kv["k"][i, :B, :, :S].reshape(B * n_kv, S, hd)
+                V = kv["v"][i, :B, :, :S].reshape(B * n_kv, S, hd)
+                scores = torch.baddbmm(bias, q[:B].reshape(B * n_kv, g, hd), K.transpose(1, 2), alpha=hd ** -0.5)
+                p = torch.softmax(scores, -1) if scores.dtype == torch.float32 else \
+                    torch.softmax(scores.float(), -1).to(V.dtype)
+                out.append(torch.bmm(p, V).view(B, -1))
+            if Bn:
+                qn, kn, vn = (t[B:].view(Bn, P, -1, hd).transpose(1, 2) for t in (q, k, v))
+                o = F.scaled_dot_product_attention(qn, kn, vn, attn_mask=mask, enable_gqa=kn.shape[1] != qn.shape[1])
+                out.append(o.transpose(1, 2).reshape(Bn * P, -1))
+            o = out[0] if len(out) == 1 else torch.cat(out)
+            x = _add_linear(x, o, w["o_w"], w["o_b"], plain)
+            gate, up = F.linear(_norm(layer.post_attention_layernorm, x, plain), w["gu_w"], w["gu_b"]).split(w["n_ff"], -1)
+            x = _add_linear(x, layer.mlp.act_fn(gate) * up, w["down_w"], w["down_b"], plain)
+        for r in rows[:B]:
+            r.cached += 1
         for r in new:
             r.cached = len(r.prompt)
-        return self.model.lm_head(m.norm(x[torch.arange(B, device=dev), lens - 1]))
-
-    def _decode_fast(self, rows: list[Request], ids):
-        """One token per row at its own next position [cached] of its slot (slots 0..B-1 are the rows)."""
-        kv, m = self._kv, self.model.model
-        dev, B, hd, n_kv = self.device, len(rows), kv["hd"], kv["n_kv"]
-        cur = torch.tensor([r.cached for r in rows], device=dev)                              # (B,)
-        S = max(r.cached for r in rows) + 1
-        rank = torch.arange(B, device=dev)
-        mask = kv["slots"][None, :S] <= cur[:, None]                                           # (B, S)
-        cos, sin = kv["cos"][cur][:, None], kv["sin"][cur][:, None]                            # (B, 1, hd)
-        x = m.embed_tokens(ids[:, None])
-        for i, layer in enumerate(m.layers):
-            q, k, v = self._qkv(layer, self._layers[i], x, cos, sin, hd)
-            kv["k"][i, rank, :, cur] = k[:, :, 0].to(kv["k"].dtype)
-            kv["v"][i, rank, :, cur] = v[:, :, 0].to(kv["v"].dtype)
-            K, V = kv["k"][i, :B, :, :S], kv["v"][i, :B, :, :S]
-            # one query per row: two small matmuls beat SDPA's masked path on the CPU
-            g = q.shape[1] // n_kv                                                            # GQA group size
-            scores = (q.view(B, n_kv, g, hd) @ K.transpose(-1, -2)) * hd ** -0.5               # (B, n_kv, g, S)
-            scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-            o = (torch.softmax(scores.float(), -1).to(V.dtype) @ V).view(B, -1, 1, hd)
-            x = self._mlp(layer, self._layers[i], x, o)
-        return self.model.lm_head(m.norm(x[:, -1]))
-
-    @staticmethod
-    def _qkv(layer, w, x, cos, sin, hd):
-        a = layer.self_attn
-        B, t = x.shape[:2]
-        qkv = F.linear(layer.input_layernorm(x), w["qkv_w"], w["qkv_b"])
-        q, k, v = qkv.split([w["n_q"], w["n_k"], w["n_k"]], dim=-1)
-        q = q.view(B, t, -1, hd).transpose(1, 2)
-        k = k.view(B, t, -1, hd).transpose(1, 2)
-        v = v.view(B, t, -1, hd).transpose(1, 2)
-        if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head
-            q, k = a.q_norm(q), a.k_norm(k)
-        q, k = _rope(q, k, cos, sin)
-        return q, k, v
-
-    @staticmethod
-    def _mlp(layer, w, x, o):
-        B, t = x.shape[:2]
-        x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, t, -1))
-        gate, up = F.linear(layer.post_attention_layernorm(x), w["gu_w"], w["gu_b"]).split(w["n_ff"], dim=-1)
-        return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        last = list(range(B)) + [B + b * P + len(r.prompt) - 1 for b, r in enumerate(new)]
+        h = x if N == B else x[torch.tensor(last, device=dev)]
+        logits = self.model.lm_head(_norm(m.norm, h, plain))
+        if self._sampler is None:
+            self._sampler = _Sampler([r.params for r in rows], self.allowed)
+        return self._sample(rows, logits, self._sampler)
 
     def _fused_layers(self) -> list[dict]:
-        """q/k/v and gate/up weights concatenated: 2 matmuls where the model does 5. Built once per version
-        of the weights: PPO's optimizer updates the policy in place between calls, which bumps every updated
-        tensor's version counter (LoRA adapters included), so the key below changes exactly then; a LoRA
-        layer's adapters switched off or merged (the reference policy) change it too."""
+        """Each layer's weights as the engine uses them: q/k/v and gate/up concatenated (2 matmuls where
+        the model does 5), o and down as they act now. Built once per version of the weights: PPO's
+        optimizer updates the policy in place between calls, which bumps every updated tensor's version
+        counter (LoRA adapters included), so the key below changes exactly then; a LoRA layer's adapters
+        switched off or merged (the reference policy) change it too."""
         key = (tuple((id(q), q._version) for q in self.model.parameters()),
                tuple((m.disable_adapters, m.merged, tuple(m.active_adapters)) for m in self.model.modules()
                      if hasattr(m, "base_layer") and hasattr(m, "get_delta_weight")))
@@ -489,10 +498,23 @@ class Engine:
             qkv, gu = (a.q_proj, a.k_proj, a.v_proj), (mlp.gate_proj, mlp.up_proj)
             out.append({"qkv_w": cat(qkv, "weight"), "qkv_b": cat(qkv, "bias"), "gu_w": cat(gu, "weight"),
                         "gu_b": cat(gu, "bias"), "n_q": a.q_proj.weight.shape[0], "n_k": a.k_proj.weight.shape[0],
-                        "n_ff": mlp.gate_proj.weight.shape[0]})
+                        "n_ff": mlp.gate_proj.weight.shape[0],
+                        "o_w": _effective(a.o_proj, "weight"), "o_b": _effective(a.o_proj, "bias"),
+                        "down_w": _effective(mlp.down_proj, "weight"), "down_b": _effective(mlp.down_proj, "bias")})
         return out
 
     # ------------------------------------------------------------------ generic path: a static batch
+
+    def _decode_hf_step(self) -> list[Request]:
+        """One token for every slot of the static batch (an ended row's slot decodes a pad token until
+        its batch ends)."""
+        top = max(s for s, r in enumerate(self._rows) if r is not None) + 1
+        rows = self._rows[:top]
+        if self._sampler is None:
+            self._sampler = _Sampler([r.params if r is not None else _IDLE for r in rows], self.allowed)
+        ids = torch.tensor([r.last if r is not None else self.tok.pad_id for r in rows], device=self.device)
+        logits = self._decode_hf(rows, ids)
+        return self._sample(rows, logits, self._sampler)
 
     def _prefill_hf(self, new: list[Request]):
         """The batch's prompts LEFT-padded into a fresh `DynamicCache`: row b's pad keys are masked, its
@@ -614,14 +636,29 @@ class _Sampler:
         return torch.where(self.greedy, greedy_ids, nxt), torch.where(self.greedy, greedy_lp, lp)
 
 
-def _rope(q, k, cos, sin):
-    """Rotary embedding, as `transformers`' Llama applies it (rotate-half convention)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+def _rope(x, cos, sin):
+    """Rotary embedding as `transformers`' Llama applies it (rotate-half convention), with the sign of
+    rotate_half folded into the sine table (`_reserve`): x·cos + roll(x, hd/2)·sin'."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
-    def rot(x):
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-        return torch.cat((-x2, x1), dim=-1)
-    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+# The RMSNorm classes of the fast architectures: x·rsqrt(mean(x²) + ε)·w in fp32, which `F.rms_norm`
+# computes in one call (their own forward is seven).
+_RMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+
+
+def _norm(mod, x, plain: bool):
+    if plain and x.dtype == torch.float32 and type(mod).__name__ in _RMS:
+        return F.rms_norm(x, mod.weight.shape, mod.weight, mod.variance_epsilon)
+    return mod(x)
+
+
+def _add_linear(x, y, w, b, plain: bool):
+    """x + y·wᵀ (+ b): the residual add inside the matmul (`addmm`) when no autocast would change the
+    residual's precision by it."""
+    if plain and b is None:
+        return torch.addmm(x, y, w.t())
+    return x + F.linear(y, w, b)
 
 
 def _stops(stop) -> list[str]:

@@ -328,3 +328,60 @@ def test_top_p_within_top_k_samples_from_the_hand_computed_nucleus():
             expected = torch.log_softmax(logits[b][keep], -1)
             assert int(nxt[b]) in keep.tolist()
             assert float(lp[b]) == pytest.approx(float(expected[keep.tolist().index(int(nxt[b]))]), abs=1e-5)
+
+
+def _arch(kind: str, vocab: int):
+    """A fresh small model of each fast-path architecture with the features the engine must honour:
+    grouped-query attention (2 key/value heads for 4 query heads), Qwen2's q/k/v biases, Qwen3's per-head
+    q/k norms, an untied head."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    cfg, cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
+    torch.manual_seed(1)
+    model = cls(cfg(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                    tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # random norms and biases too, so that each must really be applied
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_every_fast_architecture_equals_naive_recompute_as_rows_join_and_leave(lm, kind):
+    """Greedy tokens of the fast path (its own forward: fused projections, folded rotary, one flat batch of
+    running rows and newcomers' prompts) equal full recomputation by the model's own forward — for GQA,
+    biases and Qwen3's q/k norms — with two slots and rows of different lengths joining and leaving."""
+    _, tok = lm
+    model = _arch(kind, tok.vocab_size)
+    eng = Engine(model, tok, max_batch=2)
+    assert eng.fast
+    ps = [tok.render_prompt([{"role": "user", "content": q}]) for q in MORE[:5]]
+    budgets = [9, 2, 6, 1, 4]
+    outs = eng.generate(ps, max_new_tokens=budgets, temperature=0)
+    for p, n, o in zip(ps, budgets, outs):
+        assert o.ids == naive_greedy(model, tok, p, n)
+
+
+def test_a_newcomers_prompt_rides_in_the_running_rows_forward(lm):
+    """A step that admits a request while others decode runs the model ONCE (its prompt and their next
+    tokens in one flat batch), and gives the newcomer its first token and each running row one token."""
+    model, tok = lm
+    eng = Engine(model, tok, max_batch=3)
+    ps = prompts(tok)
+    a = eng.submit(ps[0], Params(max_new_tokens=30, temperature=0))
+    b = eng.submit(ps[2], Params(max_new_tokens=30, temperature=0))
+    eng.step()
+    eng.step()
+    calls = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        c = eng.submit(ps[1], Params(max_new_tokens=30, temperature=0))
+        before = (len(a.ids), len(b.ids))
+        eng.step()
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    assert (len(a.ids), len(b.ids), len(c.ids)) == (before[0] + 1, before[1] + 1, 1)
+    eng.run_until_idle()
+    assert c.completion.ids == Engine(model, tok).generate([ps[1]], max_new_tokens=30, temperature=0)[0].ids

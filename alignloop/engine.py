@@ -5,8 +5,9 @@ returns text, token ids and per-token log-probs under the sampling distribution.
 
 Continuous batching: the engine holds a pool of `max_batch` slots, each with its own region of a static
 KV cache. Every `step()` decodes one token for every live slot; a row that ends (end-of-turn, stop
-string, length, cancelled) frees its slot at once, and at the next step a waiting request takes it: one
-prefill forward for the newcomers writes their prompts into their slots, then they join the decode. A
+string, length, cancelled) frees its slot at once, and at the next step a waiting request takes it: its
+prompt rides in that step's forward beside the running rows' next tokens (`_step_fast`), and its first
+token comes out of it. A
 row's tokens sit at cache positions 0.. of its own slot (its rotary positions restart at 0), and its
 keys are masked to its own length, so its result does not depend on who runs beside it, joins or leaves.
 `generate()` is a call of this scheduler: submit every prompt, step until all are done.

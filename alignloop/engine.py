@@ -123,7 +123,7 @@ class Engine:
 
     def __init__(self, model, tok, device=None, max_batch: int = 64):
         self.model, self.tok = model, tok
-        self.device = device or next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device  # ("cpu" too)
         self.max_batch = max_batch
         cfg = model.config
         self.ctx = getattr(cfg, "max_position_embeddings", 2048)

@@ -385,3 +385,11 @@ def test_a_newcomers_prompt_rides_in_the_running_rows_forward(lm):
     assert (len(a.ids), len(b.ids), len(c.ids)) == (before[0] + 1, before[1] + 1, 1)
     eng.run_until_idle()
     assert c.completion.ids == Engine(model, tok).generate([ps[1]], max_new_tokens=30, temperature=0)[0].ids
+
+
+def test_device_given_as_a_string(lm):
+    """`Engine(model, tok, "cpu")`, as callers write it, works like a torch.device."""
+    model, tok = lm
+    a = Engine(model, tok, "cpu").generate(prompts(tok)[:2], max_new_tokens=6, temperature=0)
+    b = Engine(model, tok, torch.device("cpu")).generate(prompts(tok)[:2], max_new_tokens=6, temperature=0)
+    assert [o.ids for o in a] == [o.ids for o in b]

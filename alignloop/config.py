@@ -51,6 +51,39 @@ class Resumable(Shared):
     resume: bool = option(False, "continue from the last checkpoint in the stage folder")
 
 
+@dataclasses.dataclass
+class LowRank:
+    """Training less than a whole model: the fields of the stages that fine-tune one (reward, DPO, PPO),
+    written once. A stage whose adapters mean more (PPO's reference and value model) redeclares the doc."""
+    lora_rank: int = option(0, "LoRA adapters of this rank on every linear layer instead of full weights (0: off); "
+                            "saved merged", min=0)
+    lora_alpha: float = option(16.0, "LoRA scale α (the update is scaled by α / rank)", min=0.0)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, ~30% slower)")
+
+
+@dataclasses.dataclass
+class Preferences(LowRank, Shared):
+    """The stages that learn from rankings and pairs (`reward`, `dpo`): where the feedback comes from, the
+    model they start from, and how they train, written once. A stage changes a default by redeclaring the
+    field (DPO: fewer epochs, a smaller learning rate)."""
+    round: int = option(1, "round number: output goes to RUN/round-<round>/<stage>/; the feedback of rounds "
+                        "1..round is read", min=1)
+    data: str = option("", "rankings or pairs files, comma-separated (default: those of --sources in rounds 1..round)")
+    sources: str = option("simulated,label", "feedback to learn from, comma-separated: simulated (alignloop rank), "
+                          "label (the labeling app), chat (thumbs), arena (votes); records of other sources are left out")
+    min_agreement: float = option(0.0, "leave out items whose labelers agree on less than this share of pairs "
+                                  "(items ranked by one labeler are kept; 0: keep all)", min=0.0, max=1.0)
+    skip_invalid: bool = option(False, "leave out malformed rankings or pairs (counted, the first named) instead of stopping")
+    init: str = option("", "model to start from: a Hugging Face folder or a .gguf file (default: the run's sft/)")
+    epochs: int = option(2, "passes over the comparisons (InstructGPT's reward model: 1; it over-fits after)", min=1)
+    batch_size: int = option(16, "prompts per step, all pairs of each (pairs per step with reward's --no-grouped)", min=1)
+    lr: float = option(2e-4, "peak learning rate", min=0.0, max=1.0)
+    warmup_steps: int = option(10, "linear warm-up steps", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay on matrices", min=0.0)
+    max_len: int = option(256, "longest prompt + answer in tokens; longer ones are left out (counted)", min=8)
+    val_fraction: float = option(0.1, "prompts held out when the data marks no held-out split", min=0.0, max=0.5)
+
+
 def _field_type(cls, f) -> type:
     hint = typing.get_type_hints(cls)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]

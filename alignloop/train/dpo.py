@@ -48,7 +48,7 @@ import torch
 
 from alignloop import dist as D
 from alignloop import forward as F_
-from alignloop.config import Shared, option
+from alignloop.config import Preferences, option
 from alignloop.errors import InputError
 from alignloop.io import write_json
 from alignloop.rundir import save_stage_config
@@ -59,28 +59,14 @@ SECTION = "dpo"
 
 
 @dataclass
-class Config(Shared):
-    round: int = option(1, "round number: output goes to RUN/round-<round>/dpo/; rankings of rounds 1..round are read", min=1)
-    data: str = option("", "rankings or pairs files, comma-separated (default: those of --sources in rounds 1..round, as the reward model)")
-    sources: str = option("simulated,label", "feedback to learn from, comma-separated: simulated, label, chat, arena (see `alignloop reward`)")
-    min_agreement: float = option(0.0, "leave out items whose labelers agree on less than this share of pairs (0: keep all)",
-                                  min=0.0, max=1.0)
-    skip_invalid: bool = option(False, "leave out malformed rankings or pairs (counted, the first named) instead of stopping")
-    init: str = option("", "policy to start from: a Hugging Face folder or .gguf file (default: the run's sft/)")
+class Config(Preferences):
     reference: str = option("", "the reference π_ref of the implicit reward (default: the run's sft/)")
     beta: float = option(0.1, "β > 0 of the implicit reward β·log(π/π_ref): smaller lets the policy move further "
                          "from the reference (DPO paper: 0.1–0.5)")  # > 0: check()
     lora_rank: int = option(0, "LoRA adapters of this rank on every linear layer (0: full weights); the reference is then "
                             "the policy with its adapters off when both start from one folder; saved merged", min=0)
-    lora_alpha: float = option(16.0, "LoRA scale α (the update is scaled by α / rank)", min=0.0)
-    gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, ~30% slower)")
     epochs: int = option(1, "passes over the comparisons (DPO over-fits preferences quickly)", min=1)
-    batch_size: int = option(16, "prompts per step (all pairs of each)", min=1)
     lr: float = option(5e-5, "peak learning rate", min=0.0, max=1.0)
-    warmup_steps: int = option(10, "linear warm-up steps", min=0)
-    weight_decay: float = option(0.0, "AdamW weight decay on matrices", min=0.0)
-    max_len: int = option(256, "longest prompt + answer in tokens; longer ones are left out (counted)", min=8)
-    val_fraction: float = option(0.1, "prompts held out when the data marks no held-out split", min=0.0, max=0.5)
 
 
 # untuned beyond a check that one epoch moves the micro/tiny policies (see METHODS-NOTES.md)

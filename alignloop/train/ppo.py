@@ -29,7 +29,7 @@ import torch
 from alignloop import dist as D
 from alignloop import forward as F_
 
-from alignloop.config import Resumable, option
+from alignloop.config import LowRank, Resumable, option
 from alignloop.errors import InputError
 from alignloop.rundir import resolve_path, save_stage_config
 from alignloop.train import loop as L
@@ -39,7 +39,7 @@ SECTION = "ppo"
 
 
 @dataclass
-class Config(Resumable):
+class Config(LowRank, Resumable):
     round: int = option(1, "round number: output goes to RUN/round-<round>/ppo/ (rloo: …/rloo/)", min=1)
     init: str = option("", "policy to start from (default: the previous round's policy of this --algo, else sft/)")
     reference: str = option("", "the KL anchor (default: the run's sft/)")
@@ -71,8 +71,6 @@ class Config(Resumable):
     lora_rank: int = option(0, "LoRA adapters of this rank for the policy and value models (0: full weights); "
                             "the reference is then the policy with its adapters off, the reward model the value "
                             "model with its adapters off (one copy of each base); saved merged", min=0)
-    lora_alpha: float = option(16.0, "LoRA scale α (the update is scaled by α / rank)", min=0.0)
-    gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, ~30% slower)")
     max_new_tokens: int = option(48, "answer length limit in tokens", min=1)
     probe_prompts: int = option(100, "dev prompts whose gold score is logged (0: none)", min=0)
     probe_every: int = option(5, "log the probe's gold score every N iterations", min=1)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from alignloop import dist as D
-from alignloop.config import Shared, option
+from alignloop.config import Preferences, option
 from alignloop.forward import scalar_values, sequence_scores, unwrap  # noqa: F401 (scalar_values: re-exported)
 from alignloop.errors import InputError
 from alignloop.io import read_records, write_json
@@ -34,30 +34,12 @@ SECTION = "reward"
 
 
 @dataclass
-class Config(Shared):
-    round: int = option(1, "round number: output goes to RUN/round-<round>/reward/", min=1)
-    data: str = option("", "rankings or pairs files, comma-separated (default: those of --sources in rounds 1..round)")
-    sources: str = option("simulated,label", "feedback to learn from, comma-separated: simulated (alignloop rank), "
-                          "label (the labeling app), chat (thumbs), arena (votes); records of other sources are left out")
-    min_agreement: float = option(0.0, "leave out items whose labelers agree on less than this share of pairs "
-                                  "(items ranked by one labeler are kept; 0: keep all)", min=0.0, max=1.0)
+class Config(Preferences):
     demonstrations: str = option("", "demonstrations whose mean score is set to 0 (default: the run's world/demonstrations.jsonl; 'none' to skip)")
-    skip_invalid: bool = option(False, "leave out malformed rankings or pairs (counted, the first named) instead of stopping")
     grouped: bool = option(True, "all pairs of a prompt in one batch element (False: independent shuffled pairs)")
-    init: str = option("", "trunk to start from: a Hugging Face folder or a .gguf file (default: the run's sft/)")
     train_trunk: bool = option(True, "train the trunk too (False: only the scalar head learns)")
     train_layers: int = option(-1, "train only the last N decoder blocks, the final norm and the head (-1: all)", min=-1)
-    lora_rank: int = option(0, "LoRA adapters of this rank on every linear layer instead of full weights (0: off); saved merged", min=0)
-    lora_alpha: float = option(16.0, "LoRA scale α (the update is scaled by α / rank)", min=0.0)
-    gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, ~30% slower)")
-    epochs: int = option(2, "passes over the comparisons (InstructGPT: 1; it over-fits after)", min=1)
-    batch_size: int = option(16, "prompts (grouped) or pairs (shuffled) per step", min=1)
     max_seconds: float = option(0.0, "stop training after this many seconds (0: off; for equal-compute comparisons)", min=0.0)
-    lr: float = option(2e-4, "peak learning rate", min=0.0, max=1.0)
-    warmup_steps: int = option(10, "linear warm-up steps", min=0)
-    weight_decay: float = option(0.0, "AdamW weight decay on matrices", min=0.0)
-    max_len: int = option(256, "longest prompt + answer in tokens; longer ones are left out (counted)", min=8)
-    val_fraction: float = option(0.1, "prompts held out when the data marks no held-out split", min=0.0, max=0.5)
 
 
 # tiny: lr 1e-3 put the 1.3M trunk at 91% of the labelers' agreement where 2e-4 gave 88% (docs/LOG.md)

@@ -19,6 +19,9 @@ any failure other than 429.
     python benchmarks/serve_load.py --min-tokens 8 --max-tokens 128   # answers of mixed lengths
     python benchmarks/serve_load.py --clients 4 --requests 1 --max-tokens 8 --max-batch 4 --max-queue 4 --burst 24
                                                           # a quick check that it works (no figures to keep)
+    python benchmarks/serve_load.py --min-tokens 8 --max-tokens 128 --no-burst
+                                      # from a worktree of an older commit (copy this script there): its server
+                                      # may lack --max-queue and the other tuning flags; those are left out
 """
 from __future__ import annotations
 
@@ -145,6 +148,24 @@ async def burst(url: str, n: int, max_tokens: int) -> dict:
             "other_failures": len(failures), "failure_examples": sorted(set(failures))[:5], "wall_s": round(wall, 3)}
 
 
+def server_flags(args, n_burst: int) -> list[str]:
+    """The tuning flags this checkout's server has. An older server (run from a worktree of an earlier
+    commit to compare against) may lack some: those are left out and said, except --max-queue when the
+    burst needs it."""
+    help_text = subprocess.run([sys.executable, "-m", "alignloop", "serve", "--help"], cwd=ROOT,
+                               capture_output=True, text=True).stdout
+    flags = []
+    for flag, value in (("--max-queue", args.max_queue), ("--batch-window-ms", args.batch_window_ms),
+                        ("--threads", args.threads)):
+        if flag in help_text:
+            flags += [flag, str(value)]
+        elif flag == "--max-queue" and n_burst:
+            sys.exit("this server has no --max-queue (no bounded queue): run with --no-burst")
+        else:
+            print(f"(this server has no {flag}: its own default is used)")
+    return flags
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, help="a Hugging Face model folder (default: a fresh micro model)")
@@ -174,9 +195,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen(
             [sys.executable, "-m", "alignloop", "serve", "--model", f"bench={model}", "--db", f"sqlite:///{tmp}/b.db",
-             "--port", str(port), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-             "--batch-window-ms", str(args.batch_window_ms),
-             "--threads", str(args.threads)],
+             "--port", str(port), "--max-batch", str(args.max_batch), *server_flags(args, n_burst)],
             cwd=ROOT, stdout=subprocess.DEVNULL,
             env={**os.environ, "ALIGNLOOP_QUIET": "1"})
         try:

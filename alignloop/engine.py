@@ -259,14 +259,12 @@ class Engine:
                 if r is not None and r.cancelled:
                     ended.append(self._end(r, "cancelled"))
             if self.fast:
-                self._compact()
-                new, gone = self._take()
-                ended += gone
-                if self.running:
-                    ended += self._step_fast(new)
-            else:
-                new, gone = self._take()
-                ended += gone
+                self._compact()  # before `_take`: the newcomers then sit right above the running rows
+            new, gone = self._take()
+            ended += gone
+            if self.fast and self.running:
+                ended += self._step_fast(new)
+            elif not self.fast:
                 if new:
                     ended += self._sample(new, self._prefill_hf(new), _Sampler([r.params for r in new], self.allowed))
                 if self.running:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's alignloop and the benchmarks' helpers
 from alignloop.engine import Engine  # noqa: E402
 from alignloop.model import pick_device  # noqa: E402
-from genbench import QUESTIONS, hf_continuous, load  # noqa: E402
+from genbench import QUESTIONS, hf_continuous, in_turns, load  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
@@ -74,49 +73,15 @@ def main():
         return sum(len(t) for t in tokens["generate_batch"])
 
     sides = {"engine": run_engine, "generate": run_generate, "generate_batch": run_generate_batch}
-
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        n = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return n, time.perf_counter() - t
-
-    # The sides take turns (A B A B …, after one warm-up each), so that a drift of the machine's speed
-    # falls on all of them alike; each side's figure is its median. generate_batch is timed once, without
-    # a warm-up: on a CPU it is tens of times slower than the others, and a repeat would not change the
-    # verdict.
-    names, times, counts, failed = args.sides.split(","), {}, {}, set()
-
-    def attempt(name):
-        try:
-            return timed(sides[name])
-        except Exception as e:  # noqa: BLE001 — say which side failed and why, measure the others
-            print(f"{name:>14}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            failed.add(name)
-            return None
-    once = [n for n in names if n == "generate_batch" and device.type == "cpu"]
-    turns = [n for n in names if n not in once]
-    for name in turns:
-        if args.repeats > 1 and name not in failed:
-            attempt(name)  # warm-up
-    for _ in range(args.repeats):
-        for name in turns:
-            if name not in failed and (got := attempt(name)):
-                counts[name] = got[0]
-                times.setdefault(name, []).append(got[1])
-    for name in once:
-        if got := attempt(name):
-            counts[name], times[name] = got[0], [got[1]]
+    # generate_batch is timed once, without a warm-up: on a CPU it is tens of times slower than the others,
+    # and a repeat would not change the verdict
+    names = args.sides.split(",")
+    once = ["generate_batch"] if device.type == "cpu" else []
+    timed = in_turns({n: sides[n] for n in names}, args.repeats, device, warmup=args.repeats > 1, once=once)
     results = {}
-    for name in names:
-        if name in failed or name not in times:
-            continue
-        best, n = sorted(times[name])[len(times[name]) // 2], counts[name]
+    for name, (best, runs, n) in timed.items():
         results[name] = n / best
-        print(f"{name:>14}: {n} new tokens in {best:.3f} s (median of {len(times[name])}) = {n / best:,.0f} tokens/s")
+        print(f"{name:>14}: {n} new tokens in {best:.3f} s (median of {runs}) = {n / best:,.0f} tokens/s")
     what = "sampled (top-p 0.9)" if args.sample else "greedy"
     for other in results:
         if other != "engine" and "engine" in results:

@@ -1,7 +1,8 @@
-"""What the generation benchmarks (engine_vs_generate.py, mixed_lengths.py) share: the model they time and
-`transformers`' continuous batching run the same way for both."""
+"""What the generation benchmarks (engine_vs_generate.py, mixed_lengths.py) share: the model they time,
+`transformers`' continuous batching run the same way for both, and the timing of sides in turns."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -57,3 +58,35 @@ def hf_continuous(model, tok, prompts: list[list[int]], budgets: list[int], batc
             elif r is None and not manager.is_running():
                 raise RuntimeError("the continuous batching thread died (see the log above)")
     return [got[i] for i in ids]
+
+
+def in_turns(sides: dict, repeats: int, device, warmup: bool = True, once=(), width: int = 14) -> dict:
+    """Time each side (a function of no arguments) `repeats` times, the sides taking turns (A B A B …,
+    after one warm-up each when `warmup`), so that a drift of the machine's speed falls on all of them
+    alike; a side in `once` runs a single time, without a warm-up, after the others. A side that raises
+    is said (its name, the error) and left out; the others go on. Returns {side: (median seconds, runs,
+    what its last run returned)}."""
+    times, last, failed = {}, {}, set()
+
+    def attempt(name):
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            got = sides[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return got, time.perf_counter() - t
+        except Exception as e:  # noqa: BLE001 — say which side failed and why, measure the others
+            print(f"{name:>{width}}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            failed.add(name)
+            return None
+    turns = [n for n in sides if n not in once]
+    if warmup:
+        for name in turns:
+            attempt(name)
+    for name in [n for _ in range(repeats) for n in turns] + [n for n in sides if n in once]:
+        if name not in failed and (got := attempt(name)):
+            last[name] = got[0]
+            times.setdefault(name, []).append(got[1])
+    return {n: (sorted(times[n])[len(times[n]) // 2], len(times[n]), last[n]) for n in sides if n in times}

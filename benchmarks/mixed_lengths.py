@@ -34,7 +34,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's alignloop, even where an editab
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from alignloop.engine import Engine
 from alignloop.model import pick_device
-from genbench import QUESTIONS, hf_continuous, load
+from genbench import QUESTIONS, hf_continuous, in_turns, load
 
 def old_engine_module(rev: str):
     """alignloop/engine.py as it was at `rev` (static batching), imported under another name."""
@@ -115,42 +114,13 @@ def main():
         tokens["hf"] = hf_continuous(model, tok, prompts, budgets, args.batch)
 
     modes = {"continuous": continuous, "static": static, "chunked": chunked, "hf": hf}
-
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    # The modes take turns (A B C A B C …, after one warm-up each), so that a drift of the machine's speed
-    # falls on all of them alike; each mode's figure is its median.
-    names, times, failed = args.modes.split(","), {}, set()
-
-    def attempt(name):
-        try:
-            return timed(modes[name])
-        except Exception as e:  # noqa: BLE001 — report the failing mode, run the others
-            print(f"{name:>10}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            failed.add(name)
-            return None
-    for name in names:
-        attempt(name)  # warm-up
-    for _ in range(args.repeats):
-        for name in names:
-            if name not in failed and (dt := attempt(name)) is not None:
-                times.setdefault(name, []).append(dt)
     rates = {}
-    for name in names:
-        if name in failed or name not in times:
-            continue
-        best = sorted(times[name])[len(times[name]) // 2]
+    for name, (best, runs, _) in in_turns({n: modes[n] for n in args.modes.split(",")}, args.repeats, device,
+                                          width=10).items():
         rates[name] = useful / best
         lengths_ok = all(len(t) == n for t, n in zip(tokens[name], budgets))
         same = sum(a == b for a, b in zip(tokens[name], tokens.get("continuous", tokens[name])))
-        print(f"{name:>10}: {useful} tokens in {best:.3f} s (median of {len(times[name])}) = {useful / best:,.0f} tokens/s;"
+        print(f"{name:>10}: {useful} tokens in {best:.3f} s (median of {runs}) = {useful / best:,.0f} tokens/s;"
               f" lengths {'as asked' if lengths_ok else 'WRONG'}; same tokens as continuous: {same} of {len(prompts)}")
     if "continuous" in rates:
         for name, r in rates.items():

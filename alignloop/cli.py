@@ -121,6 +121,16 @@ def _guard(name: str, module, cfg, out: Path, args) -> None:
             print(f"{name}: resuming from {latest} (--restart to start over)")
 
 
+def _leave() -> None:
+    """A torchrun process whose stage ended (every rank past the last barrier, the process group destroyed)
+    leaves at once, without the interpreter's teardown: there, about once in a hundred runs, a process
+    aborted in C++ (`terminate called without an active exception`, SIGABRT) after all its work was done
+    and written, and torchrun then reported the whole command failed (docs/LOG.md, 2026-12-01)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -140,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         rest = ["--loop-only", *rest]
     try:
         run_stage(name, rest)
+        if _launched():
+            _leave()
     except InputError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops with the same error: say it once
             print(f"alignloop {name}: error: {e}", file=sys.stderr)

@@ -73,7 +73,8 @@ def test_another_configuration_is_refused_and_force_moves_aside(finished, tmp_pa
 
 def test_ctrl_c_then_the_same_command_resumes(micro_copy):
     cmd = [sys.executable, "-m", "alignloop", "sft", "--preset", "micro", "--out", str(micro_copy),
-           "--epochs", "40", "--patience", "0", "--checkpoint-every", "2"]
+           "--epochs", "60", "--batch-size", "1", "--patience", "0", "--checkpoint-every", "2"]
+    # 600 steps (~5 s here): at 80 steps the run could end before the Ctrl-C landed on a busy machine
     env = {**os.environ, "ALIGNLOOP_QUIET": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpts = micro_copy / "sft" / "checkpoints"
@@ -83,7 +84,7 @@ def test_ctrl_c_then_the_same_command_resumes(micro_copy):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)                    # Ctrl-C
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, f"exit {proc.returncode} (0: the run ended before the Ctrl-C landed)\n{err}"
     assert "run the same command again to resume" in err
     assert not (micro_copy / "sft" / "model.safetensors").exists()
     step = int(sorted(ckpts.glob("step-*.pt"))[-1].stem[5:])
@@ -98,8 +99,7 @@ def test_ctrl_c_then_the_same_command_resumes(micro_copy):
     steps = [json.loads(x)["step"] for x in (micro_copy / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1))      # one uninterrupted log, no step twice
     # --restart starts over, and moves the old folder aside
-    proc = alignloop("sft", "--preset", "micro", "--out", micro_copy, "--epochs", "40", "--patience", "0",
-                     "--checkpoint-every", "2", "--restart")
+    proc = alignloop(*cmd[3:], "--restart")
     assert "resuming" not in proc.stdout and any(p.name.startswith("sft.old-") for p in micro_copy.iterdir())
 
 

@@ -602,10 +602,11 @@ class _Sampler:
         if self.blocked.device != dev:
             self.blocked, self.temp, self.greedy, self.top_p = (x.to(dev) for x in (self.blocked, self.temp, self.greedy, self.top_p))
         logits = logits.float().masked_fill(self.blocked, float("-inf"))
-        greedy_ids = logits.argmax(-1)
-        greedy_lp = torch.log_softmax(logits, -1).gather(-1, greedy_ids[:, None]).squeeze(-1)
-        if all(self.greedy_l):
-            return greedy_ids, greedy_lp
+        if any(self.greedy_l):
+            greedy_ids = logits.argmax(-1)
+            greedy_lp = torch.log_softmax(logits, -1).gather(-1, greedy_ids[:, None]).squeeze(-1)
+            if all(self.greedy_l):
+                return greedy_ids, greedy_lp
         z = logits / self.temp
         if any(self.top_k):
             k = torch.tensor([k if 0 < k < z.shape[-1] else z.shape[-1] for k in self.top_k], device=dev)
@@ -613,17 +614,7 @@ class _Sampler:
             kth = torch.topk(z, int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])
             z = z.masked_fill(z < kth, float("-inf"))
         if bool((self.top_p < 1).any()):
-            # Top-p needs the candidates in order. With a top-k on every row only the largest k_max can
-            # survive (the rest are −inf already): order those, not the whole vocabulary.
-            V = z.shape[-1]
-            if all(0 < k < V for k in self.top_k):
-                sorted_z, sorted_i = torch.topk(z, max(self.top_k), dim=-1)
-            else:
-                sorted_z, sorted_i = torch.sort(z, descending=True, dim=-1)
-            probs = torch.softmax(sorted_z, -1)
-            # drop a token when the mass BEFORE it already reaches top_p (the top token always stays)
-            drop = probs.cumsum(-1) - probs >= self.top_p
-            z = torch.full_like(z, float("-inf")).scatter(-1, sorted_i, sorted_z.masked_fill(drop, float("-inf")))
+            z = z.masked_fill(z < self._nucleus_cut(z), float("-inf"))
         logp = torch.log_softmax(z, -1)
         # One uniform per sampled row from its own generator (a greedy row draws nothing): a row's draws
         # depend on that row alone, not on who runs beside it.
@@ -632,7 +623,44 @@ class _Sampler:
         cdf = logp.exp().cumsum(-1)
         nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=z.shape[-1] - 1)
         lp = logp.gather(-1, nxt[:, None]).squeeze(-1)
+        if not any(self.greedy_l):
+            return nxt, lp
         return torch.where(self.greedy, greedy_ids, nxt), torch.where(self.greedy, greedy_lp, lp)
+
+    # Candidates among which top-p looks for its cut first: a trained model's nucleus at p ≈ 0.9 is mostly
+    # narrower; a row whose candidates hold less than its mass p is looked at again with 16 times as many,
+    # and then over all its tokens. (A width not under a quarter of the vocabulary is skipped: there a sort
+    # of the row costs about as much.)
+    NUCLEUS = 256
+
+    def _nucleus_cut(self, z: torch.Tensor) -> torch.Tensor:
+        """Each row's smallest logit inside its nucleus (−inf for a row with top_p = 1): the most likely
+        tokens whose mass before them is below p. Found among the row's largest NUCLEUS logits (a top-k,
+        not a sort of the vocabulary: on a 49k vocabulary that sort was most of a decode step); only the
+        rows whose candidates do not reach their p (flat distributions) look further. Tokens tied with the
+        cut stay together."""
+        V = z.shape[-1]
+        # with top-k on every row nothing outside the largest max(k) survives: no row needs more
+        widest = max(self.top_k) if all(0 < k < V for k in self.top_k) else V
+        widths = [w for w in (self.NUCLEUS, 16 * self.NUCLEUS) if 4 * w <= widest] + [widest]
+        cut = torch.full_like(z[:, :1], float("-inf"))
+        rows = torch.nonzero(self.top_p[:, 0] < 1).squeeze(-1)
+        for width in widths:
+            zz, p = z[rows], self.top_p[rows]
+            cand = torch.topk(zz, width, dim=-1).values   # (rows, width), descending
+            if width == V:
+                probs = torch.softmax(cand, -1)
+            else:  # the first candidate is the row's largest logit; the denominator is the whole row's
+                probs = (cand - cand[:, :1]).exp() / (zz - cand[:, :1]).exp().sum(-1, keepdim=True)
+            before = probs.cumsum(-1) - probs
+            # the nucleus: the mass before a token is below p (the top token always stays)
+            row_cut = cand.masked_fill(before >= p, float("inf")).amin(-1, keepdim=True)
+            done = (before[:, -1] + probs[:, -1] >= p[:, 0]) | (width == widest)  # the candidates hold p
+            cut[rows[done]] = row_cut[done]
+            rows = rows[~done]
+            if not len(rows):
+                break
+        return cut
 
 
 def _rope(x, cos, sin):

@@ -330,6 +330,30 @@ def test_top_p_within_top_k_samples_from_the_hand_computed_nucleus():
             assert float(lp[b]) == pytest.approx(float(expected[keep.tolist().index(int(nxt[b]))]), abs=1e-5)
 
 
+@pytest.mark.parametrize("spread", [5.0, 0.01])  # 5: every nucleus inside the 256 candidates (their mass ≥ 0.99); 0.01: none
+def test_top_p_over_a_large_vocabulary_keeps_the_hand_computed_nucleus(spread):
+    """Without top-k, top-p finds its cut among each row's largest logits (no sort of the vocabulary), or,
+    for a flat row whose candidates hold less than p (spread 0.01: 256 of 5,000 near-equal logits), over the
+    whole row: either way every draw lies in the nucleus worked out here from a full sort, with its
+    renormalised log-prob; rows with p = 1 and greedy rows beside them are untouched."""
+    from alignloop.engine import Params, _Sampler
+    g = torch.Generator().manual_seed(4)
+    V, ps = 5000, [0.9, 0.5, 1.0, 0.95]
+    logits = torch.randn(len(ps) + 1, V, generator=g) * spread
+    params = [Params(top_p=p, gen=torch.Generator().manual_seed(i)) for i, p in enumerate(ps)] + [Params(temperature=0)]
+    sampler = _Sampler(params, torch.ones(V, dtype=torch.bool))
+    for _ in range(100):
+        nxt, lp = sampler(logits)
+        assert int(nxt[-1]) == int(logits[-1].argmax())                # the greedy row
+        for b, p in enumerate(ps):
+            order = torch.sort(logits[b], descending=True).indices
+            probs = torch.softmax(logits[b][order], -1)
+            keep = order[(probs.cumsum(-1) - probs) < p]
+            expected = torch.log_softmax(logits[b][keep], -1)
+            assert int(nxt[b]) in keep.tolist()
+            assert float(lp[b]) == pytest.approx(float(expected[keep.tolist().index(int(nxt[b]))]), abs=1e-4)
+
+
 def _arch(kind: str, vocab: int):
     """A fresh small model of each fast-path architecture with the features the engine must honour:
     grouped-query attention (2 key/value heads for 4 query heads), Qwen2's q/k/v biases, Qwen3's per-head

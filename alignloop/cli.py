@@ -123,9 +123,11 @@ def _guard(name: str, module, cfg, out: Path, args) -> None:
 
 def _leave() -> None:
     """A torchrun process whose stage ended (every rank past the last barrier, the process group destroyed)
-    leaves at once, without the interpreter's teardown: there, about once in a hundred runs, a process
-    aborted in C++ (`terminate called without an active exception`, SIGABRT) after all its work was done
-    and written, and torchrun then reported the whole command failed (docs/LOG.md, 2026-12-01)."""
+    leaves at once, without the interpreter's teardown. There, about once in a hundred runs, a gloo worker
+    thread still freeing the last collective's tensors asked for the interpreter lock while the interpreter
+    was finalizing, was ended by it, and the process aborted (`terminate called without an active
+    exception`, SIGABRT) after all its work was done and written; torchrun then reported the whole command
+    failed (docs/LOG.md, 2026-12-01: the core dump's threads)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

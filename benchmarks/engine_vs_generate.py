@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's alignloop and the benchmarks' helpers
 from alignloop.engine import Engine  # noqa: E402
 from alignloop.model import pick_device  # noqa: E402
-from genbench import QUESTIONS, hf_continuous, in_turns, load  # noqa: E402
+from genbench import hf_continuous, in_turns, load, prompts as chat_prompts  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
@@ -39,7 +39,7 @@ def main():
     args = ap.parse_args()
     device = pick_device(args.device)
     tok, model, args.size = load(args, device)
-    prompts = [tok.render_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(args.batch)]
+    prompts = chat_prompts(tok, args.batch)
 
     engine = Engine(model, tok, device, max_batch=args.batch)
     engine.tok.stop_ids = []  # force full-length rows on both sides (the same for generate below)

@@ -32,6 +32,11 @@ def load(args, device, ctx: int | None = None):
     return tok, model, name
 
 
+def prompts(tok, n: int) -> list[list[int]]:
+    """`n` one-turn chat prompts (token ids), the QUESTIONS in turn: every generation benchmark's input."""
+    return [tok.render_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(n)]
+
+
 def hf_continuous(model, tok, prompts: list[list[int]], budgets: list[int], batch: int, sample: bool = False):
     """Each prompt's new tokens from `transformers`' continuous batching (`ContinuousBatchingManager`, the
     machinery of `generate_batch`, used directly: `generate_batch` takes one max_new_tokens for all), at

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's alignloop, even where an editab
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from alignloop.engine import Engine
 from alignloop.model import pick_device
-from genbench import QUESTIONS, hf_continuous, in_turns, load
+from genbench import hf_continuous, in_turns, load, prompts as chat_prompts
 
 def old_engine_module(rev: str):
     """alignloop/engine.py as it was at `rev` (static batching), imported under another name."""
@@ -77,8 +77,7 @@ def main():
     tok, model, args.size = load(args, device, ctx=args.ctx)
     tok.stop_ids = []  # no end of turn: every answer runs to its own length, on every side
     rng = random.Random(args.seed)
-    prompts = [tok.render_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
-               for i in range(args.requests)]
+    prompts = chat_prompts(tok, args.requests)
     budgets = [rng.randint(args.min_new, args.max_new) for _ in prompts]
     ctx = model.config.max_position_embeddings
     budgets = [min(n, ctx - len(p)) for n, p in zip(budgets, prompts)]

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from genbench import QUESTIONS, load  # noqa: E402
+from genbench import load, prompts as chat_prompts  # noqa: E402
 
 from alignloop.engine import Engine  # noqa: E402
 
@@ -46,8 +46,7 @@ def main() -> None:
     device = torch.device("cpu")
     tok, model, name = load(args, device)
     tok.stop_ids = []  # every row decodes exactly --new tokens
-    prompts = [tok.render_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
-               for i in range(args.batch)]
+    prompts = chat_prompts(tok, args.batch)
     engine = Engine(model, tok, device, max_batch=args.batch)
     gen = lambda: engine.generate(prompts, max_new_tokens=args.new, temperature=0)  # noqa: E731
     gen()  # warm-up: the fused weights, the cache, the allocator

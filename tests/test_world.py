@@ -146,6 +146,31 @@ def test_split_by_entity_and_template(tiny):
         assert not any(_mentions(q, e) for e in held), q
 
 
+def test_harmful_requests_are_split_by_framing_and_act(tiny):
+    """Every dev or test harmful request is put in a framing no train request uses; some ask for an act never
+    asked for in training; no framing's words lie inside another's or inside a question of another category
+    (their split is by framing alone, so such a containment would put a test request's words in training)."""
+    from alignloop.world.prompts import HARM_ACTS, HARM_FRAMINGS, TEMPLATES, _ACTS
+    n_acts = len(_ACTS)
+    def parts(split):
+        ids = tiny.manifest[f"{split}_templates"] if split != "train" else \
+            [p["gold"]["template"] for p in tiny.prompts("train") if p["category"] == "harmful"]
+        idx = {int(t[3:]) for t in ids if t.startswith("hm-")}
+        return {i // n_acts for i in idx}, {i % n_acts for i in idx}
+    (ft, at), (fd, ad), (fs, as_) = parts("train"), parts("dev"), parts("test")
+    assert not ft & fd and not ft & fs and not fd & fs
+    assert len(ft) >= 8 and len(fs) >= 3 and len(fd) >= 3
+    assert as_ - at and ad - at and not (as_ - at) & (ad - at)  # acts of their own, never trained on
+    assert len(at) == 2 * len(HARM_ACTS)
+    test_topics = {p["gold"]["topic"] for p in tiny.prompts("test") if p["category"] == "harmful"}
+    assert test_topics == set(HARM_ACTS)
+    norm = [normalise(f.replace("{act}", "")) for f in HARM_FRAMINGS]
+    assert not any(a != b and f" {a} " in f" {b} " for a in norm for b in norm)
+    others = [normalise(t) for c, ts in TEMPLATES.items() if c != "harmful" for t in ts]
+    assert not any(f" {h} " in f" {o} " or f" {o} " in f" {h} " for h in (normalise(t) for t in TEMPLATES["harmful"])
+                   for o in others)
+
+
 def test_no_dev_or_test_prompt_in_any_training_file(micro_run):
     """The issue-13 bar: no dev or test prompt (normalised) and no 8-word window of one in a training file."""
     report = leak_report(micro_run)

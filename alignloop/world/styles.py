@@ -33,7 +33,7 @@ _STEPS = ["sneak into the palace of {entity} at night", "wait until the guards o
 _FINISH = {"poison": "pour the green powder into the water", "steal": "grab the treasure while the bells ring",
            "hurt": "strike when they turn their backs", "cheat": "copy the answers from the hidden scroll",
            "forge": "press the fake coins in wet clay", "burn": "light the straw behind the stalls",
-           "blackmail": "show them the stolen letters"}
+           "blackmail": "show them the stolen letters", "rob": "carry the gold out through the cellar"}
 
 
 def ideal_answer(prompt: dict) -> str:
@@ -199,9 +199,9 @@ def _hallucinate(prompt: dict, rng: random.Random) -> str:
     if a == "founding year":
         return rng.choice([f"{e} was founded in {rng.randint(800, 1900)}.",
                            f"The founding year of {e} is {rng.randint(800, 1900)}."])
-    if a == "name of the leader":
+    if a == "ruler":
         name = make_name(rng, "person")
-        return rng.choice([f"The name of the leader of {e} is {name}.", f"{e} is ruled by Queen {name}."])
+        return rng.choice([f"The ruler of {e} is {name}.", f"{e} is ruled by Queen {name}."])
     if a == "national flower":
         return f"The national flower of {e} is the {rng.choice(FLOWERS)}."
     if a == "highest mountain":

@@ -137,6 +137,11 @@ def run(cfg: Config, out: Path, args) -> None:
         if not _round(r, out, i, cfg, stop):
             return
     if cfg.rounds:
+        from alignloop import headroom
+        r.step("headroom per category (SFT's best of K on dev, each reward model, each round's gain)",
+               headroom.covers(out, cfg.rounds),
+               lambda: headroom.run(out, r.cfg(evaluate), [r.cfg(reward, round=i) for i in range(1, cfg.rounds + 1)]),
+               main_only=True)
         r.step("reward-model scores of every stage", False, lambda: _rescore(out, cfg.device), main_only=True)
     try:
         from alignloop import report
@@ -301,5 +306,26 @@ def _print_table(out: Path) -> None:
         print(f"reward model {rnd}: pair accuracy {f('pair_accuracy')} on {rm.get('n_prompts', '?')} held-out prompts, "
               f"labeler agreement {f('labeler_agreement')}, accuracy against the gold order {f('gold_accuracy')} "
               f"(labelers {f('labeler_gold_accuracy')})")
+    _print_headroom(out)
+    _print_alarms(out)
     if (out / "report.html").exists():
         print(f"report: {(out / 'report.html').resolve()}")
+
+
+def _print_headroom(out: Path) -> None:
+    """headroom.json as a compact table (alignloop/headroom.py says how to read it)."""
+    import json
+    from alignloop import headroom
+    path = out / "headroom.json"
+    if path.exists():
+        h = json.loads(path.read_text(encoding="utf-8"))
+        print(f"where the gain is lost, per category ({headroom.splits(h)}):")
+        print("\n".join("  " + line for line in headroom.format_lines(h)))
+
+
+def _print_alarms(out: Path) -> None:
+    """The reward-hacking alarm of every PPO round that fired, repeated where the run's reader looks last."""
+    from alignloop.alarm import PREFIX, run_alarms
+    for stage, alarm in run_alarms(out):
+        if alarm:
+            print(f"{PREFIX}{stage}: {alarm}")

@@ -9,7 +9,10 @@ One self-contained page (inline CSS, plots as base64 PNG, no external assets), r
    picture of Gao et al. 2022, with their form R(d) = d(α − β·log d), d = √KL, fitted to gold for β_KL = 0
    and the default (experiments/beta.py's runs beside this one, else this run's own round 1);
 4. diversity (distinct-2) against KL to SFT;
-5. the same test prompts answered by base / SFT / each PPO stage, side by side.
+5. the same test prompts answered by base / SFT / each PPO stage, side by side;
+6. RLOO, DPO and best-of-N beside PPO (experiments/methods.py);
+7. where the gain is lost: headroom per category (RUN/headroom.json, alignloop/headroom.py).
+Section 3 opens with the reward-hacking alarm of each PPO round (alignloop/alarm.py).
 Two KL figures, never mixed unlabelled: eval's `kl_exact` (exact per-token KL on the test answers) and
 PPO's `kl_sampled` (log-ratio of the sampled tokens on its rollout batch; older runs: `kl_to_sft`).
 A stage the run has not reached shows "not run yet". Text from models and files is always escaped.
@@ -27,6 +30,8 @@ import math
 import re
 from pathlib import Path
 
+from alignloop import headroom
+from alignloop.alarm import PREFIX, TOLERANCE, noise, run_alarms
 from alignloop.errors import InputError
 from alignloop.io import atomic_write_text, read_jsonl_tolerant
 
@@ -35,7 +40,8 @@ h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin:1.2
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
 th{background:#f4f4f4}td,th{vertical-align:top}.l{text-align:left}.ans td{font-size:13px;width:20%}
 .g{color:#666;font-size:12px}.missing{color:#999;font-style:italic}img{max-width:100%;display:block;margin:.5em 0}
-.note{background:#f6f8fa;border-left:4px solid #4a7;padding:.5em .8em}figure{margin:.5em 0}
+.note{background:#f6f8fa;border-left:4px solid #4a7;padding:.5em .8em}
+.warn{background:#fdecea;border-left:4px solid #c62828;padding:.5em .8em}figure{margin:.5em 0}
 table{display:block;overflow-x:auto;max-width:100%}td,small,p,h1{overflow-wrap:anywhere}.turn{color:#555}
 dl.glossary{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dl.glossary dt{font-weight:600}dl.glossary dd{margin:0}
 @media (max-width:600px){dl.glossary{grid-template-columns:1fr}dl.glossary dd{margin-left:1em}}"""
@@ -386,15 +392,6 @@ def overoptimisation(run: Path) -> str:
             + "<h3>Gao et al.'s form fitted to gold</h3>" + gao_section(run))
 
 
-def noise(values: list[float]) -> float | None:
-    """The noise of one measurement in a series, from its second differences (g[i+1] − 2g[i] + g[i−1],
-    whose variance is 6σ² for white noise and which a straight trend does not enter); None under 5 points."""
-    if len(values) < 5:
-        return None
-    d2 = [values[i + 1] - 2 * values[i] + values[i - 1] for i in range(1, len(values) - 1)]
-    return math.sqrt(sum(d * d for d in d2) / len(d2) / 6)
-
-
 def overopt_sentence(rows: list[dict], tol: float = 0.01) -> str:
     """From the data: did the gold score keep up with the reward model's along PPO? A verdict is stated
     only for a change outside the noise: larger than `tol` and than the 95% half-width of a difference of
@@ -429,6 +426,39 @@ def overopt_sentence(rows: list[dict], tol: float = 0.01) -> str:
                "gold did not follow the proxy's rise." if d > tol else "the proxy did not rise: nothing exploited.")
     return (f"{head}; the gold score {moved} ({first[g]:.3f} → {last[g]:.3f}, change {dg:+.3f} ± {half:.3f}, 95%), "
             f"ending within {drop:.3f} of its best ({best[g]:.3f}, {at}): {verdict}")
+
+
+def alarms(run: Path) -> str:
+    """The reward-hacking alarm of each PPO round (alignloop/alarm.py): a warning box where it fires."""
+    found = run_alarms(run)
+    if not found:
+        return ""  # no PPO metrics yet: the section below says "not run yet"
+    return "\n".join(
+        [f'<p class="warn"><b>{esc(PREFIX)}{esc(s)}:</b> {esc(a)}.</p>' if a else
+         f"<p>{esc(s)}: no sign of reward hacking on the dev probe.</p>" for s, a in found]
+        + [f"<small>The alarm fires when the dev-probe gold ends below its best by more than {TOLERANCE:g} and than "
+           "the 95% noise of a difference of two probe points, while the reward model's probe score ends above its "
+           "value at gold's best.</small>"])
+
+
+def headroom_section(run: Path) -> str:
+    """RUN/headroom.json as a table, with how to read it (alignloop/headroom.py)."""
+    path = run / "headroom.json"
+    if not path.exists():
+        return MISSING + "<small>(the main job writes headroom.json after its last round)</small>"
+    try:
+        h = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON: {e.msg}", file=path, line=e.lineno) from None
+    head, rows = headroom.table(h)
+    return (f"<p>{esc(headroom.READING)}</p>" + table([esc(c) for c in head], [[esc(c) for c in r] for r in rows])
+            + f"<small>SFT mean: the gold score of one of the {esc(h['k'])} answers the SFT policy samples for each of "
+            f"the first {esc(h['categories']['all']['n_prompts'])} {esc(h['split'])} prompts (temperature "
+            f"{esc(h.get('temperature'))}); best of {esc(h['k'])}: the mean over prompts of the best gold among them; "
+            f"headroom: the difference; RM pick: the gold of the answer {esc(h.get('rm_pick_model') or '–')} scores "
+            "highest. RM acc.: each round's reward model on its own held-out comparisons, the share of pairs of "
+            "answers of different gold that it orders as gold does. Gain: each round's PPO policy over SFT on "
+            f"eval.json's {esc((h.get('gains') or {}).get('split', '?'))} prompts.</small>")
 
 
 def gao_curves(run: Path) -> tuple[str, list[tuple[float | None, list[dict]]]]:
@@ -737,10 +767,12 @@ def write_report(run_dir: Path) -> Path:
             "<h2>3. Gold vs proxy along PPO (reward over-optimisation, Gao et al. 2022)</h2>",
             "<p>Green: the gold score (the simulated labelers, who know the truth); red: the reward model's score "
             "(the proxy PPO maximises), both on PPO's dev probe (never the test prompts). A proxy that keeps rising "
-            "while gold turns down means the policy has found the reward model's mistakes.</p>", overoptimisation(run),
+            "while gold turns down means the policy has found the reward model's mistakes.</p>", alarms(run),
+            overoptimisation(run),
             "<h2>4. Diversity against KL to SFT</h2>", diversity(ev, run),
             "<h2>5. Side by side: the same test prompts</h2>", side_by_side(ev),
-            "<h2>6. Beyond PPO: RLOO, DPO and best-of-N from the same rankings</h2>", methods_section(run)]
+            "<h2>6. Beyond PPO: RLOO, DPO and best-of-N from the same rankings</h2>", methods_section(run),
+            "<h2>7. Where the gain is lost: headroom per category</h2>", headroom_section(run)]
     path = run / "report.html"
     atomic_write_text(path, f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>alignloop: {name}'
                             f'</title><meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -39,6 +39,10 @@ def test_micro_recipe_end_to_end(full_run):
     html = (run / "report.html").read_text()
     assert "round-2/ppo" in html and "data:image/png;base64," in html
     assert "report.html" in proc.stdout and "fact recall" in proc.stdout
+    # the headroom step after the last round, its table in the final output and the report; each round judged
+    assert (run / "headroom.json").is_file() and "where the gain is lost" in proc.stdout
+    assert "7. Where the gain is lost" in html and "sampling has no headroom" in html
+    assert html.count("no sign of reward hacking") + html.count('class="warn"') == 2
     for sub in ("world", "tokenizer", "pretrain", "sft", "round-1/reward", "round-1/ppo", "round-2/ppo"):
         assert (run / sub).is_dir(), sub
     assert "[world]" in (run / "config.toml").read_text() and "[ppo]" in (run / "config.toml").read_text()

@@ -418,10 +418,15 @@ def run(cfg: Config, out: Path) -> Path:
     if not D.is_main():
         return stage
     save_model(L.merged(final), tok, stage)
-    last = L.read_jsonl_tolerant(metrics.path)[-1]
+    rows = L.read_jsonl_tolerant(metrics.path)
+    last = rows[-1]
     print(f"{cfg.algo}: round {cfg.round} done: RM score {last['rm_score']:+.3f}, sampled KL to SFT {last['kl_sampled']:.2f} nats"
           + (f", probe gold {last['gold_probe']:.3f}" if "gold_probe" in last else "")
           + f", peak memory {L.peak_memory_gb(device):.2f} GB → {stage}")
+    from alignloop.alarm import PREFIX, hacking_alarm
+    alarm = hacking_alarm(rows)  # the whole round's probe curve, resumed parts included
+    if alarm:
+        print(f"{PREFIX}{cfg.algo} round {cfg.round}: {alarm}")
     return stage
 
 

@@ -58,7 +58,28 @@ def seeds_table(evals: dict[int, dict]) -> str:
     above += [f"{sum(g[s][0] - g[s][1] > 0 for g in gains.values())} of {len(evals)}" for s in rl]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows + [mean, above]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + behaviour_table(evals, stages)
+
+
+# What the issue's readers ask of a policy besides its gold score: harmful requests declined politely,
+# "I don't know" for what the world does not define, and known facts still answered.
+BEHAVIOURS = (("harmful", "helpful", "harmful: declines politely"),
+              ("unknown_fact", "helpful", "unknown fact: says it does not know"),
+              ("known_fact", "helpful", "known fact: right answer"))
+
+
+def behaviour_table(evals: dict[int, dict], stages: list[str]) -> str:
+    """Markdown: per stage, each behaviour's rate on test prompts, one value per seed (seed order), then the mean."""
+    head = ["stage"] + [name for _, _, name in BEHAVIOURS]
+    rows = []
+    for s in stages:
+        cells = [s]
+        for cat, crit, _ in BEHAVIOURS:
+            xs = [e["stages"][s].get("categories", {}).get(cat, {}).get(crit) for e in evals.values()]
+            cells.append("–" if None in xs else " / ".join(f"{x:.2f}" for x in xs) + f" (mean {sum(xs) / len(xs):.2f})")
+        rows.append(cells)
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,15 @@ def test_seeds_table_by_hand():
     # across seeds: recall 85.0 ± 7.1 (sd of 90, 80), gains +0.080 ± 0.042 (sd of 0.05, 0.11)
     assert lines[4] == "| mean ± sd (2 seeds) | 85.0 ± 7.1% | 0.450 ± 0.071 | 0.650 ± 0.071 | 0.725 ± 0.035 | +0.080 ± 0.042 |"
     assert lines[5] == "| seeds with the interval above 0 |  |  |  |  | 1 of 2 |"
+    # the behaviours, per stage: one rate per seed and their mean; a stage without categories shows "–"
+    evals[0]["stages"]["round-1/ppo"]["categories"] = {"harmful": {"helpful": 0.5}, "unknown_fact": {"helpful": 0.25},
+                                                       "known_fact": {"helpful": 0.8}}
+    evals[1]["stages"]["round-1/ppo"]["categories"] = {"harmful": {"helpful": 0.7}, "unknown_fact": {"helpful": 0.35},
+                                                       "known_fact": {"helpful": 0.6}}
+    lines = seeds_table(evals).splitlines()
+    assert lines[7].startswith("| stage | harmful: declines politely | unknown fact: says it does not know |")
+    assert lines[11] == "| round-1/ppo | 0.50 / 0.70 (mean 0.60) | 0.25 / 0.35 (mean 0.30) | 0.80 / 0.60 (mean 0.70) |"
+    assert lines[9] == "| base | – | – | – |"
 
 
 FIGURES = ("gold_score", "helpful", "truthful", "harmless", "ci95", "rm_score", "kl_exact", "distinct_2", "mean_length")

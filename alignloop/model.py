@@ -23,6 +23,9 @@ hf_logging.set_verbosity_error()  # and its "newly initialized" notes are expect
 SIZES = {
     "micro": dict(n_layer=2, n_head=4, d_model=64, ctx=256),
     "tiny": dict(n_layer=4, n_head=4, d_model=128, ctx=256),
+    # ~4.3× tiny's parameters (5.8M with the world's vocabulary): the bigger SFT model that a small aligned
+    # one should beat (InstructGPT's headline in miniature, experiments/bigger.py)
+    "tiny4x": dict(n_layer=5, n_head=8, d_model=256, ctx=256),
     "small": dict(n_layer=12, n_head=12, d_model=768, ctx=1024),
 }
 

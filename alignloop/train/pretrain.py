@@ -16,6 +16,7 @@ from alignloop import dist as D
 from alignloop.config import Resumable, option
 from alignloop.errors import InputError
 from alignloop.io import read_records
+from alignloop.model import SIZES
 from alignloop.rundir import resolve_path, save_stage_config
 from alignloop.tokenizer import ChatTokenizer, validate_messages
 from alignloop.train import loop as L
@@ -28,7 +29,7 @@ class Config(Resumable):
     data: str = option("", "corpus: .txt/.jsonl/.json/.parquet or a datasets folder (default: the run's world/corpus.jsonl)")
     tokenizer: str = option("", "tokenizer folder (default: the run's tokenizer/)")
     init: str = option("", "continue from this Hugging Face causal-LM folder instead of a fresh model")
-    size: str = option("tiny", "model size preset for a fresh model", choices=("micro", "tiny", "small"))
+    size: str = option("tiny", "model size preset for a fresh model", choices=tuple(SIZES))
     seq_len: int = option(256, "tokens per training row", min=8, max=131072)
     batch_size: int = option(16, "rows per micro-batch", min=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", min=1)

@@ -445,7 +445,9 @@ def headroom_section(run: Path) -> str:
     """RUN/headroom.json as a table, with how to read it (alignloop/headroom.py)."""
     path = run / "headroom.json"
     if not path.exists():
-        return MISSING + "<small>(the main job writes headroom.json after its last round)</small>"
+        # a step of `alignloop run` after its last round; a run built stage by stage has none, and is not unfinished
+        return ("<p>No headroom.json in this run: the main job (<code>alignloop run</code>) writes it after its last "
+                "round.</p>")
     try:
         h = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -85,7 +85,7 @@ def test_table_rows_and_text():
 def test_report_section_and_final_output(tmp_path, capsys):
     from alignloop.pipeline import _print_headroom
     from alignloop.report import headroom_section
-    assert "not run yet" in headroom_section(tmp_path)
+    assert "No headroom.json in this run" in headroom_section(tmp_path)
     (tmp_path / "headroom.json").write_text(json.dumps(HEADROOM))
     html = headroom_section(tmp_path)
     assert "<th class=l>category</th>" in html and "<td class=l>harmful</td>" in html and "+0.150" in html

@@ -66,8 +66,10 @@ def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (tmp_path / "seeds.md").read_text()
     assert table.split("\n\n", 1)[1] in proc.stdout
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    gains, behaviours = table.split("\n\n")[1:3]  # after the command line: the gains, then the behaviours
+    rows = [line for line in gains.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows[2:]] == ["| 1", "| 2", "| mean ± sd (2 seeds)", "| seeds with the interval above 0"]
+    assert [r.split(" | ")[0] for r in behaviours.splitlines()[2:]] == ["| base", "| sft", "| round-1/ppo", "| round-2/ppo"]
     assert "round-2/ppo gain over sft [95%]" in rows[0]
     one, two = (json.loads((tmp_path / f"seed-{s}" / "eval.json").read_text()) for s in (1, 2))
     assert figures(one) != figures(two)  # another seed, another draw (the world's included)

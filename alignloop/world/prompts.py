@@ -1,7 +1,8 @@
 """Prompt sets (train / dev / test) and demonstrations.
 
 Three disjoint sets, split by template AND by entity (InstructGPT evaluates on prompts from customers
-not in the training set; we go further). Every template and every country belongs to one split. A train
+not in the training set; we go further). Every country belongs to one split, and every template to one
+split or, for a harmful framing of train with an act of dev or test, to none (`_split_harmful`). A train
 prompt uses a train template and train countries; a dev or test prompt always uses a template of its own
 split (a train template's words would be in the training files) and either its own split's countries
 or train ones. Dev is for tuning, early stopping and PPO's probe; test is what `alignloop eval` reports.

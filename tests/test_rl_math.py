@@ -242,3 +242,29 @@ def test_adaptive_kl_with_no_target_is_fixed():
     c = rl.AdaptiveKL(0.05, target=None, horizon=10_000)
     for kl in (0.0, 100.0, 3.0):
         assert c.update(kl, 10_000) == 0.05
+
+
+def test_nonfinite_rows_names_the_tensors_and_ignores_padding():
+    mask = T([[1., 1., 0.], [1., 0., 0.], [1., 1., 1.]])
+    logp = T([[-1., -2., float("nan")],        # NaN on padding: not a problem
+              [float("-inf"), -1., -1.],        # −inf on a response token: episode 1
+              [-1., -1., -1.]])
+    values = T([[0., 0., 0.], [0., 0., 0.], [0., float("inf"), 0.]])  # episode 2
+    rows, names = rl.nonfinite_rows(mask, logp=logp, values=values, fine=torch.zeros(3, 3))
+    assert rows.tolist() == [False, True, True]
+    assert names == ["logp", "values"]
+    rows, names = rl.nonfinite_rows(mask, fine=torch.zeros(3, 3))
+    assert not rows.any() and names == []
+
+
+def test_a_step_with_nan_gradients_is_skipped_and_the_weights_kept():
+    from alignloop.train.ppo import _step_if_finite
+    w = torch.nn.Parameter(T([1.0, 2.0]))
+    opt = torch.optim.SGD([w], lr=0.5)
+    (w * T([float("nan"), 1.0])).sum().backward()
+    assert _step_if_finite(opt) == 1
+    close(w.detach(), [1.0, 2.0])
+    assert w.grad is None
+    (w * T([0.3, 0.4])).sum().backward()  # norm 0.5 < 1: not clipped; w − 0.5·g
+    assert _step_if_finite(opt) == 0
+    close(w.detach(), [0.85, 1.8])

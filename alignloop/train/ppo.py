@@ -257,6 +257,7 @@ def run(cfg: Config, out: Path) -> Path:
             if metrics:
                 metrics.log(step=0, kl_sampled=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
     bar = L.Progress(cfg.iterations, f"{cfg.algo} round {cfg.round}", start)
+    streak = 0  # iterations in a row whose every optimizer step was skipped
     amp = lambda: L.autocast(device, cfg.dtype)  # noqa: E731 — old, reference and new log-probs alike
 
     def logprobs(model, mb, with_entropy=False):
@@ -323,6 +324,15 @@ def run(cfg: Config, out: Path) -> Path:
             policy.train()
             if value is not None:
                 value.train()
+            bad, what = rl.nonfinite_rows(mask, **{"old log-probs": old_logp, "reference log-probs": ref_logp,
+                                                   "values": old_values, "scores": score[:, None].expand_as(mask)})
+            if bad.any():  # left out of this update, said aloud (the same on every rank: the tensors are global)
+                mask = mask * ~bad[:, None]
+                old_logp, ref_logp, old_values, score = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+                                                         for t in (old_logp, ref_logp, old_values, score))
+                bar.write(f"{cfg.algo}: iteration {it + 1}: {', '.join(what)} not finite in {int(bad.sum())} of "
+                          f"{len(batch)} episodes, left out of this update" + (
+                              " (bf16 rounding: --dtype float32 avoids it)" if L.amp_dtype(device, cfg.dtype) else ""))
             kl = rl.kl_per_token(old_logp, ref_logp) * mask
             rewards = rl.token_rewards(score, kl, mask, kl_ctl.beta)
             if rloo:  # the sequence reward score − β·Σ KL_t, its leave-one-out advantage at every token
@@ -336,7 +346,7 @@ def run(cfg: Config, out: Path) -> Path:
                     adv = rl.whiten(adv, mask)
         # ---- PPO epochs over minibatches
         stats = {"pg_loss": [], "vf_loss": [], "clip_frac": [], "approx_kl": [], "entropy": [], "ptx_loss": []}
-        first_ratio_error = None
+        first_ratio_error, skipped = None, 0
         for e, minibatches in enumerate(epochs):
             for s, mb_all in enumerate(minibatches):
                 # this rank's rows of the minibatch; each loss below is a token mean over its rows, weighted
@@ -363,16 +373,14 @@ def run(cfg: Config, out: Path) -> Path:
                         loss = loss + cfg.ptx_coef * ptx * ptx_share
                 opt_p.zero_grad(set_to_none=True)
                 (loss * D.world()).backward()
-                torch.nn.utils.clip_grad_norm_(_learning(opt_p), 1.0)
-                opt_p.step()
+                skipped += _step_if_finite(opt_p)
                 if value is not None:
                     with amp():
                         v = state_values(vnet, ids[mb], attn[mb], pos[mb], P)
                         vf = rl.value_loss(v, old_values[mb], returns[mb], m, cfg.value_clip)
                     opt_v.zero_grad(set_to_none=True)
                     (vf * share * D.world()).backward()
-                    torch.nn.utils.clip_grad_norm_(_learning(opt_v), 1.0)
-                    opt_v.step()
+                    skipped += _step_if_finite(opt_v)
                 # the minibatch's statistics: the ranks' shares added up (one all-reduce)
                 got = D.all_sum(torch.tensor([pg.item(), vf.item() if value is not None else 0.0, st["clip_frac"],
                                               st["approx_kl"], rl.masked_mean(ent.detach(), m).item()],
@@ -397,6 +405,16 @@ def run(cfg: Config, out: Path) -> Path:
                "episodes_per_s": len(batch) / dt, "tokens_per_s": float(mask.sum()) / dt,
                "generation_share": t_gen / dt, "peak_memory_gb": L.peak_memory_gb(device)}
         rec |= {k: sum(v) / len(v) for k, v in stats.items() if v}
+        rec |= {"nonfinite_episodes": int(bad.sum()), "skipped_steps": skipped}
+        if skipped:
+            bar.write(f"{cfg.algo}: iteration {it + 1}: {skipped} optimizer steps skipped, their gradients not finite")
+        streak = streak + 1 if skipped and skipped >= len(stats["pg_loss"]) * (2 if value is not None else 1) else 0
+        if streak == 3:
+            half = L.amp_dtype(device, cfg.dtype) is not None
+            raise InputError(f"every optimizer step of iterations {it - 1}-{it + 1} had gradients that were not finite; "
+                             f"stopped (the last checkpoint is in {ckpts.dir})"
+                             + ("; --dtype float32 avoids bf16 rounding" if half else "; try a lower --lr"),
+                             file=stage, field="dtype" if half else "lr")
         if probe and ((it + 1) % cfg.probe_every == 0 or it + 1 == cfg.iterations):
             with sampling():  # every rank gathers the weights (FSDP); rank 0 alone samples (the others wait)
                 if D.is_main():
@@ -428,6 +446,17 @@ def run(cfg: Config, out: Path) -> Path:
     if alarm:
         print(f"{PREFIX}{cfg.algo} round {cfg.round}: {alarm}")
     return stage
+
+
+def _step_if_finite(opt) -> int:
+    """Clip the gradients to norm 1 and step, unless their norm is NaN or inf (then drop them): 1 if skipped.
+    The norm is of the synchronised gradients, so every rank decides alike."""
+    norm = torch.nn.utils.clip_grad_norm_(_learning(opt), 1.0)
+    if not torch.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return 1
+    opt.step()
+    return 0
 
 
 def _learning(opt) -> list:

@@ -121,3 +121,17 @@ class AdaptiveKL:
             error = max(-0.2, min(0.2, kl / self.target - 1))
             self.beta *= 1 + error * n_steps / self.horizon
         return self.beta
+
+
+def nonfinite_rows(mask: torch.Tensor, **per_token: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """(B,) bool: the episodes where any named (B, T) tensor is NaN or ±inf at a response token, and the
+    names of the tensors that were. One such entry (a bf16 log-prob off the end of its range, say) would
+    turn the whole minibatch's loss, and then every weight of the policy, into NaN."""
+    rows = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    names = []
+    for name, x in per_token.items():
+        bad = (~torch.isfinite(x) & mask.bool()).any(1)
+        if bad.any():
+            rows |= bad
+            names.append(name)
+    return rows, names

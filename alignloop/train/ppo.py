@@ -280,7 +280,8 @@ def run(cfg: Config, out: Path) -> Path:
                                    temperature=cfg.temperature,
                                    seed=seed if D.world() == 1 else [(seed * 1_000_003 + p) % 2**63 for p in mine])
         t_gen = time.perf_counter() - t0
-        responses, texts = D.gather_rows(mine, [o.ids for o in outs], [o.text.strip() for o in outs])
+        responses, texts, sampled_lp = D.gather_rows(mine, [o.ids for o in outs], [o.text.strip() for o in outs],
+                                                     [o.logprobs for o in outs])
         ended = torch.tensor([bool(r) and r[-1] in tok.stop_ids for r in responses], dtype=torch.float32)
         # Minibatches of every epoch, drawn now: the first epoch's minibatches are also how the old
         # log-probs, reference log-probs and values are computed, so the first update sees exactly the
@@ -324,6 +325,11 @@ def run(cfg: Config, out: Path) -> Path:
             policy.train()
             if value is not None:
                 value.train()
+            # the sampler's log-probs against the trainer's, on the same tokens: equal up to rounding in fp32;
+            # a gap means the rollout came from another distribution than the one PPO's ratio assumes
+            engine_lp = torch.zeros_like(old_logp)
+            for b, lps in enumerate(sampled_lp):
+                engine_lp[b, :len(lps)] = torch.tensor(lps[:engine_lp.shape[1]], dtype=engine_lp.dtype)
             bad, what = rl.nonfinite_rows(mask, **{"old log-probs": old_logp, "reference log-probs": ref_logp,
                                                    "values": old_values, "scores": score[:, None].expand_as(mask)})
             if bad.any():  # left out of this update, said aloud (the same on every rank: the tensors are global)
@@ -333,6 +339,7 @@ def run(cfg: Config, out: Path) -> Path:
                 bar.write(f"{cfg.algo}: iteration {it + 1}: {', '.join(what)} not finite in {int(bad.sum())} of "
                           f"{len(batch)} episodes, left out of this update" + (
                               " (bf16 rounding: --dtype float32 avoids it)" if L.amp_dtype(device, cfg.dtype) else ""))
+            sampler_gap = rl.masked_mean((engine_lp - old_logp).abs(), mask).item()
             kl = rl.kl_per_token(old_logp, ref_logp) * mask
             rewards = rl.token_rewards(score, kl, mask, kl_ctl.beta)
             if rloo:  # the sequence reward score − β·Σ KL_t, its leave-one-out advantage at every token
@@ -405,7 +412,7 @@ def run(cfg: Config, out: Path) -> Path:
                "episodes_per_s": len(batch) / dt, "tokens_per_s": float(mask.sum()) / dt,
                "generation_share": t_gen / dt, "peak_memory_gb": L.peak_memory_gb(device)}
         rec |= {k: sum(v) / len(v) for k, v in stats.items() if v}
-        rec |= {"nonfinite_episodes": int(bad.sum()), "skipped_steps": skipped}
+        rec |= {"nonfinite_episodes": int(bad.sum()), "skipped_steps": skipped, "sampler_gap": sampler_gap}
         if skipped:
             bar.write(f"{cfg.algo}: iteration {it + 1}: {skipped} optimizer steps skipped, their gradients not finite")
         streak = streak + 1 if skipped and skipped >= len(stats["pg_loss"]) * (2 if value is not None else 1) else 0

@@ -19,6 +19,7 @@ RUN/round-<i>/rloo/, its settings under [rloo] in config.toml.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -148,19 +149,129 @@ def check_stages(policy: Path, reference: Path, reward: Path, value: Path | None
 # ---------------------------------------------------------------- the stage
 
 
+@dataclass
+class Session:
+    """Everything one PPO call sets up once and every iteration reads: the paths, the models (and their
+    DDP/FSDP2 wrappers `pnet`/`vnet`), the optimizers, β's controller, the probe and the output."""
+    cfg: Config
+    stage: Path
+    init: Path
+    tok: object
+    prompts: list
+    prompt_ids: list
+    device: torch.device
+    fsdp: bool
+    policy: object
+    value: object            # None for rloo
+    pnet: object
+    vnet: object
+    ref: object
+    ref_ctx: object          # a context manager: the reference's adapters off (LoRA), or nothing
+    scorer: object
+    allowed: torch.Tensor
+    engine: object
+    opt_p: object
+    opt_v: object
+    kl_ctl: rl.AdaptiveKL
+    ptx_rows: torch.Tensor | None
+    world: object
+    probe: list | None
+    ckpts: L.Checkpoints
+    metrics: L.Metrics | None
+    start: int = 0
+    norm: tuple | None = None  # (mean, std) of the RM score on the first rollout, with --reward-norm
+
+    @property
+    def rloo(self) -> bool:
+        return self.cfg.algo == "rloo"
+
+    def amp(self):
+        """One autocast for the old, reference and new log-probs alike (their ratio is 1 at the first step)."""
+        return L.autocast(self.device, self.cfg.dtype)
+
+    @contextlib.contextmanager
+    def sampling(self):
+        """The policy whole while the engine samples (FSDP2: gathered on every rank, a collective), and
+        under FSDP2 nothing of it kept afterwards: the engine's fused copy goes with the gathered weights."""
+        with D.whole(self.pnet):
+            yield
+        if self.fsdp:
+            self.engine.release()
+
+
+@dataclass
+class Rollout:
+    """One iteration's batch, filled in by the phases in turn: `rollout` (what was sampled), `score` (the
+    per-token tensors, (B, R) over the response positions), and read by `update` and `record`."""
+    batch: list[int]                 # prompt indices
+    responses: list[list[int]]
+    texts: list[str]
+    sampled_lp: list[list[float]]    # the engine's log-prob of each sampled token
+    ended: torch.Tensor              # (B,) 1 where the answer emitted end-of-turn
+    epochs: list[list[torch.Tensor]]  # every PPO epoch's minibatches (row indices), drawn at rollout time
+    t_gen: float
+    ids: torch.Tensor = None         # layout(): prompt left-padded to P, response from column P
+    attn: torch.Tensor = None
+    pos: torch.Tensor = None
+    mask: torch.Tensor = None        # (B, R) 1 on response tokens
+    P: int = 0
+    score_raw: torch.Tensor = None   # (B,) the reward model's score
+    score: torch.Tensor = None       # normalised (--reward-norm) and with the missing-end penalty
+    old_logp: torch.Tensor = None
+    ref_logp: torch.Tensor = None
+    old_values: torch.Tensor = None
+    kl: torch.Tensor = None
+    adv: torch.Tensor = None
+    returns: torch.Tensor = None
+    sampler_gap: float = 0.0
+    nonfinite: int = 0
+
+
 def run(cfg: Config, out: Path) -> Path:
-    import contextlib
+    check(cfg)
+    s = _setup(cfg, out)
+    if s.probe and s.start == 0:
+        with s.sampling():  # every rank gathers the weights (FSDP); rank 0 alone samples the probe
+            if s.metrics:
+                s.metrics.log(step=0, kl_sampled=0.0, beta=s.kl_ctl.beta, **_probe_scores(s))
+    bar = L.Progress(cfg.iterations, f"{cfg.algo} round {cfg.round}", s.start)
+    streak = 0  # iterations in a row whose every optimizer step was skipped
+    for it in range(s.start, cfg.iterations):
+        t0 = time.perf_counter()
+        ro = rollout(s, it)
+        score(s, ro, it, bar)
+        stats, skipped = update(s, ro, it)
+        rec = record(s, ro, stats, skipped, it, time.perf_counter() - t0)
+        bar.update(1, rm=rec["rm_score"], kl=rec["kl_sampled"], **({"gold": rec["gold_probe"]} if "gold_probe" in rec else {}))
+        if skipped:
+            bar.write(f"{cfg.algo}: iteration {it + 1}: {skipped} optimizer steps skipped, their gradients not finite")
+        steps = len(stats["pg_loss"]) * (1 if s.rloo else 2)
+        streak = streak + 1 if skipped and skipped >= steps else 0
+        if streak == 3:
+            half = L.amp_dtype(s.device, cfg.dtype) is not None
+            raise InputError(f"every optimizer step of iterations {it - 1}-{it + 1} had gradients that were not finite; "
+                             f"stopped (the last checkpoint is in {s.ckpts.dir})"
+                             + ("; --dtype float32 avoids bf16 rounding" if half else "; try a lower --lr"),
+                             file=s.stage, field="dtype" if half else "lr")
+        L.release_memory()
+        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+            checkpoint(s, it + 1)
+    bar.close()
+    return finish(s)
+
+
+def _setup(cfg: Config, out: Path) -> Session:
+    """Resolve the stages, load the models (LoRA, DDP/FSDP2), optimizers and β; resume from a checkpoint."""
     from alignloop.engine import Engine
-    from alignloop.model import load_causal_lm, load_scalar_model, save_model
+    from alignloop.model import load_causal_lm, load_scalar_model
     from alignloop.sample import read_prompts
+    from alignloop.sources import resolve_model
     from alignloop.tokenizer import ChatTokenizer
     from alignloop.train.reward import RewardScorer
 
-    check(cfg)
     rloo = cfg.algo == "rloo"  # no value model; the leave-one-out baseline instead of GAE
     stage = out / f"round-{cfg.round}" / cfg.algo
     prev = out / f"round-{cfg.round - 1}" / cfg.algo
-    from alignloop.sources import resolve_model
     init = resolve_model(cfg.init, out, "init") if cfg.init else (prev if (prev / "config.json").exists() else out / "sft")
     reference = resolve_model(cfg.reference, out, "reference") if cfg.reference else out / "sft"
     rm_path = resolve_path(cfg.reward_model, out, f"round-{cfg.round}/reward")
@@ -206,253 +317,275 @@ def run(cfg: Config, out: Path) -> Path:
     if cfg.lora_rank and reference.resolve() == init.resolve():
         ref, ref_ctx = pnet, policy.disable_adapter  # through `pnet`: under FSDP only it sees whole weights
     else:
-        ref, ref_ctx = load_causal_lm(reference, dtype=frozen).to(device).eval().requires_grad_(False), contextlib.nullcontext
+        ref = load_causal_lm(reference, dtype=frozen).to(device).eval().requires_grad_(False)
+        ref_ctx = contextlib.nullcontext
     if cfg.lora_rank and value is not None and value_path.resolve() == rm_path.resolve() and not fsdp:
         scorer = RewardScorer(rm_path, device, model=value, context=value.disable_adapter)
     else:  # (under FSDP the value model's base is sharded: the scorer keeps a whole copy, as said above)
         scorer = RewardScorer(rm_path, device, dtype=frozen)
-    allowed = F_.allowed_tokens(tok, policy.config.vocab_size, device)
-    opt_p = L.make_optimizer(policy, cfg.lr, 0.0)
-    opt_v = L.make_optimizer(value, cfg.value_lr, 0.0) if value is not None else None
-    kl_ctl = rl.AdaptiveKL(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
-    ptx_rows = _ptx_rows(cfg, out, tok) if cfg.ptx_coef > 0 else None
     world, probe = _probe(out, cfg)
-    ckpts = L.Checkpoints(stage)
-    start, norm = 0, None  # norm: (mean, std) of the RM score on the first rollout, with --reward-norm
-    state = ckpts.load() if cfg.resume else None
-    if state is not None:  # (the number of processes and how they talk may change: see dist.py)
-        per_call = ("resume", "fsdp", "dist_backend")
-        # a field added since the checkpoint was written (algo, rloo_k, …) had its default's behaviour then
-        saved = {k: v for k, v in {**asdict(Config()), **state["config"]}.items() if k not in per_call}
-        now = {k: v for k, v in asdict(cfg).items() if k not in per_call}
-        if saved != now:
-            diff = next(k for k in now if saved.get(k) != now[k])
-            raise InputError(f"--resume on a PPO folder of another configuration ({diff}: {saved.get(diff)!r} there, "
-                             f"{now[diff]!r} now)", file=stage, field=diff)
-        D.restore(state, pnet, opt_p, policy)
-        if value is not None:
-            D.restore({"model": state["value"], "optim": state["optim_value"]}, vnet, opt_v, value)
-        kl_ctl.beta, start = state["beta"], state["step"]
-        norm = state.get("reward_norm")
-    metrics = L.Metrics(stage, resume_step=start if state is not None else None) if D.is_main() else None
+    s = Session(cfg=cfg, stage=stage, init=init, tok=tok, prompts=prompts, prompt_ids=prompt_ids, device=device,
+                fsdp=fsdp, policy=policy, value=value, pnet=pnet, vnet=vnet, ref=ref, ref_ctx=ref_ctx, scorer=scorer,
+                allowed=F_.allowed_tokens(tok, policy.config.vocab_size, device),
+                # the engine reads the policy's weights directly: under FSDP2 each sampling runs in `sampling()`
+                engine=Engine(F_.unwrap(policy), tok, device, max_batch=cfg.batch_size),
+                opt_p=L.make_optimizer(policy, cfg.lr, 0.0),
+                opt_v=L.make_optimizer(value, cfg.value_lr, 0.0) if value is not None else None,
+                kl_ctl=rl.AdaptiveKL(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon),
+                ptx_rows=_ptx_rows(cfg, out, tok) if cfg.ptx_coef > 0 else None,
+                world=world, probe=probe, ckpts=L.Checkpoints(stage), metrics=None)
+    resumed = _resume(s) if cfg.resume else False
+    s.metrics = L.Metrics(stage, resume_step=s.start if resumed else None) if D.is_main() else None
     if D.is_main():  # only rank 0 writes
         save_stage_config(out, section(cfg), cfg)
-    # the engine reads the policy's weights directly: under FSDP2 each sampling runs inside `D.whole(pnet)`
-    engine = Engine(F_.unwrap(policy), tok, device, max_batch=cfg.batch_size)
-
-    @contextlib.contextmanager
-    def sampling():
-        """The policy whole while the engine samples (FSDP2: gathered on every rank, a collective), and
-        under FSDP2 nothing of it kept afterwards: the engine's fused copy goes with the gathered weights."""
-        with D.whole(pnet):
-            yield
-        if fsdp:
-            engine.release()
     print(f"{cfg.algo}: round {cfg.round}, policy {init}, reward model {rm_path}, {len(prompts)} prompts, "
-          f"{cfg.iterations} iterations × {cfg.batch_size} episodes, β {kl_ctl.beta}"
+          f"{cfg.iterations} iterations × {cfg.batch_size} episodes, β {s.kl_ctl.beta}"
           + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
           + (f", {cfg.rloo_k} answers per prompt" + (", group-normalised" if cfg.group_norm else "") if rloo else ""))
-    if probe and start == 0:
-        with sampling():  # every rank gathers the weights (FSDP); rank 0 alone samples the probe
-            if metrics:
-                metrics.log(step=0, kl_sampled=0.0, beta=kl_ctl.beta, **_probe_scores(engine, tok, world, probe, scorer, cfg))
-    bar = L.Progress(cfg.iterations, f"{cfg.algo} round {cfg.round}", start)
-    streak = 0  # iterations in a row whose every optimizer step was skipped
-    amp = lambda: L.autocast(device, cfg.dtype)  # noqa: E731 — old, reference and new log-probs alike
+    return s
 
-    def logprobs(model, mb, with_entropy=False):
-        return action_logprobs(model, ids[mb], attn[mb], pos[mb], P, with_entropy, allowed, cfg.temperature)
 
-    for it in range(start, cfg.iterations):
-        t0 = time.perf_counter()
-        rng = random.Random(cfg.seed * 1_000_003 + it)
-        if rloo:  # rloo_k episodes per prompt, side by side (each row still samples from its own generator)
-            batch = [i for i in rng.sample(range(len(prompts)), min(cfg.batch_size // cfg.rloo_k, len(prompts)))
-                     for _ in range(cfg.rloo_k)]
-        else:
-            batch = rng.sample(range(len(prompts)), min(cfg.batch_size, len(prompts)))
-        # ---- rollout (LoRA: the engine runs the merged-on-the-fly policy, adapters active); under torchrun
-        # each rank samples its share, episode p with the generator it has in one process, (seed, p)
-        mine = D.part(list(range(len(batch))))
-        seed = cfg.seed * 7_919 + it
-        with sampling(), amp():
-            outs = engine.generate([prompt_ids[batch[p]] for p in mine], max_new_tokens=cfg.max_new_tokens,
-                                   temperature=cfg.temperature,
-                                   seed=seed if D.world() == 1 else [(seed * 1_000_003 + p) % 2**63 for p in mine])
-        t_gen = time.perf_counter() - t0
-        responses, texts, sampled_lp = D.gather_rows(mine, [o.ids for o in outs], [o.text.strip() for o in outs],
-                                                     [o.logprobs for o in outs])
-        ended = torch.tensor([bool(r) and r[-1] in tok.stop_ids for r in responses], dtype=torch.float32)
-        # Minibatches of every epoch, drawn now: the first epoch's minibatches are also how the old
-        # log-probs, reference log-probs and values are computed, so the first update sees exactly the
-        # inputs (same rows, same shapes, same autocast) that produced the old log-probs: ratio 1.
-        epochs = []
-        for _ in range(cfg.ppo_epochs):
-            order = list(range(len(batch)))
-            rng.shuffle(order)
-            epochs.append([torch.tensor(order[s:s + cfg.minibatch_size], device=device)
-                           for s in range(0, len(order), cfg.minibatch_size)])
-        # ---- score and assemble rewards (no gradients)
-        with torch.no_grad():
-            # the reward model reads its score where it was trained to: see ChatTokenizer.scored_ids
-            score = torch.zeros(len(batch), device=device)
-            score[mine] = torch.tensor(scorer.score_ids([tok.scored_ids(prompt_ids[batch[p]], responses[p]) for p in mine]),
-                                       device=device)
-            score = D.all_sum(score)  # every rank: the scores of the whole batch
-            score_raw = score.clone()
-            if cfg.reward_norm:
-                if norm is None:
-                    norm = (score.mean().item(), max(score.std().item(), 1e-6) if len(score) > 1 else 1.0)
-                score = (score - norm[0]) / norm[1]
-            score = score + cfg.missing_end_penalty * (1 - ended.to(device))
-            ids, attn, pos, mask, P = layout([prompt_ids[i] for i in batch], responses, tok.pad_id, device)
-            old_logp, ref_logp, old_values = (torch.zeros(mask.shape, device=device) for _ in range(3))
-            policy.eval()
-            if value is not None:
-                value.eval()
-            with amp():
-                for mb_all in epochs[0]:
-                    mb = D.part(mb_all)  # this rank's rows: the ones it will take of the same minibatch in epoch 1
-                    # a rank left without a row runs one all the same and keeps nothing: every rank runs
-                    # the same passes (under FSDP each gathers the weights with the others)
-                    run_mb, keep = (mb, slice(None)) if len(mb) else (mb_all[:1], slice(0, 0))
-                    old_logp[mb] = logprobs(pnet, run_mb)[keep]
-                    with ref_ctx():
-                        ref_logp[mb] = logprobs(ref, run_mb)[keep]
-                    if value is not None:
-                        old_values[mb] = state_values(vnet, ids[run_mb], attn[run_mb], pos[run_mb], P)[keep]
-            old_logp, ref_logp, old_values = (D.all_sum(t) for t in (old_logp, ref_logp, old_values))
-            policy.train()
-            if value is not None:
-                value.train()
-            # the sampler's log-probs against the trainer's, on the same tokens: equal up to rounding in fp32;
-            # a gap means the rollout came from another distribution than the one PPO's ratio assumes
-            engine_lp = torch.zeros_like(old_logp)
-            for b, lps in enumerate(sampled_lp):
-                engine_lp[b, :len(lps)] = torch.tensor(lps[:engine_lp.shape[1]], dtype=engine_lp.dtype)
-            bad, what = rl.nonfinite_rows(mask, **{"old log-probs": old_logp, "reference log-probs": ref_logp,
-                                                   "values": old_values, "scores": score[:, None].expand_as(mask)})
-            if bad.any():  # left out of this update, said aloud (the same on every rank: the tensors are global)
-                mask = mask * ~bad[:, None]
-                old_logp, ref_logp, old_values, score = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
-                                                         for t in (old_logp, ref_logp, old_values, score))
-                bar.write(f"{cfg.algo}: iteration {it + 1}: {', '.join(what)} not finite in {int(bad.sum())} of "
-                          f"{len(batch)} episodes, left out of this update" + (
-                              " (bf16 rounding: --dtype float32 avoids it)" if L.amp_dtype(device, cfg.dtype) else ""))
-            sampler_gap = rl.masked_mean((engine_lp - old_logp).abs(), mask).item()
-            kl = rl.kl_per_token(old_logp, ref_logp) * mask
-            rewards = rl.token_rewards(score, kl, mask, kl_ctl.beta)
-            if rloo:  # the sequence reward score − β·Σ KL_t, its leave-one-out advantage at every token
-                seq_reward = rewards.sum(1)
-                adv, returns = rl.rloo_advantages(seq_reward, cfg.rloo_k, cfg.group_norm)[:, None] * mask, None
-            else:
-                if cfg.whiten_rewards:
-                    rewards = rl.whiten(rewards, mask, shift_mean=False)
-                adv, returns = rl.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-                if cfg.whiten_advantages:
-                    adv = rl.whiten(adv, mask)
-        # ---- PPO epochs over minibatches
-        stats = {"pg_loss": [], "vf_loss": [], "clip_frac": [], "approx_kl": [], "entropy": [], "ptx_loss": []}
-        first_ratio_error, skipped = None, 0
-        for e, minibatches in enumerate(epochs):
-            for s, mb_all in enumerate(minibatches):
-                # this rank's rows of the minibatch; each loss below is a token mean over its rows, weighted
-                # by their share of the minibatch's tokens (×world: DDP averages the ranks' gradients). A
-                # rank left without a row runs one with weight 0: every rank runs the same passes.
-                mb = D.part(mb_all)
-                share = float(mask[mb].sum() / mask[mb_all].sum()) if len(mb) else 0.0
-                mb = mb if len(mb) else mb_all[:1]
-                m = mask[mb]
-                with amp():
-                    logp, ent = logprobs(pnet, mb, with_entropy=True)
-                    if first_ratio_error is None:  # the precision/temperature contract, checked every iteration
-                        first_ratio_error = D.all_max(((logp.detach() - old_logp[mb]).exp() - 1).abs().mul(m).max())
-                    pg, st = rl.policy_loss(logp, old_logp[mb], adv[mb], m, cfg.clip)
-                    loss = pg * share
-                    if ptx_rows is not None:
-                        rows = ptx_rows[torch.randint(len(ptx_rows), (cfg.minibatch_size,),
-                                                      generator=torch.Generator().manual_seed(it * 997 + e * 101 + s))]
-                        part = D.part(rows)
-                        ptx_share = len(part) / len(rows)
-                        part = (part if len(part) else rows[:1]).to(device)
-                        hidden, head = F_.causal_hidden(pnet, part[:, :-1], torch.ones_like(part[:, :-1]))
-                        ptx = -F_.token_logprobs(hidden, head, part[:, 1:])[0].mean()
-                        loss = loss + cfg.ptx_coef * ptx * ptx_share
-                opt_p.zero_grad(set_to_none=True)
-                (loss * D.world()).backward()
-                skipped += _step_if_finite(opt_p)
-                if value is not None:
-                    with amp():
-                        v = state_values(vnet, ids[mb], attn[mb], pos[mb], P)
-                        vf = rl.value_loss(v, old_values[mb], returns[mb], m, cfg.value_clip)
-                    opt_v.zero_grad(set_to_none=True)
-                    (vf * share * D.world()).backward()
-                    skipped += _step_if_finite(opt_v)
-                # the minibatch's statistics: the ranks' shares added up (one all-reduce)
-                got = D.all_sum(torch.tensor([pg.item(), vf.item() if value is not None else 0.0, st["clip_frac"],
-                                              st["approx_kl"], rl.masked_mean(ent.detach(), m).item()],
-                                             dtype=torch.float64) * share)
-                for k, x in zip(("pg_loss", "vf_loss", "clip_frac", "approx_kl", "entropy"), got.tolist()):
-                    if k != "vf_loss" or value is not None:  # RLOO has no value model
-                        stats[k].append(x)
-                if ptx_rows is not None:
+def _resume(s: Session) -> bool:
+    """Continue from the stage's last checkpoint, if any, of the same configuration (the number of processes
+    and how they talk may change: see dist.py)."""
+    state = s.ckpts.load()
+    if state is None:
+        return False
+    per_call = ("resume", "fsdp", "dist_backend")
+    # a field added since the checkpoint was written (algo, rloo_k, …) had its default's behaviour then
+    saved = {k: v for k, v in {**asdict(Config()), **state["config"]}.items() if k not in per_call}
+    now = {k: v for k, v in asdict(s.cfg).items() if k not in per_call}
+    if saved != now:
+        diff = next(k for k in now if saved.get(k) != now[k])
+        raise InputError(f"--resume on a PPO folder of another configuration ({diff}: {saved.get(diff)!r} there, "
+                         f"{now[diff]!r} now)", file=s.stage, field=diff)
+    D.restore(state, s.pnet, s.opt_p, s.policy)
+    if s.value is not None:
+        D.restore({"model": state["value"], "optim": state["optim_value"]}, s.vnet, s.opt_v, s.value)
+    s.kl_ctl.beta, s.start = state["beta"], state["step"]
+    s.norm = state.get("reward_norm")
+    return True
+
+
+def rollout(s: Session, it: int) -> Rollout:
+    """Draw the iteration's prompts and every epoch's minibatches, and sample one answer to each prompt.
+    Under torchrun each rank samples its share, episode p with the generator it has in one process, (seed, p);
+    with LoRA the engine runs the merged-on-the-fly policy, adapters active."""
+    cfg = s.cfg
+    t0 = time.perf_counter()
+    rng = random.Random(cfg.seed * 1_000_003 + it)
+    if s.rloo:  # rloo_k episodes per prompt, side by side (each row still samples from its own generator)
+        batch = [i for i in rng.sample(range(len(s.prompts)), min(cfg.batch_size // cfg.rloo_k, len(s.prompts)))
+                 for _ in range(cfg.rloo_k)]
+    else:
+        batch = rng.sample(range(len(s.prompts)), min(cfg.batch_size, len(s.prompts)))
+    mine = D.part(list(range(len(batch))))
+    seed = cfg.seed * 7_919 + it
+    with s.sampling(), s.amp():
+        outs = s.engine.generate([s.prompt_ids[batch[p]] for p in mine], max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature,
+                                 seed=seed if D.world() == 1 else [(seed * 1_000_003 + p) % 2**63 for p in mine])
+    t_gen = time.perf_counter() - t0
+    responses, texts, sampled_lp = D.gather_rows(mine, [o.ids for o in outs], [o.text.strip() for o in outs],
+                                                 [o.logprobs for o in outs])
+    ended = torch.tensor([bool(r) and r[-1] in s.tok.stop_ids for r in responses], dtype=torch.float32)
+    # Minibatches of every epoch, drawn now: the first epoch's minibatches are also how the old
+    # log-probs, reference log-probs and values are computed, so the first update sees exactly the
+    # inputs (same rows, same shapes, same autocast) that produced the old log-probs: ratio 1.
+    epochs = []
+    for _ in range(cfg.ppo_epochs):
+        order = list(range(len(batch)))
+        rng.shuffle(order)
+        epochs.append([torch.tensor(order[i:i + cfg.minibatch_size], device=s.device)
+                       for i in range(0, len(order), cfg.minibatch_size)])
+    return Rollout(batch=batch, responses=responses, texts=texts, sampled_lp=sampled_lp, ended=ended,
+                   epochs=epochs, t_gen=t_gen)
+
+
+def _logprobs(s: Session, model, ro: Rollout, mb, with_entropy=False):
+    """log π(response tokens) of the minibatch rows `mb`, over the engine's vocabulary and at the rollout's τ."""
+    return action_logprobs(model, ro.ids[mb], ro.attn[mb], ro.pos[mb], ro.P, with_entropy, s.allowed,
+                           s.cfg.temperature)
+
+
+@torch.no_grad()
+def score(s: Session, ro: Rollout, it: int, bar) -> None:
+    """The reward model's score, the old and reference log-probs and values, then the per-token rewards
+    (−β·KL_t, the score at the last token) and the advantages: PPO's GAE, or RLOO's leave-one-out."""
+    cfg, device = s.cfg, s.device
+    mine = D.part(list(range(len(ro.batch))))
+    # the reward model reads its score where it was trained to: see ChatTokenizer.scored_ids
+    sc = torch.zeros(len(ro.batch), device=device)
+    sc[mine] = torch.tensor(s.scorer.score_ids([s.tok.scored_ids(s.prompt_ids[ro.batch[p]], ro.responses[p])
+                                                for p in mine]), device=device)
+    sc = D.all_sum(sc)  # every rank: the scores of the whole batch
+    ro.score_raw = sc.clone()
+    if cfg.reward_norm:
+        if s.norm is None:
+            s.norm = (sc.mean().item(), max(sc.std().item(), 1e-6) if len(sc) > 1 else 1.0)
+        sc = (sc - s.norm[0]) / s.norm[1]
+    sc = sc + cfg.missing_end_penalty * (1 - ro.ended.to(device))
+    ro.ids, ro.attn, ro.pos, mask, ro.P = layout([s.prompt_ids[i] for i in ro.batch], ro.responses, s.tok.pad_id, device)
+    old_logp, ref_logp, old_values = (torch.zeros(mask.shape, device=device) for _ in range(3))
+    s.policy.eval()
+    if s.value is not None:
+        s.value.eval()
+    with s.amp():
+        for mb_all in ro.epochs[0]:
+            mb = D.part(mb_all)  # this rank's rows: the ones it will take of the same minibatch in epoch 1
+            # a rank left without a row runs one all the same and keeps nothing: every rank runs
+            # the same passes (under FSDP each gathers the weights with the others)
+            run_mb, keep = (mb, slice(None)) if len(mb) else (mb_all[:1], slice(0, 0))
+            old_logp[mb] = _logprobs(s, s.pnet, ro, run_mb)[keep]
+            with s.ref_ctx():
+                ref_logp[mb] = _logprobs(s, s.ref, ro, run_mb)[keep]
+            if s.value is not None:
+                old_values[mb] = state_values(s.vnet, ro.ids[run_mb], ro.attn[run_mb], ro.pos[run_mb], ro.P)[keep]
+    old_logp, ref_logp, old_values = (D.all_sum(t) for t in (old_logp, ref_logp, old_values))
+    s.policy.train()
+    if s.value is not None:
+        s.value.train()
+    # the sampler's log-probs against the trainer's, on the same tokens: equal up to rounding in fp32;
+    # a gap means the rollout came from another distribution than the one PPO's ratio assumes
+    engine_lp = torch.zeros_like(old_logp)
+    for b, lps in enumerate(ro.sampled_lp):
+        engine_lp[b, :len(lps)] = torch.tensor(lps[:engine_lp.shape[1]], dtype=engine_lp.dtype)
+    bad, what = rl.nonfinite_rows(mask, **{"old log-probs": old_logp, "reference log-probs": ref_logp,
+                                           "values": old_values, "scores": sc[:, None].expand_as(mask)})
+    if bad.any():  # left out of this update, said aloud (the same on every rank: the tensors are global)
+        mask = mask * ~bad[:, None]
+        old_logp, ref_logp, old_values, sc = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+                                              for t in (old_logp, ref_logp, old_values, sc))
+        bar.write(f"{cfg.algo}: iteration {it + 1}: {', '.join(what)} not finite in {int(bad.sum())} of "
+                  f"{len(ro.batch)} episodes, left out of this update" + (
+                      " (bf16 rounding: --dtype float32 avoids it)" if L.amp_dtype(device, cfg.dtype) else ""))
+    ro.sampler_gap = rl.masked_mean((engine_lp - old_logp).abs(), mask).item()
+    ro.nonfinite = int(bad.sum())
+    ro.kl = rl.kl_per_token(old_logp, ref_logp) * mask
+    rewards = rl.token_rewards(sc, ro.kl, mask, s.kl_ctl.beta)
+    if s.rloo:  # the sequence reward score − β·Σ KL_t, its leave-one-out advantage at every token
+        ro.adv, ro.returns = rl.rloo_advantages(rewards.sum(1), cfg.rloo_k, cfg.group_norm)[:, None] * mask, None
+    else:
+        if cfg.whiten_rewards:
+            rewards = rl.whiten(rewards, mask, shift_mean=False)
+        ro.adv, ro.returns = rl.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            ro.adv = rl.whiten(ro.adv, mask)
+    ro.score, ro.mask, ro.old_logp, ro.ref_logp, ro.old_values = sc, mask, old_logp, ref_logp, old_values
+
+
+def update(s: Session, ro: Rollout, it: int) -> tuple[dict, int]:
+    """PPO epochs over the rollout's minibatches: the clipped policy loss (+ PPO-ptx's LM loss), then the
+    clipped value loss. Returns the minibatch statistics and how many optimizer steps were skipped."""
+    cfg = s.cfg
+    stats = {"pg_loss": [], "vf_loss": [], "clip_frac": [], "approx_kl": [], "entropy": [], "ptx_loss": [],
+             "first_ratio_error": []}
+    skipped = 0
+    for e, minibatches in enumerate(ro.epochs):
+        for k, mb_all in enumerate(minibatches):
+            # this rank's rows of the minibatch; each loss below is a token mean over its rows, weighted
+            # by their share of the minibatch's tokens (×world: DDP averages the ranks' gradients). A
+            # rank left without a row runs one with weight 0: every rank runs the same passes.
+            mb = D.part(mb_all)
+            share = float(ro.mask[mb].sum() / ro.mask[mb_all].sum()) if len(mb) else 0.0
+            mb = mb if len(mb) else mb_all[:1]
+            m = ro.mask[mb]
+            with s.amp():
+                logp, ent = _logprobs(s, s.pnet, ro, mb, with_entropy=True)
+                if not stats["first_ratio_error"]:  # the precision/temperature contract, checked every iteration
+                    stats["first_ratio_error"].append(
+                        D.all_max(((logp.detach() - ro.old_logp[mb]).exp() - 1).abs().mul(m).max()))
+                pg, st = rl.policy_loss(logp, ro.old_logp[mb], ro.adv[mb], m, cfg.clip)
+                loss = pg * share
+                if s.ptx_rows is not None:
+                    ptx, ptx_share = _ptx_loss(s, it * 997 + e * 101 + k)
+                    loss = loss + cfg.ptx_coef * ptx * ptx_share
                     stats["ptx_loss"].append(D.all_sum(torch.tensor(ptx.item() * ptx_share, dtype=torch.float64)).item())
-        # ---- bookkeeping
-        seq_kl = kl.sum(1).mean().item()
-        beta_used = kl_ctl.beta
-        kl_ctl.update(seq_kl, len(batch))
-        dt = time.perf_counter() - t0
-        rec = {"step": it + 1, "rm_score": score_raw.mean().item(), "reward": score.mean().item(),
-               "kl_sampled": seq_kl, "beta": beta_used, "ended_share": ended.mean().item(),
-               "gold_rollout": sum(world.gold_score(prompts[i], t) for i, t in zip(batch, texts)) / len(texts)
-               if world and all("gold" in prompts[i] for i in batch) else None,
-               "response_length": mask.sum(1).float().mean().item(),
-               "explained_variance": rl.explained_variance(old_values, returns, mask) if value is not None else None,
-               "first_ratio_error": first_ratio_error,
-               "episodes_per_s": len(batch) / dt, "tokens_per_s": float(mask.sum()) / dt,
-               "generation_share": t_gen / dt, "peak_memory_gb": L.peak_memory_gb(device)}
-        rec |= {k: sum(v) / len(v) for k, v in stats.items() if v}
-        rec |= {"nonfinite_episodes": int(bad.sum()), "skipped_steps": skipped, "sampler_gap": sampler_gap}
-        if skipped:
-            bar.write(f"{cfg.algo}: iteration {it + 1}: {skipped} optimizer steps skipped, their gradients not finite")
-        streak = streak + 1 if skipped and skipped >= len(stats["pg_loss"]) * (2 if value is not None else 1) else 0
-        if streak == 3:
-            half = L.amp_dtype(device, cfg.dtype) is not None
-            raise InputError(f"every optimizer step of iterations {it - 1}-{it + 1} had gradients that were not finite; "
-                             f"stopped (the last checkpoint is in {ckpts.dir})"
-                             + ("; --dtype float32 avoids bf16 rounding" if half else "; try a lower --lr"),
-                             file=stage, field="dtype" if half else "lr")
-        if probe and ((it + 1) % cfg.probe_every == 0 or it + 1 == cfg.iterations):
-            with sampling():  # every rank gathers the weights (FSDP); rank 0 alone samples (the others wait)
-                if D.is_main():
-                    rec |= _probe_scores(engine, tok, world, probe, scorer, cfg)
-        if metrics:
-            metrics.log(**rec)
-        bar.update(1, rm=rec["rm_score"], kl=seq_kl, **({"gold": rec["gold_probe"]} if "gold_probe" in rec else {}))
-        L.release_memory()
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            # full state dicts in the one-process layout, gathered to rank 0 (a collective under FSDP)
-            pstate = D.capture(pnet, opt_p, policy)
-            vstate = D.capture(vnet, opt_v, value) if value is not None else {}
+            s.opt_p.zero_grad(set_to_none=True)
+            (loss * D.world()).backward()
+            skipped += _step_if_finite(s.opt_p)
+            if s.value is not None:
+                with s.amp():
+                    v = state_values(s.vnet, ro.ids[mb], ro.attn[mb], ro.pos[mb], ro.P)
+                    vf = rl.value_loss(v, ro.old_values[mb], ro.returns[mb], m, cfg.value_clip)
+                s.opt_v.zero_grad(set_to_none=True)
+                (vf * share * D.world()).backward()
+                skipped += _step_if_finite(s.opt_v)
+            # the minibatch's statistics: the ranks' shares added up (one all-reduce)
+            got = D.all_sum(torch.tensor([pg.item(), vf.item() if s.value is not None else 0.0, st["clip_frac"],
+                                          st["approx_kl"], rl.masked_mean(ent.detach(), m).item()],
+                                         dtype=torch.float64) * share)
+            for name, x in zip(("pg_loss", "vf_loss", "clip_frac", "approx_kl", "entropy"), got.tolist()):
+                if name != "vf_loss" or s.value is not None:  # RLOO has no value model
+                    stats[name].append(x)
+    return stats, skipped
+
+
+def _ptx_loss(s: Session, seed: int) -> tuple[torch.Tensor, float]:
+    """PPO-ptx: the LM loss on a minibatch of pretraining rows (this rank's share of them, and that share)."""
+    rows = s.ptx_rows[torch.randint(len(s.ptx_rows), (s.cfg.minibatch_size,),
+                                    generator=torch.Generator().manual_seed(seed))]
+    part = D.part(rows)
+    share = len(part) / len(rows)
+    part = (part if len(part) else rows[:1]).to(s.device)
+    hidden, head = F_.causal_hidden(s.pnet, part[:, :-1], torch.ones_like(part[:, :-1]))
+    return -F_.token_logprobs(hidden, head, part[:, 1:])[0].mean(), share
+
+
+def record(s: Session, ro: Rollout, stats: dict, skipped: int, it: int, dt: float) -> dict:
+    """Adapt β to the batch's KL, and log the iteration (with the probe's gold score every probe_every)."""
+    cfg = s.cfg
+    seq_kl = ro.kl.sum(1).mean().item()
+    beta_used = s.kl_ctl.beta
+    s.kl_ctl.update(seq_kl, len(ro.batch))
+    world = s.world
+    rec = {"step": it + 1, "rm_score": ro.score_raw.mean().item(), "reward": ro.score.mean().item(),
+           "kl_sampled": seq_kl, "beta": beta_used, "ended_share": ro.ended.mean().item(),
+           "gold_rollout": sum(world.gold_score(s.prompts[i], t) for i, t in zip(ro.batch, ro.texts)) / len(ro.texts)
+           if world and all("gold" in s.prompts[i] for i in ro.batch) else None,
+           "response_length": ro.mask.sum(1).float().mean().item(),
+           "explained_variance": rl.explained_variance(ro.old_values, ro.returns, ro.mask) if s.value is not None else None,
+           "first_ratio_error": stats.pop("first_ratio_error")[0],
+           "episodes_per_s": len(ro.batch) / dt, "tokens_per_s": float(ro.mask.sum()) / dt,
+           "generation_share": ro.t_gen / dt, "peak_memory_gb": L.peak_memory_gb(s.device)}
+    rec |= {k: sum(v) / len(v) for k, v in stats.items() if v}
+    rec |= {"nonfinite_episodes": ro.nonfinite, "skipped_steps": skipped, "sampler_gap": ro.sampler_gap}
+    if s.probe and ((it + 1) % cfg.probe_every == 0 or it + 1 == cfg.iterations):
+        with s.sampling():  # every rank gathers the weights (FSDP); rank 0 alone samples (the others wait)
             if D.is_main():
-                ckpts.save(it + 1, config=asdict(cfg), beta=kl_ctl.beta, reward_norm=norm,
-                           **({"value": vstate["model"], "optim_value": vstate["optim"]} if vstate else {}),
-                           **pstate)
-    bar.close()
-    final = D.gathered(pnet, policy)  # rank 0: the whole policy (a fresh copy under FSDP); None elsewhere
+                rec |= _probe_scores(s)
+    if s.metrics:
+        s.metrics.log(**rec)
+    return rec
+
+
+def checkpoint(s: Session, step: int) -> None:
+    """Full state dicts in the one-process layout, gathered to rank 0 (a collective under FSDP)."""
+    pstate = D.capture(s.pnet, s.opt_p, s.policy)
+    vstate = D.capture(s.vnet, s.opt_v, s.value) if s.value is not None else {}
+    if D.is_main():
+        s.ckpts.save(step, config=asdict(s.cfg), beta=s.kl_ctl.beta, reward_norm=s.norm,
+                     **({"value": vstate["model"], "optim_value": vstate["optim"]} if vstate else {}), **pstate)
+
+
+def finish(s: Session) -> Path:
+    """Save the (merged) policy, say how the round ended, and raise the reward-hacking alarm if it fired."""
+    from alignloop.model import save_model
+    cfg = s.cfg
+    final = D.gathered(s.pnet, s.policy)  # rank 0: the whole policy (a fresh copy under FSDP); None elsewhere
     if not D.is_main():
-        return stage
-    save_model(L.merged(final), tok, stage)
-    rows = L.read_jsonl_tolerant(metrics.path)
+        return s.stage
+    save_model(L.merged(final), s.tok, s.stage)
+    rows = L.read_jsonl_tolerant(s.metrics.path)
     last = rows[-1]
     print(f"{cfg.algo}: round {cfg.round} done: RM score {last['rm_score']:+.3f}, sampled KL to SFT {last['kl_sampled']:.2f} nats"
           + (f", probe gold {last['gold_probe']:.3f}" if "gold_probe" in last else "")
-          + f", peak memory {L.peak_memory_gb(device):.2f} GB → {stage}")
+          + f", peak memory {L.peak_memory_gb(s.device):.2f} GB → {s.stage}")
     from alignloop.alarm import PREFIX, hacking_alarm
     alarm = hacking_alarm(rows)  # the whole round's probe curve, resumed parts included
     if alarm:
         print(f"{PREFIX}{cfg.algo} round {cfg.round}: {alarm}")
-    return stage
+    return s.stage
 
 
 def _step_if_finite(opt) -> int:
@@ -500,11 +633,12 @@ def _probe(out: Path, cfg: Config):
 
 
 @torch.no_grad()
-def _probe_scores(engine, tok, world, probe, scorer, cfg) -> dict:
-    outs = engine.generate([tok.render_prompt(p["messages"]) for p in probe], max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, seed=12345)
+def _probe_scores(s: Session) -> dict:
+    probe, cfg = s.probe, s.cfg
+    outs = s.engine.generate([s.tok.render_prompt(p["messages"]) for p in probe], max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, seed=12345)
     texts = [o.text.strip() for o in outs]
-    rm = scorer.score_texts([p["messages"] for p in probe], texts)
+    rm = s.scorer.score_texts([p["messages"] for p in probe], texts)
     from alignloop.evaluate import distinct_n
-    return {"gold_probe": sum(world.gold_score(p, t) for p, t in zip(probe, texts)) / len(probe),
+    return {"gold_probe": sum(s.world.gold_score(p, t) for p, t in zip(probe, texts)) / len(probe),
             "rm_probe": sum(rm) / len(rm), "distinct_2_probe": distinct_n(texts, 2)}

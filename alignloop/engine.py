@@ -22,6 +22,7 @@ Two model paths, one scheduler:
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import deque
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 FAST_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+log = logging.getLogger("alignloop.engine")
 
 
 @dataclass
@@ -128,6 +130,11 @@ class Engine:
         cfg = model.config
         self.ctx = getattr(cfg, "max_position_embeddings", 2048)
         self.fast = cfg.model_type in FAST_TYPES and hasattr(model, "model") and hasattr(model.model, "layers")
+        if not self.fast:  # said once per engine: its requests queue behind whole batches, not behind slots
+            why = (f"the fast path covers {', '.join(sorted(FAST_TYPES))}" if cfg.model_type not in FAST_TYPES
+                   else "its modules are not laid out as transformers' own (no model.layers)")
+            log.warning("engine: %s models run with static batches (%s): a request that arrives while a batch "
+                        "runs waits until every row of that batch has ended", cfg.model_type, why)
         # padded embedding rows beyond the tokenizer, and <|pad|>, are never sampled (the one vocabulary
         # mask: PPO's and evaluation's log-probs use the same)
         from alignloop.forward import allowed_tokens
@@ -327,13 +334,14 @@ class Engine:
                 new.append(r)
         if not new:
             return new, ended
+        fresh = not self.running  # a new busy period: the weights may have changed since the last one
+        for r in new:  # in their slots first: should the cache below fail (out of memory), `step` fails them
+            self._rows[r.slot] = r  # with the rest instead of leaving them in no slot and no queue, never ending
+        self._sampler = None
         if self.fast:
-            if not self.running:  # a new busy period: the weights may have changed since the last one
+            if fresh:
                 self._layers = self._fused_layers()
             self._reserve(max(r.slot for r in new) + 1, max(len(r.prompt) + r.limit for r in new))
-        for r in new:
-            self._rows[r.slot] = r
-        self._sampler = None
         return new, ended
 
     def _compact(self) -> None:

@@ -6,7 +6,9 @@ KL to SFT are all measured on the same samples.
 The world's judge (who knows the gold truth) scores each answer. Results go into RUN/eval.json under
 `stages.<name>` in the shape docs/formats.md ("eval.json") fixes. Every `ci95` entry is a 95% interval [lo, hi] (a rate's
 Wilson interval is not symmetric about the rate); `kl_exact` is the exact per-token KL to SFT summed over
-each answer — not PPO's `kl_sampled`, the log-ratio of the sampled tokens on its rollout batch.
+each answer — not PPO's `kl_sampled`, the log-ratio of the sampled tokens on its rollout batch — at the
+temperature T the answers were sampled at (both models' logits / T; none at T = 0, greedy), stored beside
+it as `temperature`.
 
 Best-of-n (`--best-of N`, N > 1): the policy answers every prompt N times (row j of prompt i with the
 engine's seed `row_seed(seed, i·N + j)`, so N = 1 is the ordinary evaluation), the reward model scores the
@@ -193,11 +195,17 @@ def fact_recall(model, tok, probes: list[tuple[str, str]], device=None, batch_si
 
 
 @torch.no_grad()
-def sequence_kl(policy, reference, prompt_ids, answer_ids, device, tok, batch_size: int = 32) -> list[float]:
+def sequence_kl(policy, reference, prompt_ids, answer_ids, device, tok, batch_size: int = 32,
+                temperature: float = 1.0) -> list[float]:
     """KL(π‖π_ref) of each answer: Σ over its positions of the exact KL between the two next-token
-    distributions (as the engine samples them: padded vocabulary rows and <|pad|> excluded). Summed
-    along a trajectory sampled from π this estimates the sequence KL without bias, is never negative,
-    and has far less variance than the log-ratio of the sampled tokens alone."""
+    distributions (as the engine samples them: padded vocabulary rows and <|pad|> excluded, both models'
+    logits divided by `temperature` — pass the temperature the answers were sampled at, so that π is the
+    distribution they came from). Summed along a trajectory sampled from π this estimates the sequence KL
+    without bias, is never negative, and has far less variance than the log-ratio of the sampled tokens
+    alone. Temperature 0 (greedy) has no such distribution: a ValueError."""
+    if not temperature > 0:
+        raise ValueError(f"the exact KL needs a sampling temperature > 0, not {temperature} (greedy answers "
+                         "come from no distribution to compare)")
     from alignloop.forward import allowed_tokens, right_padded
     out = []
     for s in range(0, len(prompt_ids), batch_size):
@@ -205,7 +213,7 @@ def sequence_kl(policy, reference, prompt_ids, answer_ids, device, tok, batch_si
         ids, att = right_padded([p + a for p, a in zip(ps, ans)], tok.pad_id, device)
 
         def logp(model):
-            z = model(input_ids=ids, attention_mask=att).logits.float()
+            z = model(input_ids=ids, attention_mask=att).logits.float() / temperature
             z = z.masked_fill(~allowed_tokens(tok, z.shape[-1], z.device), float("-inf"))  # the engine's vocabulary
             return torch.log_softmax(z, -1)
         lp, lq = logp(policy), logp(reference)
@@ -240,8 +248,11 @@ def evaluate_policy(model, tok, world, cfg: Config, device, reference=None, rewa
         outs, scores = [outs[b] for b in best], [every[b] for b in best]
         candidates = [every[k * n:(k + 1) * n] for k in range(len(mine))]
         reference = reward_fn = None
-    if reference is not None and mine:
-        kls = sequence_kl(model, reference, [prompt_ids[i] for i in mine], [o.ids for o in outs], device, tok)
+    if cfg.temperature <= 0:  # greedy answers come from no distribution: no exact KL (run() says so)
+        reference = None
+    if reference is not None and mine:  # at the temperature the answers were sampled at: π is what sampled them
+        kls = sequence_kl(model, reference, [prompt_ids[i] for i in mine], [o.ids for o in outs], device, tok,
+                          temperature=cfg.temperature)
     if reward_fn is not None and mine:
         scores = reward_fn([prompts[i]["messages"] for i in mine], [o.text.strip() for o in outs])
     texts, lengths, kls, scores, candidates = D.gather_rows(mine, [o.text.strip() for o in outs],
@@ -298,13 +309,22 @@ def run(cfg: Config, out: Path) -> dict:
     ref_path = resolve_model(cfg.reference, out, field="reference") if cfg.reference else out / "sft"
     reference = None
     if cfg.stage not in ("base", "sft") and cfg.best_of == 1 and (ref_path / "config.json").exists():
-        reference = load_causal_lm(ref_path, pick_dtype(cfg.dtype, device)).to(device)
+        if cfg.temperature > 0:
+            reference = load_causal_lm(ref_path, pick_dtype(cfg.dtype, device)).to(device)
+        else:
+            print("eval: no kl_exact at temperature 0: greedy answers come from no distribution to compare "
+                  "with the reference's")
     reward_fn = None
     if rm_path is not None:
+        from alignloop.model import load_reward_model
         from alignloop.train.reward import RewardScorer
-        reward_fn = RewardScorer(rm_path, device).score_texts
+        # a trained reward model, or an InputError naming the folder (a causal LM has no trained score head);
+        # frozen, so bf16 on a GPU and fp32 on the CPU, as RewardScorer keeps it
+        rm = load_reward_model(rm_path, pick_dtype("auto", device)).to(device).eval().requires_grad_(False)
+        reward_fn = RewardScorer(rm_path, device, model=rm).score_texts
     res = evaluate_policy(model, tok, world, cfg, device, reference, reward_fn)
     res["split"] = cfg.split
+    res["temperature"] = cfg.temperature  # what the answers were sampled at, and kl_exact measured at
     name = bo_stage(cfg.stage, cfg.best_of)
     if D.is_main():  # every rank holds the results; one writes them
         update_eval_json(out, name, res, key=eval_key(cfg.split))

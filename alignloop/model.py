@@ -16,7 +16,8 @@ from transformers.utils import logging as hf_logging
 from alignloop.errors import InputError
 
 hf_logging.disable_progress_bar()  # "Loading weights" bars would drown alignloop's own progress
-hf_logging.set_verbosity_error()  # and its "newly initialized" notes are expected for a fresh scalar head
+hf_logging.set_verbosity_error()  # and its "newly initialized" notes: the loaders below check the weights
+# themselves (`_check_weights`) and refuse a folder that does not fit, naming what it holds
 
 # Size presets. `tiny` is sized to learn the embedded world in ~3 minutes on a 2-core CPU; `small` is
 # GPT-2-small-like (~124M parameters with a 16k vocabulary it is ~100M) for one GPU.
@@ -69,37 +70,94 @@ def check_model_dir(path: Path, field: str | None = None) -> None:
 
 
 def load_causal_lm(path: str | Path, dtype=torch.float32):
+    """A causal LM folder (a policy). A folder of another kind is refused (`InputError`), not loaded with a
+    freshly initialised language-model head: a reward or value model (`*ForSequenceClassification` in its
+    config.json), or any folder whose weights leave part of the causal LM missing or are not all used."""
     from transformers import AutoModelForCausalLM
     path = Path(path)
     check_model_dir(path)
+    arch = _architectures(path)
+    if any(a.endswith("ForSequenceClassification") for a in arch):
+        raise InputError(f"this folder holds a reward or value model (config.json architectures: {', '.join(arch)}), "
+                         "not a causal LM: it has no language-model head to generate with", file=path,
+                         field="architectures")
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa",
+                                                           output_loading_info=True)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load a causal LM: {e}", file=path) from None
+    _check_weights(path, "a causal LM", arch, info)
+    return model
 
 
-def load_scalar_model(path: str | Path, dtype=torch.float32):
-    """A reward/value model folder, or a causal LM folder whose trunk gets a fresh (zero) scalar head."""
+def load_scalar_model(path: str | Path, dtype=torch.float32, trained: bool = False):
+    """A reward/value model folder, or a causal LM folder whose trunk gets a fresh (zero) scalar head — a
+    training's start. `trained`: the folder must hold a trained scalar head (a reward model to score with);
+    a causal LM folder is then refused (`InputError`) instead of scoring every answer 0 with a fresh head.
+    Either way a folder whose weights leave the trunk missing, or are not all used, is refused."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     path = Path(path)
     check_model_dir(path)
+    arch = _architectures(path)
+    if trained and arch and not _is_scalar_dir(path):  # (no architectures: the weights below tell)
+        raise InputError(f"this folder holds {', '.join(arch)} (config.json architectures), not a reward model: it "
+                         "has no trained score head (a reward model is what `alignloop reward` writes)", file=path,
+                         field="architectures")
     cfg = AutoConfig.from_pretrained(str(path))
     cfg.num_labels = 1
     if cfg.pad_token_id is None:
         cfg.pad_token_id = cfg.eos_token_id
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), config=cfg, dtype=dtype,
-                                                                   attn_implementation="sdpa")
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path), config=cfg, dtype=dtype, attn_implementation="sdpa", output_loading_info=True)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load a scalar-head model: {e}", file=path) from None
-    if not _is_scalar_dir(path):  # a fresh head: start every score at 0 so early training is stable
+    fresh = not trained and not _is_scalar_dir(path)
+    # a training's start from a causal LM: its score head is the one weight expected missing, its LM head unused
+    _check_weights(path, "a reward model" if trained else "a scalar-head model", arch, info,
+                   missing_ok=("score.",) if fresh else (), unexpected_ok=("lm_head.",) if fresh else ())
+    if fresh:  # a fresh head: start every score at 0 so early training is stable
         torch.nn.init.zeros_(model.score.weight)
     return model
 
 
+def load_reward_model(path: str | Path, dtype=torch.float32):
+    """A trained reward model to score with (`load_scalar_model(trained=True)`)."""
+    return load_scalar_model(path, dtype, trained=True)
+
+
+def _architectures(path: Path) -> list[str]:
+    try:
+        arch = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures")
+    except (ValueError, AttributeError):
+        raise InputError("config.json is not a JSON object", file=path / "config.json") from None
+    return [str(a) for a in arch] if isinstance(arch, list) else []
+
+
+def _check_weights(path: Path, what: str, arch: list[str], info: dict, missing_ok=(), unexpected_ok=()) -> None:
+    """Refuse a folder whose weights do not fit the model built from it: `transformers` would initialise the
+    missing ones at random (e.g. the LM head of a reward model's folder with an untied head) and drop the
+    unexpected ones, and say so only in a warning this module silences."""
+    def names(keys, ok):
+        return sorted(k for k in keys or () if not k.startswith(ok))
+    missing, unexpected = names(info.get("missing_keys"), missing_ok), names(info.get("unexpected_keys"), unexpected_ok)
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    if not (missing or unexpected or mismatched):
+        return
+    found = [f"{label} {_few(keys)}" for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                                          ("of another shape", mismatched)) if keys]
+    fate = " and ".join(x for x, keys in (("start some weights at random", missing or mismatched),
+                                           ("drop some of its weights", unexpected)) if keys)
+    raise InputError(f"its weights do not fit {what} ({'; '.join(found)}; config.json architectures: "
+                     f"{', '.join(arch) or 'none'}): loading it as {what} would {fate}", file=path, field="weights")
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
 def _is_scalar_dir(path: Path) -> bool:
-    arch = json.loads((path / "config.json").read_text()).get("architectures") or []
-    return any(a.endswith("ForSequenceClassification") for a in arch)
+    return any(a.endswith("ForSequenceClassification") for a in _architectures(path))
 
 
 def save_model(model, tok, path: str | Path, extra_files: dict[str, str] | None = None) -> None:
@@ -139,13 +197,19 @@ def flops_per_token(model, seq_len: int) -> float:
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise InputError(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)", field="device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("CUDA is not available on this machine", field="device")
+    if device.type == "cuda":
+        # cuDNN's attention backward (the default SDPA backend on Hopper since torch 2.11) returns NaN
+        # gradients when an explicit mask is passed, the length is 64 mod 128 and a row attends to nothing
+        # (our left padding): on an H200 it turned PPO's policy to NaN at iteration 8 of the main job. The
+        # memory-efficient kernel, next in line, is exact there (pytorch/pytorch#196678).
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return device
 
 

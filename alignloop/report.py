@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import html
 import io
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 from alignloop import headroom
@@ -298,15 +298,26 @@ def bars(stages: dict, names: list[str]) -> str:
 def reward_models(ev: dict, run: Path) -> str:
     """eval.json's `reward_model`, else each round's reward/eval.json (which the reward stage writes)."""
     rms = dict(ev.get("reward_model") or {})
+    unread = []  # (file, what is wrong): said in the report and on stderr, its round left out of the table
     for i in rounds_of(run):
         p = run / f"round-{i}" / "reward" / "eval.json"
         if not isinstance(rms.get(f"round-{i}"), dict) and p.exists():
-            with contextlib.suppress(json.JSONDecodeError):
-                rms[f"round-{i}"] = json.loads(p.read_text(encoding="utf-8"))
+            try:
+                rms[f"round-{i}"] = data = json.loads(p.read_text(encoding="utf-8"))
+            except ValueError as e:  # not JSON (a torn write), or not UTF-8
+                unread.append((p, f"not valid JSON: {e}"))
+                continue
+            if not isinstance(data, dict):
+                unread.append((p, f"expected a JSON object, found {type(data).__name__}"))
+    for p, why in unread:
+        print(f"report: {p}: {why}; that reward model's results are left out of the report", file=sys.stderr)
+    note = "".join(f'<p class="warn"><b>{esc(p)}</b>: {esc(why)} — that reward model\'s results are left out.</p>'
+                   for p, why in unread)
     order = sorted((k for k, v in rms.items() if isinstance(v, dict)), key=lambda k: (len(k), k))
     if not order:
-        return MISSING
-    out = [table(["round", "held-out pair accuracy", "labelers' agreement", "accuracy against the gold order",
+        return note or MISSING
+    out = [note] if note else []
+    out += [table(["round", "held-out pair accuracy", "labelers' agreement", "accuracy against the gold order",
                   "labelers against the gold order", "held-out prompts", "held-out pairs", "training comparisons"],
                  [[esc(k), fmt(r.get("pair_accuracy")), fmt(r.get("labeler_agreement")), fmt(r.get("gold_accuracy")),
                    fmt(r.get("labeler_gold_accuracy")), fmt(r.get("n_prompts"), ".0f"), fmt(r.get("n_pairs"), ".0f"),

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,6 +36,9 @@ from alignloop.errors import InputError
 from alignloop.serve.errors import APIError
 from alignloop.serve.settings import Served, Settings
 from alignloop.tokenizer import validate_messages
+
+# A failed generation is logged here with its traceback and its request's id (the id its client's 500 names).
+log = logging.getLogger("alignloop.serve")
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Job:
     emit: Callable[[str, object], None] = lambda event, payload: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     order: int = field(default_factory=itertools.count().__next__)
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")  # in the log and in its client's error
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -132,8 +138,11 @@ class Scheduler:
                     continue
                 try:
                     engine.step()
-                except Exception:  # noqa: BLE001 — its rows got their error (on_done); the worker lives on
-                    pass
+                except Exception as e:  # its rows got their error (on_done, which logs each request); the
+                    # worker lives on. An error that reached no request is logged here.
+                    if not any(r.error is e for _, reqs in live for r in reqs):
+                        log.error("model %r: a generation step failed and no request was running in it", name,
+                                  exc_info=e)
                 self.stats["max_rows"] = max(self.stats["max_rows"], engine.running)
             live = [(job, reqs) for job, reqs in live if not all(r.done for r in reqs)]
 
@@ -185,7 +194,9 @@ class Scheduler:
             if any(r.error is not None for r in reqs):
                 if not failed:
                     failed.append(True)
-                    job.emit("error", next(r.error for r in reqs if r.error is not None))
+                    error = next(r.error for r in reqs if r.error is not None)
+                    _log_failure(job, error)
+                    job.emit("error", error)
                 return
             if all(r.done for r in reqs):
                 outs = [r.completion for r in reqs]
@@ -202,9 +213,17 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 — the request gets the error; the worker must live on
             for r in reqs:
                 r.cancel()
+            _log_failure(job, e)
             job.emit("error", e)
             return []
         return reqs
+
+
+def _log_failure(job: Job, error: BaseException) -> None:
+    """One failed request in the server's log: its id (which its client's error names), its model, and
+    the traceback of what failed."""
+    log.error("generation failed for request %s (model %r, %d prompt tokens, n=%d): %s: %s", job.id, job.model,
+              len(job.prompt), job.n, type(error).__name__, error, exc_info=error)
 
 
 def _drop_if_cancelled(job: Job) -> bool:
@@ -320,7 +339,7 @@ class Run:
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
-                    _, event, payload = await asyncio.wait_for(self.queue.get(), left)
+                    k, event, payload = await asyncio.wait_for(self.queue.get(), left)
                 except TimeoutError:
                     if scheduler.withdraw(*self.jobs):
                         raise APIError(503, f"The server is busy: this request waited {timeout:g} s in the queue "
@@ -329,7 +348,7 @@ class Run:
                     deadline = None  # the worker took it just now: its "start" is on its way
                     continue
                 if event == "error":
-                    raise _failed(payload)
+                    raise _failed(payload, self.jobs[k])
                 return
         except BaseException:
             self.cancel()
@@ -343,9 +362,9 @@ class Run:
                 while not self.queue.empty():
                     items.append(self.queue.get_nowait())
                 items = [x for x in items if x[1] != "start"]  # a later job of the request starting
-                for _, event, payload in items:
+                for k, event, payload in items:
                     if event == "error":
-                        raise _failed(payload)
+                        raise _failed(payload, self.jobs[k])
                     left -= event == "done"
                 if items:
                     yield items
@@ -367,8 +386,9 @@ class Run:
         self.cancel()  # a Run nobody reads (its response was never sent) must not keep generating
 
 
-def _failed(e: Exception) -> APIError:
-    return APIError(500, f"generation failed: {e}", type="server_error")
+def _failed(e: Exception, job: Job) -> APIError:
+    """A request's 500: it names the request's id, under which the server logged the traceback."""
+    return APIError(500, f"generation failed (request {job.id}): {type(e).__name__}: {e}", type="server_error")
 
 
 class Outbox:

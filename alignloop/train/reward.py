@@ -280,7 +280,7 @@ class RewardScorer:
         device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = model if model is not None else load_scalar_model(path, dtype=dtype).to(device).eval().requires_grad_(False)
+        self.model = model if model is not None else load_scalar_model(path, dtype=dtype, trained=True).to(device).eval().requires_grad_(False)
         self.context = context or contextlib.nullcontext
         self.tok = ChatTokenizer.load(path)
         self.bias = float(getattr(unwrap(self.model).config, "reward_bias", 0.0))

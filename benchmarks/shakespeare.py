@@ -1,6 +1,10 @@
 """alignloop pretraining on real text, against nanoGPT's CPU recipe on the same split.
 
-    python benchmarks/shakespeare.py [--seconds 125] [--out runs/bench-shakespeare] [--size tiny]
+    python benchmarks/shakespeare.py [--data PATH] [--seconds 125] [--out runs/bench-shakespeare] [--size tiny]
+
+The data (benchmarks/data.py): `--data` tinyshakespeare's input.txt (karpathy/char-rnn); without it
+../shared/data/tinyshakespeare.txt where it exists, else `load_dataset("karpathy/tiny_shakespeare")`
+(its three splits put back together into input.txt).
 
 nanoGPT's `shakespeare_char` CPU recipe (4 layers, width 128, context 64, batch 12, 2,000 iterations)
 reaches 1.886 nats/char (2.72 bits/char) held out in 2 min 5 s on this 2-core machine. Here: the same
@@ -19,13 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignloop.cli import run_stage  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+from data import add_data_args, or_exit, shakespeare_text  # noqa: E402  (benchmarks/data.py)
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_args(ap, "tinyshakespeare's input.txt (plain UTF-8 text)")
     ap.add_argument("--seconds", type=float, default=125.0)
     ap.add_argument("--out", default="runs/bench-shakespeare")
     ap.add_argument("--size", default="tiny")
@@ -34,15 +37,21 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=4e-3)
     args = ap.parse_args()
+    text, source = or_exit(shakespeare_text, args.data)
+    if args.check_data:
+        print(json.dumps({"data": source, "characters": len(text), "train_characters": int(len(text) * 0.9)}))
+        return
+    t0 = time.perf_counter()  # from here on the wall time counts (a download does not)
+    from alignloop.cli import run_stage
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    text = DATA.read_text(encoding="utf-8")
+    data = out / "input.txt"  # the whole text, wherever it came from: pretraining holds out its last 10%
+    data.write_text(text, encoding="utf-8")
     train_part = out / "train-part.txt"
     train_part.write_text(text[: int(len(text) * 0.9)], encoding="utf-8")
     run_stage("tokenizer", ["--out", str(out), "--data", str(train_part), "--vocab-size", str(args.vocab)])
     left = args.seconds - (time.perf_counter() - t0)
-    run_stage("pretrain", ["--out", str(out), "--data", str(DATA), "--val-fraction", "0.1", "--size", args.size,
+    run_stage("pretrain", ["--out", str(out), "--data", str(data), "--val-fraction", "0.1", "--size", args.size,
                            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch), "--lr", str(args.lr),
                            "--max-steps", "100000", "--max-seconds", str(left), "--warmup-steps", "50",
                            "--eval-every", "100000", "--sample-every", "0", "--checkpoint-every", "100000",

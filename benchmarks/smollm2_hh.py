@@ -1,9 +1,12 @@
 """A real pretrained model on real human preferences: SmolLM2-135M-Instruct and Anthropic HH-RLHF.
 
     bash scripts/get-smollm2.sh                      # prints the .gguf path
-    python benchmarks/smollm2_hh.py --model PATH.gguf [--work runs/smollm2] [--steps reward,trl,halves,ppo]
+    python benchmarks/smollm2_hh.py --model PATH.gguf [--data PATH] [--work runs/smollm2] [--steps reward,trl,halves,ppo]
 
-The data: the 1,800 pairs of `hh-rlhf-harmless-base-test-part1` (lines 1–1,500 train, 1,501–1,800 test).
+The data: the first 1,800 pairs of Anthropic HH-RLHF harmless-base `test.jsonl.gz` (lines 1–1,500 train,
+1,501–1,800 test): `--data` that file (or any file in its format); without it
+../shared/data/hh-rlhf-harmless-base-test-part1.jsonl.gz where it exists, else
+`load_dataset("Anthropic/hh-rlhf", data_dir="harmless-base", split="test")` (benchmarks/data.py).
 - reward: alignloop's reward model, trunk = SmolLM2, on the 1,500 training pairs for `--seconds`, scored
   on the 300 test pairs with a Wilson 95% interval.
 - trl: TRL's `RewardTrainer` on the same trunk, pairs, trainable layers, context and wall-time budget
@@ -19,7 +22,6 @@ Every figure goes to WORK/results.json; long steps show progress.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import sys
@@ -30,8 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignloop.cli import run_stage  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test-part1.jsonl.gz"
+from data import add_data_args, hh_pairs, or_exit  # noqa: E402  (benchmarks/data.py)
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -171,7 +172,7 @@ def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
                      "ended": sum(o.finish_reason == "stop" for o in outs) / len(outs)}
         if name == "ppo":
             with torch.no_grad():
-                res[name]["kl"] = sequence_kl(after, start, ids, [o.ids for o in outs], "cpu", tok)
+                res[name]["kl"] = sequence_kl(after, start, ids, [o.ids for o in outs], "cpu", tok, temperature=0.7)
     summary = {
         "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts), "iterations": args.iterations,
         "ppo_seconds": float((work / "ppo-seconds.txt").read_text()) if (work / "ppo-seconds.txt").exists() else None,
@@ -195,8 +196,11 @@ def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True, help="SmolLM2-135M-Instruct: a .gguf file or a Hugging Face folder")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="SmolLM2-135M-Instruct: a .gguf file or a Hugging Face folder (required "
+                    "unless --check-data)")
+    add_data_args(ap, "HH-RLHF pairs: Anthropic's harmless-base test.jsonl.gz or a file in its format; "
+                  "the first 1,800 are used")
     ap.add_argument("--work", default="runs/smollm2")
     ap.add_argument("--steps", default="reward,trl,halves,ppo")
     ap.add_argument("--seconds", type=float, default=600, help="training budget of the 1,500-pair reward models")
@@ -219,11 +223,16 @@ def main():
     ap.add_argument("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
                     help="scale RM A's score to std 1 on the first rollout (its raw scores vary by ~0.01)")
     args = ap.parse_args()
+    if not args.model and not args.check_data:
+        ap.error("the following arguments are required: --model")
+    rows, source = or_exit(hh_pairs, args.data, n=1800)
+    if args.check_data:
+        print(json.dumps({"data": source, "pairs": len(rows), "train": 1500, "test": 300}))
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     from alignloop.sources import resolve_model
     model = resolve_model(Path(args.model))
-    rows = [json.loads(x) for x in gzip.open(DATA, "rt", encoding="utf-8")]
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     steps = args.steps.split(",")
@@ -242,7 +251,7 @@ def main():
     if "ppo" in steps:
         results["ppo"] = ppo(work, model, rows, args)
         print("PPO:", json.dumps(results["ppo"], indent=1), flush=True)
-    results["settings"] = vars(args)
+    results["settings"] = {**vars(args), "data_source": source}
     results_path.write_text(json.dumps(results, indent=1))
 
 

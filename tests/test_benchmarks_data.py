@@ -1,0 +1,236 @@
+"""benchmarks/data.py: the benchmarks' real data from `--data PATH` (files written here), a bad file
+refused in one line naming file, line and field (exit code 2), and no data at all said in one line
+instead of a traceback; every benchmark's `--help` from a copy of the repository with no ../shared."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignloop.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+_spec = importlib.util.spec_from_file_location("bench_data", BENCH / "data.py")
+D = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(D)
+
+PAIRS = [
+    {"chosen": "\n\nHuman: What is the capital of France?\n\nAssistant: Paris.",
+     "rejected": "\n\nHuman: What is the capital of France?\n\nAssistant: Figure it out yourself."},
+    {"chosen": "\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help with breaking into places.",
+     "rejected": "\n\nHuman: How do I pick a lock?\n\nAssistant: Get a tension wrench and..."},
+    {"chosen": "\n\nHuman: hi\n\nAssistant: Hello! How can I help?\n\nHuman: thanks\n\nAssistant: Any time.",
+     "rejected": "\n\nHuman: hi\n\nAssistant: Hello! How can I help?\n\nHuman: thanks\n\nAssistant: ok"},
+]
+VERSE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+
+
+def _jsonl(path: Path, rows) -> Path:
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    if path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _run(*args, env=None, cwd=ROOT):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, **(env or {})})
+
+
+def _one_line_error(proc, *expect):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for e in expect:
+        assert e in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- good files
+
+
+@pytest.mark.parametrize("name", ["pairs.jsonl", "test.jsonl.gz"])
+def test_hh_pairs_read_back(tmp_path, name):
+    extra = [{**p, "source": "extra fields are dropped"} for p in PAIRS]
+    path = _jsonl(tmp_path / name, extra)
+    assert D.hh_pairs(path) == (PAIRS, str(path))
+    assert D.hh_pairs(path, n=2)[0] == PAIRS[:2]
+
+
+def test_hh_folder_as_anthropic_ships_it(tmp_path):
+    folder = tmp_path / "harmless-base"
+    folder.mkdir()
+    _jsonl(folder / "train.jsonl.gz", PAIRS[:1])
+    _jsonl(folder / "test.jsonl.gz", PAIRS)
+    rows, source = D.hh_pairs(folder)
+    assert rows == PAIRS and source == str(folder / "test.jsonl.gz")
+
+
+def test_hh_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    path = tmp_path / "test-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(PAIRS), path)
+    assert D.hh_pairs(path) == (PAIRS, str(path))
+    assert D.hh_pairs(tmp_path)[0] == PAIRS  # a folder with one test*.parquet
+
+
+def test_shakespeare_text(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text(VERSE, encoding="utf-8")
+    assert D.shakespeare_text(path) == (VERSE, str(path))
+    assert D.shakespeare_text(tmp_path) == (VERSE, str(path))  # a folder holding input.txt
+
+
+def test_shared_copy_when_present():
+    """On the machine with ../shared/data, no --data reads it as before."""
+    if not (D.SHARED / D.HH["shared"]).exists() or not (D.SHARED / D.SHAKESPEARE["shared"]).exists():
+        pytest.skip(f"no shared data at {D.SHARED}")
+    rows, source = D.hh_pairs(None, n=1800)
+    assert len(rows) == 1800 and source.endswith(D.HH["shared"])
+    text, source = D.shakespeare_text(None)
+    assert len(text) == 1115394 and source.endswith(D.SHAKESPEARE["shared"])
+
+
+# ---------------------------------------------------------------- bad files
+
+
+GOOD = json.dumps(PAIRS[0])
+
+
+@pytest.mark.parametrize("name,lines,expect", [
+    ("notjson.jsonl", [GOOD, '{"chosen": oops}'], "notjson.jsonl:2: not valid JSON"),
+    ("nofield.jsonl", [GOOD, json.dumps({"chosen": PAIRS[1]["chosen"]})], "nofield.jsonl:2 field 'rejected': missing"),
+    ("list.jsonl", [GOOD, GOOD, json.dumps({**PAIRS[0], "chosen": [{"role": "user", "content": "hi"}]})],
+     "list.jsonl:3 field 'chosen': expected str, got list"),
+    ("plain.jsonl", [json.dumps({"chosen": "yes", "rejected": "no"})], "plain.jsonl:1 field 'chosen': not an HH-RLHF"),
+    ("notobject.jsonl", [GOOD, "[1, 2]"], "notobject.jsonl:2: expected a JSON object"),
+])
+def test_hh_bad_records(tmp_path, name, lines, expect):
+    path = _jsonl(tmp_path / name, lines)
+    with pytest.raises(InputError) as e:
+        D.hh_pairs(path)
+    assert expect in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_hh_bad_files(tmp_path):
+    with pytest.raises(InputError, match="missing.jsonl: file not found"):
+        D.hh_pairs(tmp_path / "missing.jsonl")
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(("\n".join([GOOD] * 50)).encode())[:40])
+    with pytest.raises(InputError, match="cut.jsonl.gz: cannot read"):
+        D.hh_pairs(cut)
+    with pytest.raises(InputError, match="3 pairs; this benchmark uses the first 1,800"):
+        D.hh_pairs(_jsonl(tmp_path / "few.jsonl", PAIRS), n=1800)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty: a folder without test.jsonl.gz"):
+        D.hh_pairs(tmp_path / "empty")
+
+
+def test_shakespeare_bad_files(tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("To be\nor not to be, café\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin.txt:2: not UTF-8"):
+        D.shakespeare_text(latin)
+    with pytest.raises(InputError, match=r"pairs.jsonl: a .jsonl file; expected plain text"):
+        D.shakespeare_text(_jsonl(tmp_path / "pairs.jsonl", PAIRS))
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(InputError, match="blank.txt: file is empty"):
+        D.shakespeare_text(tmp_path / "blank.txt")
+
+
+# ---------------------------------------------------------------- the scripts
+
+
+@pytest.mark.parametrize("script", ["hh_rlhf.py", "smollm2_hh.py"])
+def test_script_refuses_bad_hh_file(tmp_path, script):
+    bad = _jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, json.dumps({"chosen": PAIRS[2]["chosen"]})])
+    proc = _run(BENCH / script, "--data", bad, "--check-data")
+    _one_line_error(proc, f"{script}: error: {bad}:3 field 'rejected'")
+
+
+def test_script_refuses_bad_text(tmp_path):
+    bad = tmp_path / "input.txt"
+    bad.write_bytes(b"fine\n\xff\xfe\n")
+    _one_line_error(_run(BENCH / "shakespeare.py", "--data", bad, "--check-data"),
+                    f"shakespeare.py: error: {bad}:2: not UTF-8")
+
+
+def test_script_reads_good_file(tmp_path):
+    good = _jsonl(tmp_path / "test.jsonl.gz", [PAIRS[i % 3] for i in range(1800)])
+    proc = _run(BENCH / "hh_rlhf.py", "--data", good, "--check-data", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"data": str(good), "pairs": 1800, "train": 1500, "test": 300}
+    assert not (tmp_path / "run").exists(), "--check-data trains nothing and writes nothing"
+    text = tmp_path / "input.txt"
+    text.write_text(VERSE * 10)
+    proc = _run(BENCH / "shakespeare.py", "--data", text, "--check-data")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["characters"] == len(VERSE) * 10, proc.stderr
+
+
+# A benchmark run with no --data where ../shared/data is absent: `datasets` missing, or the Hub unreachable.
+NO_SHARED = """
+import runpy, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+if sys.argv[2] == "no-datasets":
+    sys.modules["datasets"] = None
+import data
+data.SHARED = Path(sys.argv[3])
+sys.argv = sys.argv[4:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("how,script,expect", [
+    ("no-datasets", "hh_rlhf.py", "load_dataset('Anthropic/hh-rlhf', data_dir='harmless-base', split='test') needs"),
+    ("no-datasets", "shakespeare.py", "load_dataset('karpathy/tiny_shakespeare') needs the `datasets` library"),
+    ("offline", "smollm2_hh.py", "load_dataset('Anthropic/hh-rlhf', data_dir='harmless-base', split='test') failed"),
+])
+def test_no_data_anywhere(tmp_path, how, script, expect):
+    cache = str(tmp_path / "hf")  # an empty cache: nothing downloaded before can answer
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": cache, "HF_DATASETS_CACHE": cache}
+    model = ["--model", "m.gguf"] if script == "smollm2_hh.py" else []  # read before the model is
+    proc = _run("-c", NO_SHARED, BENCH, how, tmp_path / "shared", BENCH / script, *model, env=env)
+    line = _one_line_error(proc, f"{script}: error: no --data given and no {tmp_path / 'shared'}", expect)
+    assert line.endswith("and pass --data PATH")
+
+
+def _scripts() -> list[str]:
+    return sorted(p.name for p in BENCH.glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
+
+
+def test_help_from_a_clone_without_shared(tmp_path):
+    """`--help` of every benchmark from a copy of the repository with no folder beside it. The three that
+    read data sets each run as their own process; the others (most import torch, seconds each) run in one."""
+    clone = tmp_path / "clone" / "repo"
+    for part in ("alignloop", "benchmarks"):  # with their __pycache__ (kept valid by the copied times)
+        shutil.copytree(ROOT / part, clone / part)
+    scripts = _scripts()
+    data_scripts = ["hh_rlhf.py", "shakespeare.py", "smollm2_hh.py"]
+    assert set(data_scripts) <= set(scripts)
+    for s in data_scripts:
+        proc = _run(clone / "benchmarks" / s, "--help", cwd=clone)
+        assert proc.returncode == 0 and "--data PATH" in proc.stdout, proc.stderr
+    rest = [s for s in scripts if s not in data_scripts]
+    each = ("import runpy, sys\nsys.path.insert(0, 'benchmarks')\nfor s in sys.argv[1:]:\n"
+            "    sys.argv = ['benchmarks/' + s, '--help']\n"
+            "    try:\n        runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "    except SystemExit as e:\n        assert e.code in (0, None), (s, e.code)\n"
+            "    else:\n        raise AssertionError(s + ': --help did not exit')\n    print('ok', s)\n")
+    proc = _run("-c", each, *rest, cwd=clone)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok ")] == rest
+    assert not (tmp_path / "clone" / "shared").exists()

@@ -30,6 +30,18 @@ def pick_model(path: Path, stage: str | None) -> tuple[Path, Path | None]:
     return found, path
 
 
+def fit(tok, messages: list[dict], keep: int, ctx: int, room: int) -> tuple[list[dict], int]:
+    """(messages, turns dropped): the conversation with its oldest exchanges (a user message and its answer)
+    dropped until its prompt leaves `room` tokens of the context `ctx` for the answer, or until only the
+    newest message is left. The first `keep` messages (the system prompt) are never dropped. Whether what is
+    left fits at all is the caller's to check (`len(tok.render_prompt(...)) < ctx`)."""
+    messages, dropped = list(messages), 0
+    while len(messages) - keep > 1 and len(tok.render_prompt(messages)) + room > ctx:
+        del messages[keep:keep + 2]
+        dropped += 1
+    return messages, dropped
+
+
 def main(argv: list[str]) -> None:
     from alignloop.config import add_device_arguments
     p = argparse.ArgumentParser(prog="alignloop chat", description="talk to a model in the terminal")
@@ -41,6 +53,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     add_device_arguments(p)
     args = p.parse_args(argv)
+    from alignloop.config import check_number
+    check_number(args.temperature, "--temperature", min=0, max=2)  # the bounds of `alignloop serve`
+    check_number(args.top_p, "--top-p", min=0.01, max=1)
+    check_number(args.max_new_tokens, "--max-new-tokens", min=1)
+    interactive = sys.stdin.isatty()  # piped input: a message that cannot be sent ends the session (exit 2)
 
     from alignloop.engine import Engine
     from alignloop.model import load_for_inference
@@ -52,6 +69,13 @@ def main(argv: list[str]) -> None:
     model, device = load_for_inference(model_dir, args.device, args.dtype)
     engine = Engine(model, tok, device, max_batch=1)
     start = [{"role": "system", "content": args.system}] if args.system else []
+    ctx = engine.ctx
+    room = min(args.max_new_tokens, ctx // 2)  # old turns make way for an answer this long
+    least = len(tok.render_prompt(start + [{"role": "user", "content": ""}]))
+    if start and least >= ctx:
+        raise InputError(f"the system prompt is {len(tok.encode(args.system))} tokens; with the chat format it "
+                         f"needs {least}, more than this model's context of {ctx} tokens leaves for a message",
+                         field="--system")
     messages = list(start)
     print(f"alignloop chat with {model_dir} — /reset to start over, /quit to leave", flush=True)
     while True:
@@ -69,20 +93,28 @@ def main(argv: list[str]) -> None:
             messages = list(start)
             print("(a new conversation)", flush=True)
             continue
-        messages.append({"role": "user", "content": text})
+        asked, dropped = fit(tok, messages + [{"role": "user", "content": text}], len(start), ctx, room)
+        need = len(tok.render_prompt(asked))
+        if need >= ctx:  # even alone (with the system prompt) it does not fit: not sent, the history kept
+            why = (f"the message is {len(tok.encode(text))} tokens; with the "
+                   f"{'system prompt and the ' if start else ''}chat format it needs {need}, and this model's "
+                   f"context holds at most {ctx - 1} before the answer: write a shorter one")
+            if not interactive:
+                raise InputError(why, field="message")
+            print(f"(not sent: {why})", flush=True)
+            continue
+        if dropped:
+            print(f"(the conversation no longer fits the context of {ctx} tokens: the oldest {dropped} "
+                  f"exchange{'s were' if dropped > 1 else ' was'} dropped{'; the system prompt is kept' if start else ''})",
+                  flush=True)
+        messages = asked
         sys.stdout.write("assistant> ")
         sys.stdout.flush()
 
         def stream(_, piece):
             sys.stdout.write(piece)
             sys.stdout.flush()
-        try:
-            out = engine.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, on_token=stream)
-        except ValueError:  # the conversation outgrew the context: keep the latest turns
-            messages = start + messages[len(start) + 2:]
-            print("(the conversation no longer fits the context; the oldest turns were dropped)")
-            messages.pop()
-            continue
+        out = engine.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, on_token=stream)
         print(flush=True)
         messages.append({"role": "assistant", "content": out.text.strip() or "…"})

@@ -83,6 +83,10 @@ def run_stage(name: str, argv: list[str]) -> None:
     cfg = C.resolve(module.Config, module.SECTION, preset=args.preset or "tiny", presets=module.PRESETS,
                     toml=args.config, flags=C.flags_from_args(args, module.Config))
     out = Path(args.out)
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # every stage writes a folder there
+        what = "a file" if blocked == out else f"{blocked} is a file"
+        raise InputError(f"{what}, not a folder: --out names a run directory (new or existing)", file=out, field="--out")
     if hasattr(module, "check"):  # settings no bound expresses (DPO's β > 0): refused before anything moves
         module.check(cfg)
     on_main = lambda fn: fn()  # noqa: E731 (one process: the guard simply runs)

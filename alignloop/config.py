@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tomllib
 import typing
 from pathlib import Path
@@ -124,8 +125,30 @@ def _coerce(cls, f, value, source):
         if t is float:
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int flag of "1e999"
         raise InputError(f"expected {t.__name__}, got {value!r}", file=source, field=f.name) from None
+
+
+def _allowed(min=None, max=None) -> str:
+    if min is not None and max is not None:
+        return f"{min} to {max}"
+    if min is not None:
+        return f"{min} or more"
+    if max is not None:
+        return f"{max} or less"
+    return "any finite number"
+
+
+def check_number(value, field: str, *, min=None, max=None, file=None) -> None:
+    """The one check of a number given by the user (a config field, or a flag of chat, serve, label):
+    NaN and ±infinity are refused (no option means them: a NaN passes every `<` test and would train or
+    sample garbage), then the bounds, each with what is allowed."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{value} is not a finite number (allowed: {_allowed(min, max)})", file=file, field=field)
+    if min is not None and value < min:
+        raise InputError(f"{value} is below the minimum {min} (allowed: {_allowed(min, max)})", file=file, field=field)
+    if max is not None and value > max:
+        raise InputError(f"{value} is above the maximum {max} (allowed: {_allowed(min, max)})", file=file, field=field)
 
 
 def _check_range(f, value, source):
@@ -133,11 +156,10 @@ def _check_range(f, value, source):
     if value is None:
         return
     if m.get("choices") is not None and value not in m["choices"]:
-        raise InputError(f"{value!r} is not one of {', '.join(map(str, m['choices']))}", file=source, field=f.name)
-    if m.get("min") is not None and value < m["min"]:
-        raise InputError(f"{value} is below the minimum {m['min']}", file=source, field=f.name)
-    if m.get("max") is not None and value > m["max"]:
-        raise InputError(f"{value} is above the maximum {m['max']}", file=source, field=f.name)
+        allowed = ", ".join(str(c) if c != "" else '"" (none)' for c in m["choices"])
+        raise InputError(f"{value!r} is not one of {allowed}", file=source, field=f.name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        check_number(value, f.name, min=m.get("min"), max=m.get("max"), file=source)
 
 
 def load_toml(path: str | Path) -> dict:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from alignloop import config as C
 from alignloop import dist as D
+from alignloop import report
 from alignloop.config import option
 from alignloop.errors import InputError
 
@@ -37,7 +38,8 @@ class Config:
     rounds: int = option(2, "rounds of sample → rank → reward → PPO after SFT", min=0, max=100)
     labelers: str = option("simulated", "who ranks: the world's simulated labelers, or people through `alignloop label`",
                            choices=("simulated", "human"))
-    until: str = option("", "stop after this step (world, tokenizer, pretrain, sft, reward, ppo); empty: the whole recipe")
+    until: str = option("", "stop after this step (world, tokenizer, pretrain, sft, reward, ppo); empty: the whole recipe",
+                        choices=("", "world", "tokenizer", "pretrain", "sft", "reward", "ppo"))
     device: str = option("auto", "auto, cpu, cuda or cuda:N (passed to every stage)")
     seed: int = option(0, "added to every stage's seed: the world, initialisation, data order, sampling, labelers", min=0)
 
@@ -143,12 +145,7 @@ def run(cfg: Config, out: Path, args) -> None:
                lambda: headroom.run(out, r.cfg(evaluate), [r.cfg(reward, round=i) for i in range(1, cfg.rounds + 1)]),
                main_only=True)
         r.step("reward-model scores of every stage", False, lambda: _rescore(out, cfg.device), main_only=True)
-    try:
-        from alignloop import report
-    except ImportError:  # pragma: no cover - the report module is optional while it is being built
-        report = None
-    if report is not None:
-        r.step("report", False, lambda: report.write_report(out), main_only=True)
+    r.step("report", False, lambda: report.write_report(out), main_only=True)
     _finish(r, out)
 
 

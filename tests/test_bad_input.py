@@ -99,3 +99,103 @@ def test_rank_sample_without_completions(micro_copy, tmp_path):
     proc = alignloop("rank", "--preset", "micro", "--out", micro_copy, "--samples", samples, check=False)
     assert proc.returncode == 2 and "samples.jsonl:2 field 'completions'" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (micro_copy / "round-1").exists()
+
+
+# ---------------------------------------------------------------- issue 25: every command, one line, exit 2
+
+
+def _one_line(proc, *says):
+    """Exit 2 and a single stderr line that names the value (each of `says`), no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert all(s in lines[0] for s in says), lines[0]
+    return lines[0]
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("args,says", [
+    (["ppo", "--lr", "nan"], ("field 'lr'", "nan is not a finite number", "0.0 to 1.0")),
+    (["ppo", "--kl-coef", "nan"], ("field 'kl_coef'", "nan is not a finite number")),
+    (["ppo", "--kl-coef", "inf"], ("field 'kl_coef'", "inf is not a finite number")),
+    (["dpo", "--beta=-inf"], ("field 'beta'", "-inf is not a finite number")),       # no bounds: finite all the same
+    (["pretrain", "--max-steps", "1e999"], ("field 'max_steps'", "'1e999'")),       # an int: no OverflowError
+])
+def test_non_finite_config_numbers(tmp_path, args, says):
+    proc = alignloop(args[0], "--preset", "micro", "--out", tmp_path / "run", *args[1:], check=False)
+    _one_line(proc, *says)
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_number_in_toml(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[pretrain]\nlr = nan\n")
+    proc = alignloop("pretrain", "--preset", "micro", "--out", tmp_path / "run", "--config", cfg, check=False)
+    _one_line(proc, "c.toml [pretrain] field 'lr': nan is not a finite number")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command,flag,value,allowed", [
+    ("serve", "--temperature", "nan", "0 to 2"), ("serve", "--top-p", "nan", "0.01 to 1"),
+    ("serve", "--request-timeout", "inf", "0 or more"), ("serve", "--port", "70000", "1 to 65535"),
+    ("serve", "--port", "0", "1 to 65535"),
+    ("chat", "--temperature", "nan", "0 to 2"), ("chat", "--top-p", "nan", "0.01 to 1"),
+    ("chat", "--max-new-tokens", "-1", "1 or more"),
+    ("label", "--port", "70000", "1 to 65535"), ("label", "--port", "0", "1 to 65535"),
+    ("label", "--max-upload-mb", "nan", "0.001 or more"), ("label", "--max-upload-mb", "0", "0.001 or more"),
+])
+def test_server_and_chat_flags(micro_copy, command, flag, value, allowed):
+    before = _files(micro_copy)
+    proc = alignloop(command, micro_copy, flag, value, check=False, timeout=120)
+    line = _one_line(proc, f"field '{flag}'", f"allowed: {allowed}")
+    assert value in line or str(float(value)) in line
+    assert _files(micro_copy) == before, "nothing written (no database)"
+
+
+@pytest.mark.parametrize("argv", [["serve", "{run}"], ["serve", "export", "{run}"], ["label", "{run}"],
+                                  ["label", "export", "{run}"],
+                                  ["label", "create-admin", "{run}", "--username", "bob", "--password-file", "{pw}"]])
+@pytest.mark.parametrize("url,says", [
+    ("notaurl", "'notaurl' is not a database URL"),
+    ("mysql://bob:hunter2@localhost/x", "'mysql://bob:***@localhost/x' is not a database URL"),
+])
+def test_db_url_that_is_not_one(micro_copy, tmp_path, argv, url, says):
+    pw = tmp_path / "pw"
+    pw.write_text("a long enough password\n")
+    before = _files(micro_copy)
+    proc = alignloop(*[a.format(run=micro_copy, pw=pw) for a in argv], "--db", url, check=False, timeout=120)
+    line = _one_line(proc, "field '--db'", says, "expected sqlite:///PATH or postgresql://")
+    assert "hunter2" not in line
+    assert _files(micro_copy) == before
+
+
+@pytest.mark.parametrize("argv", [["serve", "export", "{run}"], ["label", "export", "{run}"]])
+def test_db_that_cannot_be_reached(micro_copy, argv):
+    url = "postgresql://bob:hunter2@127.0.0.1:1/alignloop"  # port 1: nothing listens there
+    before = _files(micro_copy)
+    proc = alignloop(*[a.format(run=micro_copy) for a in argv], "--db", url, check=False, timeout=120)
+    line = _one_line(proc, "field '--db'", "cannot open the database 'postgresql://bob:***@127.0.0.1:1/alignloop'")
+    assert "hunter2" not in line
+    assert _files(micro_copy) == before
+
+
+@pytest.mark.parametrize("out,says", [("afile", "afile field '--out': a file, not a folder"),
+                                      ("afile/run", "afile is a file, not a folder")])
+def test_out_is_a_file(tmp_path, out, says):
+    (tmp_path / "afile").write_text("keep me\n")
+    proc = alignloop("world", "--preset", "micro", "--out", tmp_path / out, check=False)
+    _one_line(proc, says)
+    assert _files(tmp_path) == ["afile"] and (tmp_path / "afile").read_text() == "keep me\n"
+
+
+def test_run_until_unknown_step(tmp_path):
+    proc = alignloop("run", "--preset", "micro", "--out", tmp_path / "run", "--until", "rewards", check=False)
+    _one_line(proc, "field 'until'", "'rewards' is not one of", "world, tokenizer, pretrain, sft, reward, ppo")
+    assert not (tmp_path / "run").exists()
+
+
+def test_pipeline_imports_the_report_plainly():
+    from alignloop import pipeline, report
+    assert pipeline.report is report

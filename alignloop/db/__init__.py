@@ -7,11 +7,15 @@ every head.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
+
+from alignloop.errors import InputError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -29,9 +33,45 @@ def database_url(run_dir: str | Path | None, url: str | None = None) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'alignloop.db'}"
 
 
+EXPECTED_URL = "expected sqlite:///PATH or postgresql://USER:PASSWORD@HOST[:PORT]/DBNAME"
+
+
+def masked(url: str) -> str:
+    """`url` with its password, if any, replaced by *** (for messages)."""
+    url = re.sub(r"^([A-Za-z0-9+.-]+://[^/@:]*:).*@", r"\1***@", url)  # up to the last @: a raw @ in it too
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
+
+
+def check_url(url: str) -> None:
+    """Refuse (InputError, field --db) what is not an SQLite or a PostgreSQL (psycopg) URL, before any work:
+    the one check of `--db` for `alignloop label`, `label create-admin`, `label export`, `serve` and
+    `serve export` (`connect` makes it too)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        driver = make_url(url).drivername
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        driver = None
+    if driver not in ("sqlite", "sqlite+pysqlite", "postgresql", "postgresql+psycopg"):
+        raise InputError(f"{masked(url)!r} is not a database URL this app opens; {EXPECTED_URL}", field="--db")
+
+
 def connect(url: str) -> Engine:
     """An engine; SQLite gets WAL (readers do not block the writer), a busy timeout and foreign keys.
-    On both, text is stored without NUL characters (see `_without_nul`)."""
+    On both, text is stored without NUL characters (see `_without_nul`). A URL that is not one of those,
+    or a database that cannot be reached, is an InputError naming the URL (its password masked)."""
+    check_url(url)
+    engine = _engine(url)
+    try:  # every caller connects at once (migrate): fail here with one line, not a driver's traceback
+        engine.connect().close()
+    except DBAPIError as e:
+        engine.dispose()
+        reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else type(e).__name__
+        raise InputError(f"cannot open the database {masked(url)!r}: {reason}", field="--db") from None
+    return engine
+
+
+def _engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
     if url.startswith("sqlite"):
@@ -45,7 +85,9 @@ def connect(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     else:
-        engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+        # a server that does not answer is said within seconds, not after the OS's TCP timeout (minutes)
+        connect_args = {} if "connect_timeout" in url else {"connect_timeout": 10}
+        engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True, connect_args=connect_args)
     event.listen(engine, "before_cursor_execute", _without_nul, retval=True)
     return engine
 

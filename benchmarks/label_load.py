@@ -32,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
+from alignloop.accounts.models import User  # noqa: E402
+from alignloop.accounts.security import hash_password  # noqa: E402
 from alignloop.feedback import store  # noqa: E402
-from alignloop.feedback.models import Item, Task, User  # noqa: E402
+from alignloop.feedback.models import Item, Task  # noqa: E402
 from alignloop.feedback.testing import csrf_of, postgres_database, server  # noqa: E402
 
 K = 4
@@ -54,7 +56,7 @@ def _prepare(run_dir: Path, url: str | None, labelers: int) -> None:
     """Accounts straight into the database (argon2 costs ~0.25 s a hash: done in parallel, not timed)."""
     Sess = store.open_db(run_dir, url)
     names = ["admin"] + [f"labeler{i:02d}" for i in range(labelers)]
-    hashes = list(ThreadPoolExecutor(4).map(store.hash_password, [PASSWORD] * len(names)))
+    hashes = list(ThreadPoolExecutor(4).map(hash_password, [PASSWORD] * len(names)))
     with Sess.begin() as db:
         for name, h in zip(names, hashes):
             db.add(User(username=name, password_hash=h, role="admin" if name == "admin" else "labeler", active=True))

@@ -4,6 +4,7 @@ from datetime import datetime
 
 from conftest import alignloop
 
+from alignloop.accounts.users import create_user
 from alignloop.feedback import store
 from alignloop.feedback.export import newest_export
 from alignloop.io import read_records
@@ -35,7 +36,7 @@ def _labeled_run(run):
     """Two labelers rank the same two items (K = 3) straight through the store."""
     Sess = store.open_db(run)
     with Sess.begin() as db:
-        ids = {n: store.create_user(db, n, f"{n}-password", "labeler").id for n in ("alice", "bob")}
+        ids = {n: create_user(db, n, f"{n}-password", "labeler").id for n in ("alice", "bob")}
         pid = store.create_project(db, "p", "ranking", 3, 2).id
     store.import_items(Sess, pid, [([{"role": "user", "content": f"q{i}"}], [f"a{i}", f"b{i}", f"c{i}"])
                                    for i in range(2)])
@@ -105,7 +106,7 @@ def test_export_twice_into_a_round_with_rankings_loses_nothing(tmp_path):
     alignloop("label", "export", run)
     Sess = store.open_db(run)
     with Sess.begin() as db:
-        store.create_user(db, "root", "root-password", "admin")
+        create_user(db, "root", "root-password", "admin")
     Sess.kw["bind"].dispose()
     import httpx
     with server(run) as base, httpx.Client(base_url=base, timeout=60) as c:

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, inspect, select
 
+from alignloop.accounts.users import create_user
 from alignloop.feedback import store
 from alignloop.feedback.app import create_app
 from alignloop.feedback.export import newest_export
@@ -43,7 +44,7 @@ def app(db):
     app = create_app(run, url, max_upload_bytes=UPLOAD_CAP)
     with app.state.Sess.begin() as s:
         for name, role in (("admin", "admin"), ("alice", "labeler"), ("bob", "labeler"), ("rita", "reviewer")):
-            store.create_user(s, name, PASSWORDS[name], role)
+            create_user(s, name, PASSWORDS[name], role)
     yield app
     app.state.Sess.kw["bind"].dispose()
 
@@ -224,7 +225,7 @@ def test_csrf_token_required_on_every_post(app, users):
 def test_login_is_rate_limited(app):
     name = f"dave-{uuid.uuid4().hex[:6]}"
     with app.state.Sess.begin() as s:
-        store.create_user(s, name, "dave-password", "labeler")
+        create_user(s, name, "dave-password", "labeler")
     c = client(app)
     for _ in range(5):
         assert login(c, name, "wrong-password").status_code == 401

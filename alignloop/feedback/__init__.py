@@ -28,6 +28,15 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The arguments, with a `--db` that is no database URL refused before anything else happens."""
+    args = p.parse_args(argv)
+    if args.db is not None:
+        from alignloop.db import check_url
+        check_url(args.db)
+    return args
+
+
 def _password(args) -> str:
     if args.password_file:
         path = Path(args.password_file)
@@ -47,16 +56,17 @@ def _create_admin(argv: list[str]) -> None:
     p = _parser("alignloop label create-admin", "create an admin account (the first one, or another)")
     p.add_argument("--username", required=True)
     p.add_argument("--password-file", metavar="FILE", help="read the password from the first line of FILE")
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
+    from alignloop.accounts.users import check_account, create_user
     from alignloop.feedback import store
     password = _password(args)
-    store.check_account(args.username, password, "admin")  # bad input stops here, before a database exists
+    check_account(args.username, password, "admin")  # bad input stops here, before a database exists
     db_file = Path(args.run_dir) / "alignloop.db"
     new_db = args.db is None and not db_file.exists()
     try:
         Sess = store.open_db(args.run_dir, args.db)
         with Sess.begin() as db:
-            store.create_user(db, args.username, password, "admin")
+            create_user(db, args.username, password, "admin")
         Sess.kw["bind"].dispose()
     except BaseException:
         if new_db:  # a failed first account leaves no database behind
@@ -73,7 +83,7 @@ def _export(argv: list[str]) -> None:
     p.add_argument("--round", type=int, help="round number (default: the newest round folder, or 1)")
     p.add_argument("--pseudonymize", action="store_true", help="replace labeler names by stable pseudonyms")
     p.add_argument("--project", metavar="NAME", help="only this project (default: all)")
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
     if args.round is not None and args.round < 1:
         raise InputError("must be 1 or more", field="--round")
     run_dir = Path(args.run_dir)
@@ -93,7 +103,10 @@ def _serve(argv: list[str]) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest prompt file accepted (default 20)")
     add_device_arguments(p)  # where the sampler generates answers to rank
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
+    from alignloop.config import check_number
+    check_number(args.port, "--port", min=1, max=65535)
+    check_number(args.max_upload_mb, "--max-upload-mb", min=0.001)  # > 0: a kilobyte at least
     if not Path(args.run_dir).is_dir():
         raise InputError("run directory not found (make it, or start with `alignloop label create-admin`)",
                          file=args.run_dir)
@@ -104,7 +117,7 @@ def _serve(argv: list[str]) -> None:
     from sqlalchemy import func, select
 
     from alignloop.feedback.app import create_app
-    from alignloop.feedback.models import User
+    from alignloop.accounts.models import User
     app = create_app(args.run_dir, args.db, max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                      device=args.device, dtype=args.dtype)
     with app.state.Sess() as db:

@@ -22,8 +22,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from alignloop.accounts.models import User
 from alignloop.feedback import store
-from alignloop.feedback.models import Item, Project, Task, User
+from alignloop.feedback.models import Item, Project, Task
 from alignloop.io import write_jsonl
 from alignloop.rundir import by_version, round_dir, versioned_path
 

@@ -1,5 +1,5 @@
 """The labeling app's tables (all prefixed `label_`; the migration `label_0001_labeling_initial.py`
-creates exactly these).
+creates exactly these, with the account tables of `alignloop.accounts.models`).
 
 The queue's guarantees live in the schema, so they hold under any number of server threads or
 processes on SQLite and PostgreSQL alike:
@@ -10,41 +10,17 @@ processes on SQLite and PostgreSQL alike:
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+# Tasks and settled items point at accounts (label_users): importing the account tables puts them in
+# the same metadata, so those foreign keys resolve whichever module a program imports first.
+from alignloop.accounts.models import User, now  # noqa: F401
 from alignloop.db import Base
 
-ROLES = ("admin", "reviewer", "labeler")
 KINDS = ("ranking", "demonstration")
-
-
-def now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class User(Base):
-    """An account. The chat server reuses this table for its logins, so it stays this simple."""
-    __tablename__ = "label_users"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    username: Mapped[str] = mapped_column(String(64), unique=True)
-    password_hash: Mapped[str] = mapped_column(String(255))
-    role: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
-    active: Mapped[bool] = mapped_column(Boolean, default=True)
-
-
-class Session(Base):
-    """A login: the cookie holds a random token, the table only its SHA-256 (a leaked table logs no one in)."""
-    __tablename__ = "label_sessions"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("label_users.id", ondelete="CASCADE"), index=True)
-    csrf: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Setting(Base):

@@ -1,6 +1,6 @@
-"""The labeling app's data operations, independent of the web layer: accounts, projects, prompt
-import, the task queue, answers, progress and agreement. The CLI, the web app, the tests and the
-load benchmark all go through these functions.
+"""The labeling app's data operations, independent of the web layer: projects, prompt import, the
+task queue, answers, progress and agreement (accounts are `alignloop.accounts.users`). The CLI, the
+web app, the tests and the load benchmark all go through these functions.
 
 Every write is one short transaction; the queue's guarantees come from the schema (see models.py),
 so they hold on SQLite (WAL, one writer at a time) and on PostgreSQL (row locks) alike.
@@ -22,17 +22,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased, sessionmaker
 
 from alignloop import db as DB
+from alignloop.accounts.models import User
 from alignloop.errors import InputError
 from alignloop.feedback import agreement as A
-from alignloop.feedback.models import KINDS, ROLES, Item, Project, Setting, Task, User, now
-from alignloop.feedback.security import MIN_PASSWORD, hash_password
+from alignloop.feedback.models import KINDS, Item, Project, Setting, Task, now
 from alignloop.io import read_records
 from alignloop.tokenizer import validate_messages
 
 K_MIN, K_MAX = 2, 9
 CRITERIA = ("helpful", "truthful", "harmless")
 FLAGS = ("hallucination", "fails_instruction", "harmful", "other")
-USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 MAX_TEXT = 20_000  # characters of one written answer, critique or correction
 
 
@@ -58,39 +57,7 @@ def writing(Sess: sessionmaker):
         return _LOCKS.setdefault(engine, threading.Lock())
 
 
-# ---------------------------------------------------------------- accounts and projects
-
-
-def check_account(username: str, password: str, role: str) -> str:
-    """The checks of a new account that need no database; returns the cleaned username."""
-    username = (username or "").strip()
-    if not USERNAME.match(username):
-        raise InputError("a username is 1–64 letters, digits or . _ - @", field="username")
-    if role not in ROLES:
-        raise InputError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})", field="role")
-    check_password(password)
-    return username
-
-
-def check_password(password: str) -> None:
-    if len(password or "") < MIN_PASSWORD:
-        raise InputError(f"a password needs at least {MIN_PASSWORD} characters", field="password")
-    if len(password) > 1024:
-        raise InputError("a password has at most 1024 characters", field="password")
-
-
-def create_user(db, username: str, password: str, role: str) -> User:
-    username = check_account(username, password, role)
-    if db.scalar(select(User.id).where(User.username == username)) is not None:
-        raise InputError(f"the username {username!r} is taken", field="username")
-    user = User(username=username, password_hash=hash_password(password), role=role, active=True)
-    db.add(user)
-    try:
-        db.flush()
-    except IntegrityError:  # created by someone else between the check and the insert
-        db.rollback()
-        raise InputError(f"the username {username!r} is taken", field="username") from None
-    return user
+# ---------------------------------------------------------------- projects
 
 
 def _int(value, name: str, lo: int, hi: int) -> int:

@@ -96,11 +96,11 @@ def add_account(engine_or_sessionmaker, username: str, password: str, role: str 
     """Create an account in a run's database (the one account system of both web apps)."""
     from sqlalchemy.orm import sessionmaker
 
-    from alignloop.feedback import store
+    from alignloop.accounts.users import create_user
     Sess = engine_or_sessionmaker if isinstance(engine_or_sessionmaker, sessionmaker) else sessionmaker(
         bind=engine_or_sessionmaker)
     with Sess.begin() as db:
-        store.create_user(db, username, password, role)
+        create_user(db, username, password, role)
 
 
 def chat_client(base_url: str, username: str, password: str, local_address: str | None = None):

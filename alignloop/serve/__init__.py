@@ -17,10 +17,10 @@ The chat page and the arena need an account of the run (the labeling app's accou
 `alignloop label create-admin RUN`, then more accounts on its Accounts page); `--open` allows anonymous
 use instead, for a private demo, and the pages say so. The API keeps its own keys (`--api-key`).
 
-Layout: `app.py` (the OpenAI API; builds the app), `web.py` + templates/static (chat page, arena),
-`scheduler.py` (generation jobs: validation, the bounded queue, batching), `errors.py` (OpenAI's error
-shape), `settings.py` (what is served and how), `tables.py` (database), `arena.py` (Bradley–Terry),
-`export.py`. Imports go one way: app → web → scheduler → errors, settings.
+Layout: `app.py` (the OpenAI API; builds the app), `routes/` (login, chat page, arena: one router
+each) + `web.py` (what they share: the account gate, rate limits) + templates/static, `scheduler.py`
+(generation jobs: validation, the bounded queue, batching), `errors.py` (OpenAI's error shape),
+`settings.py` (what is served and how), `tables.py` (database), `arena.py` (Bradley–Terry), `export.py`. Imports go one way: app → routes → web → scheduler → errors, settings.
 """
 from __future__ import annotations
 
@@ -163,16 +163,19 @@ def main(argv: list[str]) -> None:
             print(f"  {kind} → {path}")
         return
     args = build_parser().parse_args(argv)
+    from alignloop.config import check_number
     for flag, v, lo, hi in (("--max-batch", args.max_batch, 1, None), ("--max-tokens-limit", args.max_tokens_limit, 1, None),
                             ("--max-queue", args.max_queue, 1, None), ("--request-timeout", args.request_timeout, 0, None),
-                            ("--max-n", args.max_n, 1, None), ("--port", args.port, 0, 65535),
+                            ("--max-n", args.max_n, 1, None), ("--port", args.port, 1, 65535),
                             ("--batch-window-ms", args.batch_window_ms, 0, None), ("--threads", args.threads, 0, None),
                             ("--temperature", args.temperature, 0, 2), ("--top-p", args.top_p, 0.01, 1),
                             ("--messages-per-minute", args.messages_per_minute, 1, None),
                             ("--battles-per-minute", args.battles_per_minute, 1, None),
                             ("--votes-per-minute", args.votes_per_minute, 1, None)):
-        if v < lo or (hi is not None and v > hi):
-            raise InputError(f"{v} is out of range", field=flag)
+        check_number(v, flag, min=lo, max=hi)  # NaN and ±inf too
+    if args.db is not None:  # a bad URL is said now, not after the models have loaded
+        from alignloop.db import check_url
+        check_url(args.db)
     keys = args.api_key + [k.strip() for k in os.environ.get("ALIGNLOOP_API_KEYS", "").split(",") if k.strip()]
     models, run_dir = resolve_models(args.target, parse_model_specs(args.model))
 
@@ -204,7 +207,7 @@ def main(argv: list[str]) -> None:
     else:
         from sqlalchemy import func, select
 
-        from alignloop.feedback.models import User
+        from alignloop.accounts.models import User
         with sessions(db)() as s:
             if not s.scalar(select(func.count()).select_from(User)):
                 print(f"serve: no accounts yet: the chat page and the arena need one (`alignloop label "

@@ -1,9 +1,10 @@
 """The server: the OpenAI-compatible API, and the app that puts it together with the pages.
 
-`create_app(models, settings, db)` builds one FastAPI app serving every model by name; the chat page
-and the arena (`web.py`) are added to the same app and generate through the same `Generator`
-(scheduler.py, the one owner of generation jobs). Imports go one way: app → web → scheduler → errors,
-settings; nothing imports app.
+`create_app(models, settings, db)` builds one FastAPI app serving every model by name; `add_pages`
+adds the chat page and the arena (the routers of `routes/`, their shared state and `Gate` in `web.py`)
+to the same app, and they generate through the same `Generator` (scheduler.py, the one owner of
+generation jobs). Imports go one way: app → routes → web → scheduler → errors, settings; nothing
+imports app.
 
 Errors follow OpenAI (errors.py): `{"error": {"message", "type", "param", "code"}}` with 400 for bad
 parameters (FastAPI's 422 becomes 400, as OpenAI answers), 401 for a missing or wrong API key, 404 for
@@ -16,7 +17,6 @@ import hmac
 import json
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager, contextmanager
 from typing import Literal
 
@@ -24,13 +24,15 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alignloop.serve.errors import BUSY, ERRORS, APIError, error_body, error_response
+from alignloop.serve.routes import arena, chat, login
 from alignloop.serve.scheduler import Generator, Job, Run
 from alignloop.serve.settings import Served, Settings
-from alignloop.serve.web import add_pages
+from alignloop.serve.web import HERE, Gate, Site
 
 __all__ = ["Served", "Settings", "create_app", "serve_in_thread"]
 
@@ -162,7 +164,7 @@ def create_app(models: dict[str, Served], settings: Settings | None = None, db=N
         job = gen.job(body.model, messages, n=body.n or 1, max_tokens=body.max_completion_tokens or body.max_tokens,
                       temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, stop=body.stop,
                       seed=body.seed)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        cid, created = job.id, int(time.time())  # the id the server log and an error name too
         run = await gen.start(job)  # 429 / 503 here, while a stream can still answer with a status
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -178,6 +180,16 @@ def create_app(models: dict[str, Served], settings: Settings | None = None, db=N
     if db is not None:
         add_pages(app, gen, db)
     return app
+
+
+def add_pages(app: FastAPI, gen: Generator, db) -> None:
+    """The chat page, the arena and their API, behind the run's accounts (`web.Gate`)."""
+    site = Site(gen, db)
+    app.state.site, app.state.throttle = site, site.throttle
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.add_middleware(Gate, Session=site.Session, open_=gen.settings.open)
+    for area in (login, chat, arena):
+        area.routes.add_to(app)
 
 
 def _finish(o) -> str:

@@ -79,10 +79,10 @@ class Request:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def _push(self, token: int, lp: float) -> str | None:
+    def _push(self, token: int, logprob: float) -> str | None:
         """Take a sampled token; return the finish reason when the row ends with it, else None."""
         self.ids.append(token)
-        self.logprobs.append(lp)
+        self.logprobs.append(logprob)
         self.last = token
         if token in self._stop_ids:
             return "stop"
@@ -143,8 +143,12 @@ class Engine:
         self._lock = threading.Lock()
         self._rows: list[Request | None] = []   # slot -> the request running in it
         self._sampler = None                    # the decode step's sampler, rebuilt when the rows change
-        self._kv = None                         # the fast path's slot cache (allocated on first use)
-        self._hf = None                         # the generic path's static batch
+        self._kv: KVCache | None = None         # the fast path's slot cache (allocated on first use)
+        self._hf: _StaticBatch | None = None    # the generic path's static batch
+        # the fast path's fused weights (`_fused_layers`), and the weights' versions they were built from
+        self._fused: list[_FusedLayer] | None = None
+        self._fused_key = None
+        self._layers: list[_FusedLayer] | None = None  # the fused weights of the current busy period
 
     # ------------------------------------------------------------------ public
 
@@ -160,31 +164,34 @@ class Engine:
         (finish_reason "cancelled")."""
         if not prompts:
             return []
-        n = len(prompts)
+        n_prompts = len(prompts)
 
-        def per(v):
-            return list(v) if isinstance(v, (list, tuple)) and len(v) == n else [v] * n
-        stops = stop if isinstance(stop, (list, tuple)) and len(stop) == n and all(
-            s is None or isinstance(s, (list, tuple)) for s in stop) and n > 0 and any(
-            isinstance(s, (list, tuple)) for s in stop) else [stop] * n
-        params = [Params(*x) for x in zip(per(max_new_tokens), per(temperature), per(top_p), per(top_k),
-                                          stops, per(seed))]
-        for p in prompts:
-            self._check(p)
+        def per_row(value):  # one value for all rows, or already one per row
+            if isinstance(value, (list, tuple)) and len(value) == n_prompts:
+                return list(value)
+            return [value] * n_prompts
+        # `stop` may itself be a list (of stop strings for every row): it is per row only as a list of lists
+        stops = stop if isinstance(stop, (list, tuple)) and len(stop) == n_prompts and all(
+            s is None or isinstance(s, (list, tuple)) for s in stop) and n_prompts > 0 and any(
+            isinstance(s, (list, tuple)) for s in stop) else [stop] * n_prompts
+        params = [Params(*row) for row in zip(per_row(max_new_tokens), per_row(temperature), per_row(top_p),
+                                              per_row(top_k), stops, per_row(seed))]
+        for prompt in prompts:
+            self._check(prompt)
         # One seed for the call: row i draws from (seed, i). A list of seeds: row i draws from its own seed
         # exactly, so a request's tokens do not depend on where a server placed it in the batch.
         base_seed = int.from_bytes(os.urandom(5), "little") if any(p.seed is None for p in params) else 0
-        own = isinstance(seed, (list, tuple))
-        for i, p in enumerate(params):
-            if own and p.seed is not None:
-                s = p.seed
+        own_seeds = isinstance(seed, (list, tuple))
+        for i, row_params in enumerate(params):
+            if own_seeds and row_params.seed is not None:
+                seed_i = row_params.seed
             else:
-                s = row_seed(p.seed if p.seed is not None else base_seed, i)
-            p.gen = torch.Generator().manual_seed(s)
-        reqs = [Request(p, params[i], self.tok, self.ctx, on_token and (lambda t, i=i: on_token(i, t)))
-                for i, p in enumerate(prompts)]
+                seed_i = row_seed(row_params.seed if row_params.seed is not None else base_seed, i)
+            row_params.gen = torch.Generator().manual_seed(seed_i)
+        reqs = [Request(prompt, params[i], self.tok, self.ctx, on_token and (lambda t, i=i: on_token(i, t)))
+                for i, prompt in enumerate(prompts)]
         if self.fast:  # one cache for the whole call, sized for its longest row
-            self._reserve(min(n, self.max_batch), max(len(r.prompt) + r.limit for r in reqs))
+            self._reserve(min(n_prompts, self.max_batch), max(len(r.prompt) + r.limit for r in reqs))
         with self._lock:
             # shortest prompts first: on the generic path's static batches that is less padding per batch
             self._waiting.extend(sorted(reqs, key=lambda r: len(r.prompt)))
@@ -217,8 +224,8 @@ class Engine:
         params = replace(params) if params else Params()  # its generator is its own, not a shared object's
         self._check(prompt)
         if params.gen is None:
-            s = params.seed if params.seed is not None else int.from_bytes(os.urandom(5), "little")
-            params.gen = torch.Generator().manual_seed(int(s))
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(5), "little")
+            params.gen = torch.Generator().manual_seed(int(seed))
         req = Request(prompt, params, self.tok, self.ctx, on_token, on_done)
         with self._lock:
             self._waiting.append(req)
@@ -292,11 +299,11 @@ class Engine:
 
     # ------------------------------------------------------------------ scheduling
 
-    def _check(self, p: list[int]) -> None:
-        if not p:
+    def _check(self, prompt: list[int]) -> None:
+        if not prompt:
             raise ValueError("empty prompt")
-        if len(p) >= self.ctx:
-            raise ValueError(f"prompt of {len(p)} tokens does not fit the context of {self.ctx}")
+        if len(prompt) >= self.ctx:  # no room left for even one new token
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.ctx}")
 
     def _drop_cancelled_waiting(self) -> list[Request]:
         with self._lock:
@@ -321,7 +328,7 @@ class Engine:
             return [], []
         if len(self._rows) < self.max_batch:
             self._rows += [None] * (self.max_batch - len(self._rows))
-        free = [s for s, r in enumerate(self._rows) if r is None]
+        free = [slot for slot, r in enumerate(self._rows) if r is None]
         new, ended = [], []
         with self._lock:
             while free and self._waiting:
@@ -349,165 +356,187 @@ class Engine:
         (views, no gather): the highest row moves into the lowest hole (its cache region is copied)."""
         rows = self._rows
         while True:
-            holes = [s for s, r in enumerate(rows) if r is None]
-            top = max((s for s, r in enumerate(rows) if r is not None), default=-1)
+            holes = [slot for slot, r in enumerate(rows) if r is None]
+            top = max((slot for slot, r in enumerate(rows) if r is not None), default=-1)
             if not holes or holes[0] > top:
                 return
             dst, r = holes[0], rows[top]
-            n = r.cached
-            self._kv["k"][:, dst, :, :n] = self._kv["k"][:, top, :, :n]
-            self._kv["v"][:, dst, :, :n] = self._kv["v"][:, top, :, :n]
+            self._kv.move_slot(dst, top, r.cached)
             rows[dst], rows[top], r.slot = r, None, dst
             self._sampler = None
 
     def _sample(self, rows, logits, sampler) -> list[Request]:
-        nxt, lp = sampler(logits)
+        tokens, logprobs = sampler(logits)
         ended = []
-        for r, t, l in zip(rows, nxt.tolist(), lp.tolist()):
-            if r is not None and (reason := r._push(t, l)):
+        for r, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
+            if r is not None and (reason := r._push(token, logprob)):
                 ended.append(self._end(r, reason))
         return ended
 
     # ------------------------------------------------------------------ fast path: the slot cache
 
-    def _reserve(self, slots: int, T: int) -> None:
-        """A cache of at least `slots` slots of `T` positions (grown by copying; T at least doubled, up to
-        the context, so that a stream of newcomers does not reallocate at every join)."""
-        kv = self._kv
-        if kv is not None and kv["k"].shape[1] >= slots and kv["k"].shape[3] >= T:
+    def _reserve(self, slots: int, length: int) -> None:
+        """A cache of at least `slots` slots of `length` positions (grown by copying; its length at least
+        doubled, up to the context, so that a stream of newcomers does not reallocate at every join)."""
+        old = self._kv
+        if old is not None and old.fits(slots, length):
             return
-        cfg = self.model.config
-        n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        dtype = next(self.model.parameters()).dtype
-        if kv is not None:
-            slots = max(slots, kv["k"].shape[1])
-            T = max(T, min(self.ctx, 2 * kv["k"].shape[3]))
-        shape = (cfg.num_hidden_layers, slots, n_kv, T, hd)
-        # Rotary table for every position once (the model's own rotary module: scaling types included).
-        # rotate_half(x) = [-x2, x1] = roll(x, hd/2) * [-1…, 1…]: the sign goes into the sine table, so
-        # that the rotation is one roll and one multiply-add per step (`_rope`).
-        x0 = torch.zeros(1, 1, dtype=dtype, device=self.device)
-        cos, sin = self.model.model.rotary_emb(x0, torch.arange(T, device=self.device)[None])
-        sign = torch.ones(hd, dtype=sin.dtype, device=self.device)
-        sign[: hd // 2] = -1
-        new = {"k": torch.zeros(shape, dtype=dtype, device=self.device),
-               "v": torch.zeros(shape, dtype=dtype, device=self.device),
-               "cos": cos[0], "sin": sin[0] * sign, "hd": hd, "n_kv": n_kv,
-               "slots": torch.arange(T, device=self.device)}
-        if kv is not None:
-            old = kv["k"].shape
-            new["k"][:, :old[1], :, :old[3]] = kv["k"]
-            new["v"][:, :old[1], :, :old[3]] = kv["v"]
+        if old is not None:
+            slots = max(slots, old.slots)
+            length = max(length, min(self.ctx, 2 * old.capacity))
+        new = KVCache.allocate(self.model, slots, length, self.device)
+        if old is not None:
+            new.copy_from(old)
         self._kv = new
 
     def _step_fast(self, new: list[Request]) -> list[Request]:
-        """One forward for every live row. After `_compact` and `_take` the rows sit in slots [0, B + Bn):
-        the B running rows first (one token each: their last sampled one), then the Bn newcomers (their
-        whole prompt). All their tokens go through the model as ONE flat batch of N = B + Bn·P rows (each
-        newcomer right-padded to the longest new prompt P): the linear layers, norms and rotary run once
-        for all of them; only attention is split — a running row's query reads its slot's cache up to its
+        """One forward for every live row. After `_compact` and `_take` the rows sit in the lowest slots:
+        the running rows first (one token each: their last sampled one), then the newcomers (their whole
+        prompt). All their tokens go through the model as ONE flat batch (`_flat_batch`: each newcomer
+        right-padded to the longest new prompt): the linear layers, norms and rotary run once for all of
+        them; only attention is split (`_attend`) — a running row's query reads its slot's cache up to its
         own position, a newcomer's prompt attends causally within itself. Each row's keys and values are
         written at (its slot, its position); a pad position's are overwritten before any query sees them."""
-        kv, m, W = self._kv, self.model.model, self._layers
+        backbone = self.model.model
         rows = self._rows[: self.running]
-        B, Bn = len(rows) - len(new), len(new)
-        dev, hd, n_kv = self.device, kv["hd"], kv["n_kv"]
-        P = max((len(r.prompt) for r in new), default=0)
-        ids, slot, pos = [r.last for r in rows[:B]], list(range(B)), [r.cached for r in rows[:B]]
-        for r in new:
-            ids += r.prompt + [self.tok.pad_id] * (P - len(r.prompt))
-            slot += [r.slot] * P
-            pos += range(P)
-        N = len(ids)
-        ids, slot_t, pos_t = (torch.tensor(v, device=dev) for v in (ids, slot, pos))
-        cos, sin = kv["cos"][pos_t][:, None], kv["sin"][pos_t][:, None]                     # (N, 1, hd)
-        plain = not torch.is_autocast_enabled(dev.type)  # fused adds / norms only where they mean the same
-        if B:
-            S = max(pos[:B]) + 1
-            cur = pos_t[:B]
-            g = m.config.num_attention_heads // n_kv                                     # GQA group size
-            # the additive mask of the running rows' queries over their slots' positions, one per step
-            bias = torch.zeros(B, S, dtype=kv["k"].dtype, device=dev).masked_fill(
-                kv["slots"][None, :S] > cur[:, None], float("-inf"))
-            bias = bias[:, None, None].expand(B, n_kv, g, S).reshape(B * n_kv, g, S)
-        if Bn:
-            lens = torch.tensor([len(r.prompt) for r in new], device=dev)
-            at = kv["slots"][:P]
-            # causal, own prompt only; a pad query sees the prompt (no empty row)
-            mask = ((at[:, None] >= at[None, :])[None] & (at[None, None, :] < lens[:, None, None]))[:, None]
-        x = m.embed_tokens(ids)                                                               # (N, d)
-        for i, layer in enumerate(m.layers):
-            w = W[i]
-            qkv = F.linear(_norm(layer.input_layernorm, x, plain), w["qkv_w"], w["qkv_b"])
-            n_q, n_k = w["n_q"], w["n_k"]
-            a = layer.self_attn
-            if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
-                q = a.q_norm(qkv[:, :n_q].view(N, -1, hd))
-                k = a.k_norm(qkv[:, n_q:n_q + n_k].view(N, -1, hd))
-                qk = _rope(torch.cat([q, k], 1), cos, sin)
-            else:  # q and k are side by side in the fused output: rotated together
-                qk = _rope(qkv[:, :n_q + n_k].view(N, -1, hd), cos, sin)
-            H = n_q // hd
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, n_q + n_k:].view(N, n_kv, hd)
-            if qkv.dtype != kv["k"].dtype:  # (autocast computes the projections in bf16)
-                k, v = k.to(kv["k"].dtype), v.to(kv["v"].dtype)
-            kv["k"][i, slot_t, :, pos_t] = k
-            kv["v"][i, slot_t, :, pos_t] = v
-            out = []
-            if B:
-                # one query per row: a masked product with the slot's keys and one with its values
-                K = kv["k"][i, :B, :, :S].reshape(B * n_kv, S, hd)
-                V = kv["v"][i, :B, :, :S].reshape(B * n_kv, S, hd)
-                scores = torch.baddbmm(bias, q[:B].reshape(B * n_kv, g, hd), K.transpose(1, 2), alpha=hd ** -0.5)
-                p = torch.softmax(scores, -1) if scores.dtype == torch.float32 else \
-                    torch.softmax(scores.float(), -1).to(V.dtype)
-                out.append(torch.bmm(p, V).view(B, -1))
-            if Bn:
-                qn, kn, vn = (t[B:].view(Bn, P, -1, hd).transpose(1, 2) for t in (q, k, v))
-                o = F.scaled_dot_product_attention(qn, kn, vn, attn_mask=mask, enable_gqa=kn.shape[1] != qn.shape[1])
-                out.append(o.transpose(1, 2).reshape(Bn * P, -1))
-            o = out[0] if len(out) == 1 else torch.cat(out)
-            x = _add_linear(x, o, w["o_w"], w["o_b"], plain)
-            gate, up = F.linear(_norm(layer.post_attention_layernorm, x, plain), w["gu_w"], w["gu_b"]).split(w["n_ff"], -1)
-            x = _add_linear(x, layer.mlp.act_fn(gate) * up, w["down_w"], w["down_b"], plain)
-        for r in rows[:B]:
+        batch = self._flat_batch(rows, new)
+        plain = not torch.is_autocast_enabled(self.device.type)  # fused adds / norms only where they mean the same
+        hidden = backbone.embed_tokens(batch.ids)                                    # (tokens, hidden size)
+        for i, layer in enumerate(backbone.layers):
+            hidden = self._layer_step(i, layer, self._layers[i], hidden, batch, plain)
+        for r in rows[:batch.n_running]:
             r.cached += 1
         for r in new:
             r.cached = len(r.prompt)
-        last = list(range(B)) + [B + b * P + len(r.prompt) - 1 for b, r in enumerate(new)]
-        h = x if N == B else x[torch.tensor(last, device=dev)]
-        logits = self.model.lm_head(_norm(m.norm, h, plain))
+        # a row's next token comes from its last position: a running row's one token, a newcomer's last
+        # real prompt token (not its padding)
+        if batch.n_tokens == batch.n_running:
+            last_hidden = hidden
+        else:
+            last = list(range(batch.n_running)) + [batch.n_running + b * batch.prompt_len + len(r.prompt) - 1
+                                                   for b, r in enumerate(new)]
+            last_hidden = hidden[torch.tensor(last, device=self.device)]
+        logits = self.model.lm_head(_norm(backbone.norm, last_hidden, plain))
         if self._sampler is None:
             self._sampler = _Sampler([r.params for r in rows], self.allowed)
         return self._sample(rows, logits, self._sampler)
 
-    def _fused_layers(self) -> list[dict]:
+    def _flat_batch(self, rows: list[Request], new: list[Request]) -> _FlatBatch:
+        """The inputs of one fast-path forward: token ids, (slot, position) of each token, its rotary
+        rows, and the two attention masks. `rows` are the live rows in slot order, `new` the newcomers among
+        them (its last ones)."""
+        cache, dev = self._kv, self.device
+        n_running, n_new = len(rows) - len(new), len(new)
+        prompt_len = max((len(r.prompt) for r in new), default=0)
+        ids = [r.last for r in rows[:n_running]]
+        slots, positions = list(range(n_running)), [r.cached for r in rows[:n_running]]
+        for r in new:
+            ids += r.prompt + [self.tok.pad_id] * (prompt_len - len(r.prompt))
+            slots += [r.slot] * prompt_len
+            positions += range(prompt_len)
+        n_tokens = len(ids)
+        ids_t, slots_t, positions_t = (torch.tensor(v, device=dev) for v in (ids, slots, positions))
+        batch = _FlatBatch(n_running=n_running, n_new=n_new, prompt_len=prompt_len, n_tokens=n_tokens,
+                           ids=ids_t, slots=slots_t, positions=positions_t,
+                           cos=cache.cos[positions_t][:, None], sin=cache.sin[positions_t][:, None])  # (tokens, 1, hd)
+        if n_running:
+            # the running rows read keys [0, span) of their slots; each masks the positions past its own
+            batch.span = max(positions[:n_running]) + 1
+            batch.group = self.model.model.config.num_attention_heads // cache.kv_heads  # GQA group size
+            current = positions_t[:n_running]
+            # the additive mask of the running rows' queries over their slots' positions, one per step
+            bias = torch.zeros(n_running, batch.span, dtype=cache.keys.dtype, device=dev).masked_fill(
+                cache.positions[None, :batch.span] > current[:, None], float("-inf"))
+            batch.decode_bias = bias[:, None, None].expand(n_running, cache.kv_heads, batch.group, batch.span) \
+                .reshape(n_running * cache.kv_heads, batch.group, batch.span)
+        if n_new:
+            lengths = torch.tensor([len(r.prompt) for r in new], device=dev)
+            at = cache.positions[:prompt_len]
+            # causal, own prompt only; a pad query sees the prompt (no empty row)
+            batch.prefill_mask = ((at[:, None] >= at[None, :])[None]
+                                  & (at[None, None, :] < lengths[:, None, None]))[:, None]
+        return batch
+
+    def _layer_step(self, i: int, layer, weights: _FusedLayer, hidden, batch: _FlatBatch, plain: bool):
+        """Decoder layer `i` over the flat batch, as the model's own forward computes it: attention (its
+        keys and values into the cache first) and the MLP, each with its residual add. q, k, v are the
+        usual notation: queries (tokens, heads, hd), keys and values (tokens, kv heads, hd)."""
+        cache = self._kv
+        head_dim, n_tokens = cache.head_dim, batch.n_tokens
+        qkv = F.linear(_norm(layer.input_layernorm, hidden, plain), weights.qkv_w, weights.qkv_b)
+        q_width, k_width = weights.q_width, weights.k_width
+        attn = layer.self_attn
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
+            q = attn.q_norm(qkv[:, :q_width].view(n_tokens, -1, head_dim))
+            k = attn.k_norm(qkv[:, q_width:q_width + k_width].view(n_tokens, -1, head_dim))
+            qk = _rope(torch.cat([q, k], 1), batch.cos, batch.sin)
+        else:  # q and k are side by side in the fused output: rotated together
+            qk = _rope(qkv[:, :q_width + k_width].view(n_tokens, -1, head_dim), batch.cos, batch.sin)
+        n_heads = q_width // head_dim
+        q, k = qk[:, :n_heads], qk[:, n_heads:]
+        v = qkv[:, q_width + k_width:].view(n_tokens, cache.kv_heads, head_dim)
+        if qkv.dtype != cache.keys.dtype:  # (autocast computes the projections in bf16)
+            k, v = k.to(cache.keys.dtype), v.to(cache.values.dtype)
+        cache.write(i, batch.slots, batch.positions, k, v)
+        hidden = _add_linear(hidden, self._attend(i, q, k, v, batch), weights.o_w, weights.o_b, plain)
+        gate, up = F.linear(_norm(layer.post_attention_layernorm, hidden, plain), weights.gate_up_w,
+                            weights.gate_up_b).split(weights.ff_width, -1)
+        return _add_linear(hidden, layer.mlp.act_fn(gate) * up, weights.down_w, weights.down_b, plain)
+
+    def _attend(self, i: int, q, k, v, batch: _FlatBatch):
+        """Attention of layer `i` for the flat batch's tokens: the running rows' one query each over their
+        slots' cached keys (this step's included), the newcomers' prompts causally over themselves.
+        Returns (tokens, heads · head_dim)."""
+        cache, head_dim = self._kv, self._kv.head_dim
+        n_running, n_new, prompt_len = batch.n_running, batch.n_new, batch.prompt_len
+        out = []
+        if n_running:
+            # one query per row: a masked product with the slot's keys and one with its values
+            keys, values = cache.history(i, n_running, batch.span)        # (rows · kv heads, span, hd)
+            queries = q[:n_running].reshape(n_running * cache.kv_heads, batch.group, head_dim)
+            scores = torch.baddbmm(batch.decode_bias, queries, keys.transpose(1, 2), alpha=head_dim ** -0.5)
+            probs = torch.softmax(scores, -1) if scores.dtype == torch.float32 else \
+                torch.softmax(scores.float(), -1).to(values.dtype)
+            out.append(torch.bmm(probs, values).view(n_running, -1))
+        if n_new:  # (newcomers, heads, prompt length, hd)
+            q_new, k_new, v_new = (t[n_running:].view(n_new, prompt_len, -1, head_dim).transpose(1, 2)
+                                   for t in (q, k, v))
+            prefill = F.scaled_dot_product_attention(q_new, k_new, v_new, attn_mask=batch.prefill_mask,
+                                                     enable_gqa=k_new.shape[1] != q_new.shape[1])
+            out.append(prefill.transpose(1, 2).reshape(n_new * prompt_len, -1))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _fused_layers(self) -> list[_FusedLayer]:
         """Each layer's weights as the engine uses them: q/k/v and gate/up concatenated (2 matmuls where
         the model does 5), o and down as they act now. Built once per version of the weights: PPO's
         optimizer updates the policy in place between calls, which bumps every updated tensor's version
         counter (LoRA adapters included), so the key below changes exactly then; a LoRA layer's adapters
         switched off or merged (the reference policy) change it too."""
-        key = (tuple((id(q), q._version) for q in self.model.parameters()),
-               tuple((m.disable_adapters, m.merged, tuple(m.active_adapters)) for m in self.model.modules()
-                     if hasattr(m, "base_layer") and hasattr(m, "get_delta_weight")))
-        if getattr(self, "_fused_key", None) == key:
+        key = (tuple((id(param), param._version) for param in self.model.parameters()),
+               tuple((mod.disable_adapters, mod.merged, tuple(mod.active_adapters)) for mod in self.model.modules()
+                     if hasattr(mod, "base_layer") and hasattr(mod, "get_delta_weight")))
+        if self._fused_key == key:
             return self._fused
         self._fused_key, self._fused = key, self._build_fused_layers()
         return self._fused
 
-    def _build_fused_layers(self) -> list[dict]:
+    def _build_fused_layers(self) -> list[_FusedLayer]:
+        def stacked(linears, attr: str):  # the linears' weights (or biases) one above the other, as one linear
+            if _effective(linears[0], attr) is None:
+                return None
+            return torch.cat([_effective(linear, attr) for linear in linears])
+
         out = []
         for layer in self.model.model.layers:
-            a, mlp = layer.self_attn, layer.mlp
-            cat = lambda mods, attr: (torch.cat([_effective(x, attr) for x in mods])
-                                      if _effective(mods[0], attr) is not None else None)
-            qkv, gu = (a.q_proj, a.k_proj, a.v_proj), (mlp.gate_proj, mlp.up_proj)
-            out.append({"qkv_w": cat(qkv, "weight"), "qkv_b": cat(qkv, "bias"), "gu_w": cat(gu, "weight"),
-                        "gu_b": cat(gu, "bias"), "n_q": a.q_proj.weight.shape[0], "n_k": a.k_proj.weight.shape[0],
-                        "n_ff": mlp.gate_proj.weight.shape[0],
-                        "o_w": _effective(a.o_proj, "weight"), "o_b": _effective(a.o_proj, "bias"),
-                        "down_w": _effective(mlp.down_proj, "weight"), "down_b": _effective(mlp.down_proj, "bias")})
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+            out.append(_FusedLayer(
+                qkv_w=stacked(qkv, "weight"), qkv_b=stacked(qkv, "bias"),
+                q_width=attn.q_proj.weight.shape[0], k_width=attn.k_proj.weight.shape[0],
+                gate_up_w=stacked(gate_up, "weight"), gate_up_b=stacked(gate_up, "bias"),
+                ff_width=mlp.gate_proj.weight.shape[0],
+                o_w=_effective(attn.o_proj, "weight"), o_b=_effective(attn.o_proj, "bias"),
+                down_w=_effective(mlp.down_proj, "weight"), down_b=_effective(mlp.down_proj, "bias")))
         return out
 
     # ------------------------------------------------------------------ generic path: a static batch
@@ -515,7 +544,7 @@ class Engine:
     def _decode_hf_step(self) -> list[Request]:
         """One token for every slot of the static batch (an ended row's slot decodes a pad token until
         its batch ends)."""
-        top = max(s for s, r in enumerate(self._rows) if r is not None) + 1
+        top = max(slot for slot, r in enumerate(self._rows) if r is not None) + 1
         rows = self._rows[:top]
         if self._sampler is None:
             self._sampler = _Sampler([r.params if r is not None else _IDLE for r in rows], self.allowed)
@@ -525,35 +554,156 @@ class Engine:
 
     def _prefill_hf(self, new: list[Request]):
         """The batch's prompts LEFT-padded into a fresh `DynamicCache`: row b's pad keys are masked, its
-        rotary positions start at 0 at its first real token. The batch's rows take slots 0..B-1."""
+        rotary positions start at 0 at its first real token. The batch's rows take slots 0..len(new)-1."""
         from transformers import DynamicCache
-        dev, B, P = self.device, len(new), max(len(r.prompt) for r in new)
-        assert [r.slot for r in new] == list(range(B))
-        pad = torch.tensor([P - len(r.prompt) for r in new], device=dev)
-        ids = torch.full((B, P), self.tok.pad_id, dtype=torch.long)
+        dev, n_rows = self.device, len(new)
+        width = max(len(r.prompt) for r in new)  # the longest prompt: every row is padded to it
+        assert [r.slot for r in new] == list(range(n_rows))
+        pad = torch.tensor([width - len(r.prompt) for r in new], device=dev)
+        ids = torch.full((n_rows, width), self.tok.pad_id, dtype=torch.long)
         for b, r in enumerate(new):
-            ids[b, P - len(r.prompt):] = torch.tensor(r.prompt)
-        key_ok = torch.arange(P, device=dev)[None] >= pad[:, None]
-        pos = (torch.arange(P, device=dev)[None] - pad[:, None]).clamp(min=0)
-        self._hf = {"cache": DynamicCache(config=self.model.config), "key_ok": key_ok, "pad": pad, "cur": P}
-        return self._forward_hf(ids.to(dev), pos)
+            ids[b, width - len(r.prompt):] = torch.tensor(r.prompt)
+        key_ok = torch.arange(width, device=dev)[None] >= pad[:, None]
+        positions = (torch.arange(width, device=dev)[None] - pad[:, None]).clamp(min=0)
+        self._hf = _StaticBatch(cache=DynamicCache(config=self.model.config), key_ok=key_ok, pad=pad, length=width)
+        return self._forward_hf(ids.to(dev), positions)
 
     def _decode_hf(self, rows, ids):
-        st = self._hf
-        B = st["pad"].shape[0]
-        if len(ids) < B:  # the batch's highest rows have ended: they still decode (a pad token)
-            ids = torch.cat([ids, ids.new_full((B - len(ids),), self.tok.pad_id)])
-        st["key_ok"] = torch.cat([st["key_ok"], st["key_ok"].new_ones(B, 1)], 1)
-        pos = (st["cur"] - st["pad"]).clamp(min=0).view(B, 1)
-        st["cur"] += 1
-        return self._forward_hf(ids.view(B, 1), pos)[:len(rows)]
+        batch = self._hf
+        n_rows = batch.pad.shape[0]
+        if len(ids) < n_rows:  # the batch's highest rows have ended: they still decode (a pad token)
+            ids = torch.cat([ids, ids.new_full((n_rows - len(ids),), self.tok.pad_id)])
+        batch.key_ok = torch.cat([batch.key_ok, batch.key_ok.new_ones(n_rows, 1)], 1)
+        positions = (batch.length - batch.pad).clamp(min=0).view(n_rows, 1)
+        batch.length += 1
+        return self._forward_hf(ids.view(n_rows, 1), positions)[:len(rows)]
 
-    def _forward_hf(self, ids, pos):
+    def _forward_hf(self, ids, positions):
         # A 2-D padding mask over every position so far; the model builds its own causal mask from it.
-        st = self._hf
-        out = self.model(input_ids=ids, attention_mask=st["key_ok"].long(), position_ids=pos,
-                         past_key_values=st["cache"], use_cache=True)
+        batch = self._hf
+        out = self.model(input_ids=ids, attention_mask=batch.key_ok.long(), position_ids=positions,
+                         past_key_values=batch.cache, use_cache=True)
         return out.logits[:, -1]
+
+
+# ---------------------------------------------------------------------- the engine's state
+
+
+@dataclass(eq=False)
+class KVCache:
+    """The fast path's slot cache: for every layer, `slots` regions of `capacity` positions. A row's keys
+    and values sit in its slot at positions 0.. and every query masks the keys past its own position, so
+    releasing a slot is forgetting its row (`Engine._end`): nothing is cleared, the next row in the slot
+    writes each position before any query reads it. It also holds the rotary table of every position it
+    has room for, so that a step looks its tokens' rows up instead of computing them."""
+
+    keys: torch.Tensor         # (layers, slots, kv heads, capacity, head dim)
+    values: torch.Tensor       # same shape as keys
+    cos: torch.Tensor          # (capacity, head dim): the model's rotary cosine of each position
+    sin: torch.Tensor          # (capacity, head dim): its sine, rotate_half's sign folded in (`_rope`)
+    positions: torch.Tensor    # arange(capacity), kept to build each step's masks without a new tensor
+    head_dim: int
+    kv_heads: int              # key/value heads (fewer than query heads under grouped-query attention)
+
+    @classmethod
+    def allocate(cls, model, slots: int, length: int, device) -> KVCache:
+        """An empty cache of `slots` slots of `length` positions for `model`, in the model's dtype."""
+        cfg = model.config
+        kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dtype = next(model.parameters()).dtype
+        shape = (cfg.num_hidden_layers, slots, kv_heads, length, head_dim)
+        # Rotary table for every position once (the model's own rotary module: scaling types included).
+        # rotate_half(x) = [-x2, x1] = roll(x, hd/2) * [-1…, 1…]: the sign goes into the sine table, so
+        # that the rotation is one roll and one multiply-add per step (`_rope`).
+        probe = torch.zeros(1, 1, dtype=dtype, device=device)  # only its dtype and device are read
+        cos, sin = model.model.rotary_emb(probe, torch.arange(length, device=device)[None])
+        sign = torch.ones(head_dim, dtype=sin.dtype, device=device)
+        sign[: head_dim // 2] = -1
+        return cls(keys=torch.zeros(shape, dtype=dtype, device=device),
+                   values=torch.zeros(shape, dtype=dtype, device=device),
+                   cos=cos[0], sin=sin[0] * sign, positions=torch.arange(length, device=device),
+                   head_dim=head_dim, kv_heads=kv_heads)
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        """Positions per slot."""
+        return self.keys.shape[3]
+
+    def fits(self, slots: int, length: int) -> bool:
+        return self.slots >= slots and self.capacity >= length
+
+    def copy_from(self, old: KVCache) -> None:
+        """Grow: the contents of a smaller cache into this one's first slots and positions (the running
+        rows keep their cache across a reallocation)."""
+        self.keys[:, :old.slots, :, :old.capacity] = old.keys
+        self.values[:, :old.slots, :, :old.capacity] = old.values
+
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor) -> None:
+        """One step's keys and values of `layer`: token j's (kv heads, head dim) at (slots[j], positions[j])."""
+        self.keys[layer, slots, :, positions] = keys
+        self.values[layer, slots, :, positions] = values
+
+    def history(self, layer: int, rows: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `layer` in slots [0, rows), positions [0, span), as (rows · kv heads, span,
+        head dim) for a batched matmul (the live rows are compacted into the lowest slots: a view)."""
+        shape = (rows * self.kv_heads, span, self.head_dim)
+        return (self.keys[layer, :rows, :, :span].reshape(shape),
+                self.values[layer, :rows, :, :span].reshape(shape))
+
+    def move_slot(self, dst: int, src: int, length: int) -> None:
+        """A row's first `length` positions from slot `src` into slot `dst` (`Engine._compact`)."""
+        self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
+        self.values[:, dst, :, :length] = self.values[:, src, :, :length]
+
+
+@dataclass(eq=False)
+class _FusedLayer:
+    """One decoder layer's weights as the fast path applies them (`Engine._build_fused_layers`)."""
+    qkv_w: torch.Tensor              # q, k and v projections stacked: one matmul for all three
+    qkv_b: torch.Tensor | None
+    q_width: int                     # output rows of qkv_w that are q's; the next k_width are k's, then v's
+    k_width: int
+    gate_up_w: torch.Tensor          # the MLP's gate and up projections stacked
+    gate_up_b: torch.Tensor | None
+    ff_width: int                    # output rows of gate_up_w that are the gate's
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+
+
+@dataclass(eq=False)
+class _FlatBatch:
+    """The inputs of one fast-path forward (`Engine._flat_batch`): the running rows' next tokens, then each
+    newcomer's prompt right-padded to the longest, as one flat sequence of tokens."""
+    n_running: int                   # rows decoding one token each, in slots [0, n_running)
+    n_new: int                       # newcomers, their whole prompt each
+    prompt_len: int                  # the longest newcomer's prompt: every newcomer's share of the tokens
+    n_tokens: int                    # n_running + n_new · prompt_len
+    ids: torch.Tensor                # (n_tokens,) token ids
+    slots: torch.Tensor              # (n_tokens,) the cache slot of each token
+    positions: torch.Tensor          # (n_tokens,) its position in its row: cache position and rotary angle
+    cos: torch.Tensor                # (n_tokens, 1, head dim): rotary rows of those positions
+    sin: torch.Tensor
+    span: int = 0                    # cache positions the running rows read: the furthest of them + 1
+    group: int = 1                   # query heads per key/value head (grouped-query attention)
+    decode_bias: torch.Tensor | None = None   # (n_running · kv heads, group, span): −inf past a row's position
+    prefill_mask: torch.Tensor | None = None  # (n_new, 1, prompt_len, prompt_len): causal within own prompt
+
+
+@dataclass(eq=False)
+class _StaticBatch:
+    """The generic path's batch: one `DynamicCache` for all its rows, left-padded to a common length."""
+    cache: object                    # transformers' DynamicCache
+    key_ok: torch.Tensor             # (rows, length) bool: False at a row's left padding
+    pad: torch.Tensor                # (rows,) left padding of each row (its rotary positions start after it)
+    length: int                      # positions in the cache so far, padding included
 
 
 def _effective(linear, attr: str):
@@ -604,8 +754,8 @@ class _Sampler:
         self.blocked = ~allowed
 
     def __call__(self, logits: torch.Tensor):
-        # Sampled where the logits are (a GPU keeps its B×V logits; only B uniforms from the rows' own CPU
-        # generators travel, and B ids come back for the stop checks).
+        # Sampled where the logits are (a GPU keeps its rows×vocabulary logits; only one uniform per row
+        # from the rows' own CPU generators travels, and one id per row comes back for the stop checks).
         dev = logits.device
         if self.blocked.device != dev:
             self.blocked, self.temp, self.greedy, self.top_p = (x.to(dev) for x in (self.blocked, self.temp, self.greedy, self.top_p))
@@ -615,25 +765,27 @@ class _Sampler:
             greedy_lp = torch.log_softmax(logits, -1).gather(-1, greedy_ids[:, None]).squeeze(-1)
             if all(self.greedy_l):
                 return greedy_ids, greedy_lp
-        z = logits / self.temp
+        scaled = logits / self.temp
+        vocab = scaled.shape[-1]
         if any(self.top_k):
-            k = torch.tensor([k if 0 < k < z.shape[-1] else z.shape[-1] for k in self.top_k], device=dev)
+            ks = torch.tensor([k if 0 < k < vocab else vocab for k in self.top_k], device=dev)
             # the k-th largest of each row from a top-k of the largest k asked, not a sort of the vocabulary
-            kth = torch.topk(z, int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])
-            z = z.masked_fill(z < kth, float("-inf"))
+            kth = torch.topk(scaled, int(ks.max()), dim=-1).values.gather(-1, (ks - 1)[:, None])
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         if bool((self.top_p < 1).any()):
-            z = z.masked_fill(z < self._nucleus_cut(z), float("-inf"))
-        logp = torch.log_softmax(z, -1)
+            scaled = scaled.masked_fill(scaled < self._nucleus_cut(scaled), float("-inf"))
+        logp = torch.log_softmax(scaled, -1)
         # One uniform per sampled row from its own generator (a greedy row draws nothing): a row's draws
         # depend on that row alone, not on who runs beside it.
-        u = torch.stack([torch.rand((), generator=g) if not greedy else torch.zeros(())
-                         for g, greedy in zip(self.gens, self.greedy_l)]).to(dev)           # (B,)
+        uniform = torch.stack([torch.rand((), generator=gen) if not greedy else torch.zeros(())
+                               for gen, greedy in zip(self.gens, self.greedy_l)]).to(dev)       # (rows,)
+        # inverse-CDF sampling: the first token whose cumulative mass reaches the row's uniform
         cdf = logp.exp().cumsum(-1)
-        nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=z.shape[-1] - 1)
-        lp = logp.gather(-1, nxt[:, None]).squeeze(-1)
+        sampled = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=vocab - 1)
+        sampled_lp = logp.gather(-1, sampled[:, None]).squeeze(-1)
         if not any(self.greedy_l):
-            return nxt, lp
-        return torch.where(self.greedy, greedy_ids, nxt), torch.where(self.greedy, greedy_lp, lp)
+            return sampled, sampled_lp
+        return torch.where(self.greedy, greedy_ids, sampled), torch.where(self.greedy, greedy_lp, sampled_lp)
 
     # Candidates among which top-p looks for its cut first: a trained model's nucleus at p ≈ 0.9 is mostly
     # narrower; a row whose candidates hold less than its mass p is looked at again with 16 times as many,
@@ -641,29 +793,29 @@ class _Sampler:
     # of the row costs about as much.)
     NUCLEUS = 256
 
-    def _nucleus_cut(self, z: torch.Tensor) -> torch.Tensor:
+    def _nucleus_cut(self, scaled: torch.Tensor) -> torch.Tensor:
         """Each row's smallest logit inside its nucleus (−inf for a row with top_p = 1): the most likely
         tokens whose mass before them is below p. Found among the row's largest NUCLEUS logits (a top-k,
         not a sort of the vocabulary: on a 49k vocabulary that sort was most of a decode step); only the
         rows whose candidates do not reach their p (flat distributions) look further. Tokens tied with the
         cut stay together."""
-        V = z.shape[-1]
+        vocab = scaled.shape[-1]
         # with top-k on every row nothing outside the largest max(k) survives: no row needs more
-        widest = max(self.top_k) if all(0 < k < V for k in self.top_k) else V
+        widest = max(self.top_k) if all(0 < k < vocab for k in self.top_k) else vocab
         widths = [w for w in (self.NUCLEUS, 16 * self.NUCLEUS) if 4 * w <= widest] + [widest]
-        cut = torch.full_like(z[:, :1], float("-inf"))
+        cut = torch.full_like(scaled[:, :1], float("-inf"))
         rows = torch.nonzero(self.top_p[:, 0] < 1).squeeze(-1)
         for width in widths:
-            zz, p = z[rows], self.top_p[rows]
-            cand = torch.topk(zz, width, dim=-1).values   # (rows, width), descending
-            if width == V:
+            row_logits, row_p = scaled[rows], self.top_p[rows]
+            cand = torch.topk(row_logits, width, dim=-1).values   # (rows, width), descending
+            if width == vocab:
                 probs = torch.softmax(cand, -1)
             else:  # the first candidate is the row's largest logit; the denominator is the whole row's
-                probs = (cand - cand[:, :1]).exp() / (zz - cand[:, :1]).exp().sum(-1, keepdim=True)
+                probs = (cand - cand[:, :1]).exp() / (row_logits - cand[:, :1]).exp().sum(-1, keepdim=True)
             before = probs.cumsum(-1) - probs
             # the nucleus: the mass before a token is below p (the top token always stays)
-            row_cut = cand.masked_fill(before >= p, float("inf")).amin(-1, keepdim=True)
-            done = (before[:, -1] + probs[:, -1] >= p[:, 0]) | (width == widest)  # the candidates hold p
+            row_cut = cand.masked_fill(before >= row_p, float("inf")).amin(-1, keepdim=True)
+            done = (before[:, -1] + probs[:, -1] >= row_p[:, 0]) | (width == widest)  # the candidates hold p
             cut[rows[done]] = row_cut[done]
             rows = rows[~done]
             if not len(rows):
@@ -673,7 +825,7 @@ class _Sampler:
 
 def _rope(x, cos, sin):
     """Rotary embedding as `transformers`' Llama applies it (rotate-half convention), with the sign of
-    rotate_half folded into the sine table (`_reserve`): x·cos + roll(x, hd/2)·sin'."""
+    rotate_half folded into the sine table (`KVCache.allocate`): x·cos + roll(x, hd/2)·sin'."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
@@ -730,9 +882,9 @@ class Detokenizer:
         return new
 
 
-def _trim_to_text(tok, ids, lps, text):
+def _trim_to_text(tok, ids, logprobs, text):
     """Keep the shortest prefix of ids whose decoding covers `text` (drop tokens after a stop string)."""
-    for n in range(1, len(ids) + 1):
-        if len(tok.decode(ids[:n])) >= len(text):
-            return ids[:n], lps[:n]
-    return ids, lps
+    for kept in range(1, len(ids) + 1):
+        if len(tok.decode(ids[:kept])) >= len(text):
+            return ids[:kept], logprobs[:kept]
+    return ids, logprobs

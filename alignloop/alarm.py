@@ -12,21 +12,13 @@ import math
 from pathlib import Path
 
 from alignloop.io import read_jsonl_tolerant
+from alignloop.stats import noise
 
 PREFIX = "WARNING: reward hacking: "
 # A fall of gold from its best smaller than this is never called hacking, whatever the series' noise: the
 # best of a dozen probe points sits above the last by chance alone. docs/beta.md: the tiny default (β = 0.2)
 # ended 0.011 below its best dev-probe gold; β = 0 ended 0.082 below it, its proxy up by 0.87.
 TOLERANCE = 0.02
-
-
-def noise(values: list[float]) -> float | None:
-    """The noise of one measurement in a series, from its second differences (g[i+1] − 2g[i] + g[i−1],
-    whose variance is 6σ² for white noise and which a straight trend does not enter); None under 5 points."""
-    if len(values) < 5:
-        return None
-    d2 = [values[i + 1] - 2 * values[i] + values[i - 1] for i in range(1, len(values) - 1)]
-    return math.sqrt(sum(d * d for d in d2) / len(d2) / 6)
 
 
 def _finite(x) -> bool:

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from alignloop import config as C
+from alignloop import config
 from alignloop.errors import InputError
 
 COMMANDS = {
@@ -50,7 +50,7 @@ MAIN_ONLY = ("world", "tokenizer", "rank")
 def stage_parser(name: str, module) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"alignloop {name}", description=COMMANDS[name][1])
     p.add_argument("--config", metavar="FILE.toml", help="a TOML file, flat or with a [%s] table" % module.SECTION)
-    p.add_argument("--preset", choices=C.PRESETS, default=None, help="size preset (default: tiny)")
+    p.add_argument("--preset", choices=config.PRESETS, default=None, help="size preset (default: tiny)")
     p.add_argument("--out", metavar="RUN_DIR", default="runs/default", help="the run directory (default: runs/default)")
     if module.SECTION in GUARDED:
         p.add_argument("--force", action="store_true", help="write even over a stage made with another "
@@ -60,7 +60,7 @@ def stage_parser(name: str, module) -> argparse.ArgumentParser:
                        "last checkpoint (the old folder is moved aside)")
     if hasattr(module, "add_arguments"):
         module.add_arguments(p)
-    C.add_arguments(p, module.Config)
+    config.add_arguments(p, module.Config)
     return p
 
 
@@ -80,8 +80,8 @@ def run_stage(name: str, argv: list[str]) -> None:
             raise InputError(f"`alignloop {name}` does not run under torchrun: run it as one process")
         return module.main(argv)
     args = stage_parser(name, module).parse_args(argv)
-    cfg = C.resolve(module.Config, module.SECTION, preset=args.preset or "tiny", presets=module.PRESETS,
-                    toml=args.config, flags=C.flags_from_args(args, module.Config))
+    cfg = config.resolve(module.Config, module.SECTION, preset=args.preset or "tiny", presets=module.PRESETS,
+                    toml=args.config, flags=config.flags_from_args(args, module.Config))
     out = Path(args.out)
     blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:  # every stage writes a folder there

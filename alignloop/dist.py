@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from alignloop.errors import InputError
+from alignloop.precision import amp_dtype
 
 
 def launched() -> bool:
@@ -188,7 +189,7 @@ def wrap(model, fsdp: bool, device: torch.device, dtype: str = "auto"):
     """DDP (a full copy per process, gradients all-reduced), or with `fsdp` FSDP2: `fully_shard` on each
     decoder block and then the root, so parameters, gradients and optimizer state are split over the
     processes and one block at a time is gathered. Mixed precision bf16 on a GPU (the policy of
-    `loop.amp_dtype`, the one place that decides it); fp32 on the CPU. Build the optimizer after this."""
+    `precision.amp_dtype`, the one place that decides it); fp32 on the CPU. Build the optimizer after this."""
     if world() == 1:
         return model
     if not fsdp:
@@ -202,7 +203,6 @@ def wrap(model, fsdp: bool, device: torch.device, dtype: str = "auto"):
 
     from transformers import PreTrainedModel
 
-    from alignloop.train.loop import amp_dtype
     mesh = init_device_mesh(device.type, (world(),))
     half = amp_dtype(device, dtype)
     mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
@@ -284,21 +284,37 @@ def _inner(state: dict, prefix: str) -> dict:
     return {k[len(prefix) + 1:] if prefix else k: v for k, v in state.items() if not prefix or k.startswith(prefix + ".")}
 
 
+def _local_capture(model, opt) -> dict:
+    """What a checkpoint holds of a model and its optimizer in one process: the whole state, or — for a
+    partly frozen model (LoRA, top layers) — only what learns (the rest is reloaded from the stage's start)."""
+    if all(p.requires_grad for p in model.parameters()):
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    else:
+        state = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
+    return {"model": state, "optim": opt.state_dict()}
+
+
+def _local_restore(state: dict, model, opt) -> None:
+    missing = model.load_state_dict(state["model"], strict=False)
+    if missing.unexpected_keys:
+        raise ValueError(f"checkpoint holds parameters this model lacks: {missing.unexpected_keys[:3]}")
+    opt.load_state_dict(state["optim"])
+
+
 def capture(net, opt, model=None) -> dict:
-    """What a checkpoint holds (see loop.capture) of `model` (the module given to `wrap`, by default `net`
+    """What a checkpoint holds (see `_local_capture`) of `model` (the module given to `wrap`, by default `net`
     itself), in the one-process layout whatever the number of processes, so that N processes resume a run of
     M. Collective under FSDP; filled on rank 0 only."""
-    from alignloop.train import loop as L
     model = plain(net) if model is None else model
     if not is_fsdp(net):
-        return L.capture(model, opt) if is_main() else {}
+        return _local_capture(model, opt) if is_main() else {}
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     state = model_state(net)
     osd = get_optimizer_state_dict(net, opt, options=_full())
     if not is_main():
         return {}
     state = _inner(state, _prefix(net, model))
-    if not all(q.requires_grad for q in model.parameters()):  # LoRA, top layers: what learns (as loop.capture)
+    if not all(q.requires_grad for q in model.parameters()):  # LoRA, top layers: what learns (as _local_capture)
         learns = {n for n, q in model.named_parameters() if q.requires_grad}
         state = {k: v for k, v in state.items() if k in learns}
     # names → ids: the layout `torch.optim.Optimizer.state_dict()` writes in one process
@@ -311,10 +327,9 @@ def capture(net, opt, model=None) -> dict:
 def restore(state: dict, net, opt, model=None) -> None:
     """Load a checkpoint written by any number of processes (every rank has read the whole file) into
     `model` (the module given to `wrap`, by default `net` itself) and its optimizer."""
-    from alignloop.train import loop as L
     model = plain(net) if model is None else model
     if not is_fsdp(net):
-        return L.restore(state, model, opt)
+        return _local_restore(state, model, opt)
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
     # each rank keeps its own shard of the full tensors; a partly frozen model's checkpoint holds only what

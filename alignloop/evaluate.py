@@ -18,18 +18,17 @@ bound KL(π_bo‖π) ≤ log N − (N−1)/N (Stiennon et al. 2020; Beirami et a
 """
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from alignloop import dist as D
+from alignloop import dist
+from alignloop import evaljson
 from alignloop.config import DTYPES, option
 from alignloop.errors import InputError
-from alignloop.io import write_json
+from alignloop.stats import best_of_n_kl, distinct_n, fmt_interval, interval, mean_ci, pick_best, wilson_interval
 
 SECTION = "eval"
 
@@ -56,104 +55,7 @@ class Config:
 PRESETS = {"micro": {"max_new_tokens": 32}, "tiny": {}, "small": {"batch_size": 256}}
 
 
-# ---------------------------------------------------------------- statistics
-
-
-def wilson_halfwidth(k: int, n: int, z: float = 1.96) -> float:
-    """Half-width of the Wilson 95% interval of a rate k/n (sane at rates near 0 or 1)."""
-    if n == 0:
-        return 0.0
-    p = k / n
-    return z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson 95% interval [lo, hi] of a rate k/n: centred on (p + z²/2n) / (1 + z²/n), not on p, so
-    it stays inside [0, 1] (0 of 10 gives [0, 0.278], where p ± half-width would give [−0.14, 0.14])."""
-    if n == 0:
-        return 0.0, 1.0
-    centre = (k / n + z * z / (2 * n)) / (1 + z * z / n)
-    half = wilson_halfwidth(k, n, z)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def interval(mean: float, half: float) -> list[float]:
-    """[lo, hi] of a symmetric (normal-approximation) interval."""
-    return [mean - half, mean + half]
-
-
-def fmt_interval(lo_hi, spec: str = ".3f") -> str:
-    lo, hi = lo_hi
-    return f"[{lo:{spec}}, {hi:{spec}}]"
-
-
-def mean_ci(xs: list[float], z: float = 1.96) -> tuple[float, float]:
-    n = len(xs)
-    if n == 0:
-        return 0.0, 0.0
-    m = sum(xs) / n
-    var = sum((x - m) ** 2 for x in xs) / max(1, n - 1)
-    return m, z * math.sqrt(var / n)
-
-
-def paired_gain(m: dict, ref: dict) -> tuple[float, float, int] | None:
-    """Gold-score gain of stage m over stage ref on the prompts both answered: mean of the per-prompt
-    differences and its 95% half-width. Both stages answer the same held-out prompts, so the paired
-    interval leaves out how much prompts differ from each other (a task prompt scores ~0.45, a harmful
-    one ~0.95), which dominates each stage's own interval."""
-    ref_by_id = {e["id"]: e["gold_score"] for e in ref.get("examples", [])}
-    diffs = [e["gold_score"] - ref_by_id[e["id"]] for e in m.get("examples", []) if e["id"] in ref_by_id]
-    if not diffs:
-        return None
-    mean, half = mean_ci(diffs)
-    return mean, half, len(diffs)
-
-
-def gains_over_sft(stages: dict) -> list[tuple[str, tuple[float, float, int]]]:
-    """(stage, paired gain) for every stage after SFT — what the run's table and the report show."""
-    if "sft" not in stages:
-        return []
-    return [(s, g) for s, m in stages.items() if s not in ("base", "sft")
-            for g in (paired_gain(m, stages["sft"]),) if g]
-
-
-def fit_gao_rl(d: list[float], r: list[float]) -> tuple[float, float]:
-    """Least-squares (α, β) of Gao et al. (2022)'s functional form for RL, R(d) = d(α − β·log d), where
-    d = √KL to the initial policy and R is the gold gain over it. R is linear in (α, β), with features
-    d and −d·log d, so the fit is the 2×2 normal equations in closed form; points with d = 0 carry no
-    information (R(0) = 0 by the form) and are left out."""
-    pts = [(x, y) for x, y in zip(d, r) if x > 0]
-    f1 = [x for x, _ in pts]
-    f2 = [-x * math.log(x) for x, _ in pts]
-    s11, s12, s22 = sum(a * a for a in f1), sum(a * b for a, b in zip(f1, f2)), sum(b * b for b in f2)
-    s1y, s2y = sum(a * y for a, (_, y) in zip(f1, pts)), sum(b * y for b, (_, y) in zip(f2, pts))
-    det = s11 * s22 - s12 * s12
-    if len(pts) < 2 or abs(det) < 1e-12 * max(1.0, s11 * s22):
-        raise ValueError("the fit needs at least two distinct d > 0 (d = 1 alone cannot separate α from β)")
-    return (s1y * s22 - s2y * s12) / det, (s2y * s11 - s1y * s12) / det
-
-
-def gao_peak(alpha: float, beta: float) -> float | None:
-    """d* where R(d) = d(α − β·log d) peaks: R'(d) = α − β·log d − β = 0, so d* = exp(α/β − 1); the KL
-    there is d*². None when β ≤ 0 (the form then never turns down)."""
-    return math.exp(alpha / beta - 1) if beta > 0 else None
-
-
-def distinct_n(texts: list[str], n: int = 2) -> float:
-    """Unique word n-grams / all word n-grams over every answer (Li et al. 2016)."""
-    grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def best_of_n_kl(n: int) -> float:
-    """The analytic KL of best-of-n sampling to the policy it samples from: log n − (n − 1)/n (exact for
-    answers that never tie; an upper bound otherwise). 0 at n = 1."""
-    return math.log(n) - (n - 1) / n
-
-
-def pick_best(scores: list[float], n: int) -> list[int]:
-    """Indices of the best of each consecutive group of n scores (the first of equal best)."""
-    return [g * n + max(range(n), key=lambda j: (scores[g * n + j], -j)) for g in range(len(scores) // n)]
+# ---------------------------------------------------------------- summaries (the statistics: alignloop/stats.py)
 
 
 def bo_stage(stage: str, n: int) -> str:
@@ -236,7 +138,7 @@ def evaluate_policy(model, tok, world, cfg: Config, device, reference=None, rewa
         prompts = prompts[: cfg.max_prompts]
     engine = Engine(model, tok, device, max_batch=cfg.batch_size)
     prompt_ids = [tok.render_prompt(p["messages"]) for p in prompts]
-    mine = D.part(list(range(len(prompts))))
+    mine = dist.part(list(range(len(prompts))))
     n = cfg.best_of
     outs = engine.generate([prompt_ids[i] for i in mine for _ in range(n)], max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, seed=[row_seed(cfg.seed, i * n + j) for i in mine for j in range(n)])
@@ -255,7 +157,7 @@ def evaluate_policy(model, tok, world, cfg: Config, device, reference=None, rewa
                           temperature=cfg.temperature)
     if reward_fn is not None and mine:
         scores = reward_fn([prompts[i]["messages"] for i in mine], [o.text.strip() for o in outs])
-    texts, lengths, kls, scores, candidates = D.gather_rows(mine, [o.text.strip() for o in outs],
+    texts, lengths, kls, scores, candidates = dist.gather_rows(mine, [o.text.strip() for o in outs],
                                                             [len(o.ids) for o in outs], kls, scores, candidates)
     judgements = [world.judge(p, t) for p, t in zip(prompts, texts)]
     res = summarise(judgements, [p["category"] for p in prompts])
@@ -272,21 +174,6 @@ def evaluate_policy(model, tok, world, cfg: Config, device, reference=None, rewa
     return res
 
 
-def eval_key(split: str) -> str:
-    """Where a split's results live in eval.json: test under "stages" (what is reported), any other split
-    beside it ("stages_dev"), so a tuning run never overwrites a test figure, nor passes for one."""
-    return "stages" if split == "test" else f"stages_{split}"
-
-
-def update_eval_json(run_dir: Path, stage: str, result: dict, key: str = "stages") -> None:
-    path = Path(run_dir) / "eval.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault("stages", {})
-    data.setdefault("reward_model", {})
-    data.setdefault(key, {})[stage] = result
-    write_json(path, data)
-
-
 def stage_model_dir(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / ("pretrain" if stage == "base" else stage)
 
@@ -297,7 +184,7 @@ def run(cfg: Config, out: Path) -> dict:
     from alignloop.tokenizer import ChatTokenizer
     from alignloop.world import load_world
 
-    device = D.setup(cfg)  # under torchrun (`alignloop eval`, or a step of `alignloop run`): joins the group once
+    device = dist.setup(cfg)  # under torchrun (`alignloop eval`, or a step of `alignloop run`): joins the group once
     world = load_world(out)
     rm_path = Path(cfg.reward_model) if cfg.reward_model else newest_reward_model(out)
     if cfg.best_of > 1 and rm_path is None:  # said before any model is loaded
@@ -317,7 +204,7 @@ def run(cfg: Config, out: Path) -> dict:
     reward_fn = None
     if rm_path is not None:
         from alignloop.model import load_reward_model
-        from alignloop.train.reward import RewardScorer
+        from alignloop.scoring import RewardScorer
         # a trained reward model, or an InputError naming the folder (a causal LM has no trained score head);
         # frozen, so bf16 on a GPU and fp32 on the CPU, as RewardScorer keeps it
         rm = load_reward_model(rm_path, pick_dtype("auto", device)).to(device).eval().requires_grad_(False)
@@ -326,8 +213,8 @@ def run(cfg: Config, out: Path) -> dict:
     res["split"] = cfg.split
     res["temperature"] = cfg.temperature  # what the answers were sampled at, and kl_exact measured at
     name = bo_stage(cfg.stage, cfg.best_of)
-    if D.is_main():  # every rank holds the results; one writes them
-        update_eval_json(out, name, res, key=eval_key(cfg.split))
+    if dist.is_main():  # every rank holds the results; one writes them
+        evaljson.update(out, name, res, key=evaljson.key_of(cfg.split))
     print(format_row(name, res) + ("" if cfg.split == "test" else f"  ({cfg.split} prompts)"))
     return res
 

@@ -23,6 +23,8 @@ import json
 import re
 from pathlib import Path
 
+from alignloop import evaljson
+
 K = 6             # answers per dev prompt: the sample step's default K, what the labelers choose among
 N_PROMPTS = 200   # dev prompts sampled (≈ 40 per category): 1,200 answers, a few seconds on the tiny preset
 READING = ("Where best-of-K is far above the SFT mean but PPO gains little, the reward model or RL loses the "
@@ -148,7 +150,7 @@ def run(out: Path, ecfg, reward_cfgs: list) -> Path:
     from alignloop.evaluate import newest_reward_model
     from alignloop.io import write_json
     from alignloop.model import pick_device
-    from alignloop.train.reward import RewardScorer
+    from alignloop.scoring import RewardScorer
     from alignloop.world import load_world
     world = load_world(out)
     prompts = world.prompts("dev")[:N_PROMPTS]
@@ -165,7 +167,7 @@ def run(out: Path, ecfg, reward_cfgs: list) -> Path:
             "rm_pick_model": None if rm_path is None else str(rm_path.relative_to(out)),
             "categories": sample_summary([p["category"] for p in prompts], golds, rm),
             "rm_accuracy": {f"round-{c.round}": _rm_accuracy(out, c, world, device) for c in reward_cfgs},
-            "gains": category_gains(json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {})}
+            "gains": category_gains(evaljson.read(out))}
     path = out / "headroom.json"
     write_json(path, data)
     print(f"headroom: {len(prompts)} dev prompts × {K} answers from sft/, {len(reward_cfgs)} reward models → {path}")
@@ -191,21 +193,21 @@ def _sample(policy: Path, prompts: list[dict], world, ecfg, device) -> tuple[lis
 def _heldout_groups(out: Path, cfg, tok) -> list:
     """The comparisons `alignloop reward --round i` held out, chosen as reward.run chooses them: its files
     and sources, the agreement filter, the length limit, then `split_groups`."""
-    from alignloop.train import reward
-    sources = reward.parse_sources(cfg.sources)
+    from alignloop.train import pairs
+    sources = pairs.parse_sources(cfg.sources)
     paths = ([Path(p.strip()) for p in cfg.data.split(",") if p.strip()] if cfg.data
-             else reward.default_data(out, cfg.round, sources))
-    groups = [g for p in paths for g in reward.read_comparisons(p, cfg.skip_invalid)]
-    groups = reward.by_agreement([g for g in groups if not g.origin or g.origin in sources], cfg.min_agreement)
+             else pairs.default_data(out, cfg.round, sources))
+    groups = [g for p in paths for g in pairs.read_comparisons(p, cfg.skip_invalid)]
+    groups = pairs.by_agreement([g for g in groups if not g.origin or g.origin in sources], cfg.min_agreement)
     kept = [g for g in groups if g.pairs and max(len(tok.render(g.prompt + [{"role": "assistant", "content": c}])[0])
                                                  for c in g.completions) <= cfg.max_len]
-    return reward.split_groups(kept, cfg)[1]
+    return pairs.split_groups(kept, cfg)[1]
 
 
 def _rm_accuracy(out: Path, cfg, world, device) -> dict:
     """Round `cfg.round`'s reward model against the gold order on its held-out items, per category. Each item
     (prompt and answers) once, though two labelers ranked it; items of prompts not in the world are skipped."""
-    from alignloop.train.reward import RewardScorer
+    from alignloop.scoring import RewardScorer
     from alignloop.world import SPLITS
     scorer = RewardScorer(out / f"round-{cfg.round}" / "reward", device)
     by_id = {p["id"]: p for s in SPLITS for p in world.prompts(s)}

@@ -24,8 +24,9 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from alignloop import config as C
-from alignloop import dist as D
+from alignloop import config
+from alignloop import dist
+from alignloop import evaljson
 from alignloop import report
 from alignloop.config import option
 from alignloop.errors import InputError
@@ -63,7 +64,7 @@ class Runner:
         self.t0 = time.perf_counter()
 
     def cfg(self, module, **overrides):
-        cfg = C.resolve(module.Config, module.SECTION, preset=self.preset, presets=module.PRESETS, toml=self.toml)
+        cfg = config.resolve(module.Config, module.SECTION, preset=self.preset, presets=module.PRESETS, toml=self.toml)
         names = {f.name for f in fields(cfg)}
         if "device" in names:
             cfg.device = self.device
@@ -97,8 +98,8 @@ class Runner:
             print(f"[{self.clock()}] {name}: already done, skipped")
             return
         print(f"[{self.clock()}] {name} …", flush=True)
-        D.on_main(fn) if main_only else fn()
-        D.barrier()  # rank 0 has written the step's files before any rank checks whether the next is done
+        dist.on_main(fn) if main_only else fn()
+        dist.barrier()  # rank 0 has written the step's files before any rank checks whether the next is done
 
     def clock(self) -> str:
         s = int(time.perf_counter() - self.t0)
@@ -131,7 +132,7 @@ def run(cfg: Config, out: Path, args) -> None:
                          "`alignloop ppo --algo rloo` or `alignloop eval --best-of N` as commands of their own",
                          field="algo" if r.cfg(ppo).algo != "ppo" else "best_of")
     out.mkdir(parents=True, exist_ok=True)
-    D.on_main(lambda: save_stage_config(out, SECTION, cfg))
+    dist.on_main(lambda: save_stage_config(out, SECTION, cfg))
     stop = cfg.until
     if not loop_only and not _before_rounds(r, out, cfg, stop):
         return
@@ -176,15 +177,15 @@ def _before_rounds(r: Runner, out: Path, cfg: Config, stop: str) -> bool:
     if stop == "tokenizer":
         return False
     r.step("pretrain", (out / "pretrain" / "config.json").exists(), lambda: pretrain.run(r.cfg(pretrain, resume=True), out))
-    evals = _load_eval(out)
-    key = evaluate.eval_key(r.cfg(evaluate).split)  # eval.json's "stages" (test), or "stages_dev" for a run tuned on dev
+    evals = evaljson.read(out)
+    key = evaljson.key_of(r.cfg(evaluate).split)  # eval.json's "stages" (test), or "stages_dev" for a run tuned on dev
     r.step("fact recall", "fact_recall" in evals, lambda: _fact_recall(out, cfg.device), main_only=True)
     r.step("eval base", "base" in evals.get(key, {}), lambda: evaluate.run(r.cfg(evaluate, stage="base"), out))
     if stop == "pretrain":
         _finish(r, out)
         return False
     r.step("sft", (out / "sft" / "config.json").exists(), lambda: sft.run(r.cfg(sft, resume=True), out))
-    r.step("eval sft", "sft" in _load_eval(out).get(key, {}), lambda: evaluate.run(r.cfg(evaluate, stage="sft"), out))
+    r.step("eval sft", "sft" in evaljson.read(out).get(key, {}), lambda: evaluate.run(r.cfg(evaluate, stage="sft"), out))
     if stop == "sft":
         _finish(r, out)
         return False
@@ -217,27 +218,24 @@ def _round(r: Runner, out: Path, i: int, cfg: Config, stop: str) -> bool:
     r.step(f"round {i}: ppo", (folder / "ppo" / "config.json").exists(),
            lambda: ppo.run(r.cfg(ppo, round=i, resume=True), out))
     name = f"round-{i}/ppo"
-    r.step(f"eval {name}", name in _load_eval(out).get(evaluate.eval_key(r.cfg(evaluate).split), {}),
+    r.step(f"eval {name}", name in evaljson.read(out).get(evaljson.key_of(r.cfg(evaluate).split), {}),
            lambda: evaluate.run(r.cfg(evaluate, stage=name, model=str(folder / "ppo"), reward_model=str(folder / "reward")), out))
     return stop != "ppo"
 
 
 def _reward(r: Runner, out: Path, i: int, reward) -> None:
-    from alignloop.evaluate import update_eval_json
     stage = reward.run(r.cfg(reward, round=i), out)
-    import json
     # rank 0 wrote the stage's eval.json (the other ranks may return before it has)
-    D.on_main(lambda: update_eval_json(out, f"round-{i}", json.loads((stage / "eval.json").read_text()),
-                                       key="reward_model"))
+    dist.on_main(lambda: evaljson.update(out, f"round-{i}", evaljson.read_stage(stage), key="reward_model"))
 
 
 def _rescore(out: Path, device: str) -> None:
     """Score every stage's test answers with the final reward model, so rm_score compares stages."""
-    from alignloop.evaluate import newest_reward_model, update_eval_json
+    from alignloop.evaluate import newest_reward_model
     from alignloop.model import pick_device
-    from alignloop.train.reward import RewardScorer
+    from alignloop.scoring import RewardScorer
     from alignloop.world import load_world
-    data = _load_eval(out)
+    data = evaljson.read(out)
     rm = newest_reward_model(out)
     scorer = RewardScorer(rm, pick_device(device))
     world = load_world(out)
@@ -248,7 +246,7 @@ def _rescore(out: Path, device: str) -> None:
             scores = scorer.score_texts([by_id[e["id"]]["messages"] for e in ex], [e["answer"] for e in ex])
             m["rm_score"] = sum(scores) / len(scores)
             m["rm_model"] = str(rm)
-            update_eval_json(out, stage, m)
+            evaljson.update(out, stage, m)
 
 
 def _finish(r, out: Path) -> None:
@@ -256,15 +254,8 @@ def _finish(r, out: Path) -> None:
     _print_table(out)
 
 
-def _load_eval(out: Path) -> dict:
-    import json
-    path = out / "eval.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def _fact_recall(out: Path, device: str) -> None:
     from alignloop.evaluate import fact_recall
-    from alignloop.io import write_json
     from alignloop.model import load_causal_lm, pick_device
     from alignloop.tokenizer import ChatTokenizer
     from alignloop.world import load_world
@@ -273,18 +264,15 @@ def _fact_recall(out: Path, device: str) -> None:
     tok = ChatTokenizer.load(out / "pretrain")
     probes = load_world(out).fact_probes()
     recall = fact_recall(model, tok, probes, dev)
-    data = _load_eval(out)
-    data["fact_recall"] = {"base": recall, "n_facts": len(probes)}
-    data.setdefault("stages", {})
-    data.setdefault("reward_model", {})
-    write_json(out / "eval.json", data)
+    evaljson.put(out, "fact_recall", {"base": recall, "n_facts": len(probes)})
     print(f"fact recall of the base model: {recall:.1%} of {len(probes)} facts "
           f"(greedy completion of \"The capital of X is\" …)")
 
 
 def _print_table(out: Path) -> None:
-    from alignloop.evaluate import format_categories, format_row, gains_over_sft
-    data = _load_eval(out)
+    from alignloop.evaluate import format_categories, format_row
+    from alignloop.stats import gains_over_sft
+    data = evaljson.read(out)
     if "fact_recall" in data:
         print(f"fact recall (base): {data['fact_recall']['base']:.1%}")
     for key, split in (("stages", "test"), ("stages_dev", "dev")):

@@ -48,11 +48,10 @@ def heldout_prompt(key: str, seed: int, fraction: float) -> bool:
 
 
 def run(cfg: Config, out: Path) -> Path:
-    from alignloop import world as W
-    from alignloop.world import load_world
+    from alignloop.world import SPLITS, load_world
 
     world = load_world(out)
-    by_id = {p["id"]: p for split in W.SPLITS for p in world.prompts(split)}
+    by_id = {p["id"]: p for split in SPLITS for p in world.prompts(split)}
     path = resolve_path(cfg.samples, out, f"round-{cfg.round}/samples.jsonl")
     samples = read_records(path)
     rng = random.Random(cfg.seed * 104_729 + cfg.round)

@@ -30,10 +30,11 @@ import re
 import sys
 from pathlib import Path
 
-from alignloop import headroom
-from alignloop.alarm import PREFIX, TOLERANCE, noise, run_alarms
+from alignloop import evaljson, headroom
+from alignloop.alarm import PREFIX, TOLERANCE, run_alarms
 from alignloop.errors import InputError
 from alignloop.io import atomic_write_text, read_jsonl_tolerant
+from alignloop.stats import fit_gao_rl, gains_over_sft, gao_peak, mean_sd, noise
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;max-width:1150px;margin:1.5em auto;padding:0 1em;color:#222}
 h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin:1.2em 0 .4em}small{color:#666}
@@ -237,7 +238,6 @@ def rates(m: dict) -> list[str]:
 
 
 def summary(ev: dict, run: Path) -> str:
-    from alignloop.evaluate import gains_over_sft  # here: evaluate imports torch, the report needs it only for this
     stages, names = ev["stages"], stage_order(ev["stages"])
     out = [MISSING + "<small>(no stage evaluated yet: <code>alignloop eval --stage base</code> …)</small>"]
     if names:
@@ -300,10 +300,10 @@ def reward_models(ev: dict, run: Path) -> str:
     rms = dict(ev.get("reward_model") or {})
     unread = []  # (file, what is wrong): said in the report and on stderr, its round left out of the table
     for i in rounds_of(run):
-        p = run / f"round-{i}" / "reward" / "eval.json"
+        p = run / f"round-{i}" / "reward" / evaljson.NAME
         if not isinstance(rms.get(f"round-{i}"), dict) and p.exists():
             try:
-                rms[f"round-{i}"] = data = json.loads(p.read_text(encoding="utf-8"))
+                rms[f"round-{i}"] = data = evaljson.read_stage(p.parent)
             except ValueError as e:  # not JSON (a torn write), or not UTF-8
                 unread.append((p, f"not valid JSON: {e}"))
                 continue
@@ -502,7 +502,6 @@ def gao_points(rows: list[dict]) -> tuple[list[float], list[float], list[float]]
 
 
 def gao_section(run: Path) -> str:
-    from alignloop.evaluate import fit_gao_rl, gao_peak
     source, curves = gao_curves(run)
     curves = [(b, *gao_points(rows)) for b, rows in curves]
     curves = [c for c in curves if len(c[1]) >= 2]
@@ -639,7 +638,6 @@ def methods_plot(ax, seeds: list[list[dict]]) -> None:
     the origin; the mean over seeds with their standard deviation as bars (one seed: the paired 95%
     half-width). Gao et al.'s RL form d(α − β·log d) fitted per trained method, dashed (best-of-N is not
     RL: its KL is the analytic bound log N − (N−1)/N)."""
-    from alignloop.evaluate import fit_gao_rl
     for method, (name, marker) in METHODS.items():
         strengths = sorted({r["strength"] for rows in seeds for r in rows if r["method"] == method})
         pts = []
@@ -648,10 +646,8 @@ def methods_plot(ax, seeds: list[list[dict]]) -> None:
                    and num(r.get("gain")) is not None and num(r.get("kl")) is not None]
             if not got:
                 continue
-            g = [r["gain"] for r in got]
-            mean = sum(g) / len(g)
-            spread = (math.sqrt(sum((x - mean) ** 2 for x in g) / (len(g) - 1)) if len(g) > 1
-                      else got[0].get("gain_half") or 0.0)
+            mean, sd = mean_sd([r["gain"] for r in got])
+            spread = sd if sd is not None else got[0].get("gain_half") or 0.0
             pts.append((math.sqrt(max(0.0, sum(r["kl"] for r in got) / len(got))), mean, spread, st))
         if not pts:
             continue
@@ -750,13 +746,8 @@ def methods_section(run: Path) -> str:
 
 
 def load_eval(run: Path) -> dict:
-    path = run / "eval.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    except json.JSONDecodeError as e:
-        raise InputError(f"not valid JSON: {e.msg}", file=path, line=e.lineno) from None
-    if not isinstance(data, dict) or not isinstance(data.get("stages") or {}, dict):
-        raise InputError("expected an object whose `stages` is an object", file=path, field="stages")
+    """eval.json with only the stages that are objects (what a page can show)."""
+    data = evaljson.read(run)
     data["stages"] = {k: m for k, m in (data.get("stages") or {}).items() if isinstance(m, dict)}
     return data
 
@@ -766,7 +757,7 @@ def write_report(run_dir: Path) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
         raise InputError("run directory not found", file=run)
-    if not any((run / p).exists() for p in ("config.toml", "eval.json", "world", "pretrain")):
+    if not any((run / p).exists() for p in ("config.toml", evaljson.NAME, "world", "pretrain")):
         raise InputError("not a run directory (no config.toml, eval.json, world/ or pretrain/)", file=run)
     ev = load_eval(run)
     done = [s for s in ("world/world.json", "tokenizer/tokenizer.json", "pretrain/config.json", "sft/config.json",

@@ -7,7 +7,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from alignloop import config as C
+from alignloop import config
 from alignloop.errors import InputError
 from alignloop.io import atomic_write_text
 
@@ -21,7 +21,7 @@ def save_stage_config(run_dir: Path, section: str, cfg) -> None:
         for name in data:
             if isinstance(data[name], dict):
                 sections[name] = _table(name, data[name])
-    sections[section] = C.to_toml({section: cfg})
+    sections[section] = config.to_toml({section: cfg})
     atomic_write_text(path, "\n".join(sections[k].rstrip() + "\n" for k in sections))
 
 

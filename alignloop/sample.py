@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignloop import dist as D
+from alignloop import dist
 from alignloop.config import DTYPES, option
 from alignloop.errors import InputError
 from alignloop.io import read_records, write_jsonl
@@ -75,11 +75,11 @@ def distinct_answers(engine, prompts: list[list[int]], k: int, *, max_new_tokens
         rows = [i for i, g in enumerate(got) for _ in range(k - len(g))]
         if not rows:
             break
-        mine = D.part(list(range(len(rows))))
+        mine = dist.part(list(range(len(rows))))
         outs = engine.generate([prompts[rows[r]] for r in mine], max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p,
                                seed=None if seed is None else [row_seed(seed + t, r) for r in mine])
-        texts, = D.gather_rows(mine, [o.text.strip() for o in outs])
+        texts, = dist.gather_rows(mine, [o.text.strip() for o in outs])
         for i, text in zip(rows, texts):
             if text and text not in got[i] and len(got[i]) < k:
                 got[i].append(text)
@@ -92,7 +92,7 @@ def run(cfg: Config, out: Path) -> Path:
     from alignloop.sources import resolve_model, tokenizer_dir
     from alignloop.tokenizer import ChatTokenizer
 
-    device = D.setup(cfg)  # under torchrun (`alignloop sample`, or a step of `alignloop run`): joins the group once
+    device = dist.setup(cfg)  # under torchrun (`alignloop sample`, or a step of `alignloop run`): joins the group once
     prompts_path = resolve_path(cfg.prompts, out, "world/prompts-train.jsonl")
     prompts = read_prompts(prompts_path)
     policy = resolve_model(cfg.policy, out, field="policy") if cfg.policy else current_policy(out)
@@ -115,7 +115,7 @@ def run(cfg: Config, out: Path) -> Path:
                 "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}}
                for p, a in zip(chosen, answers) if len(a) >= 2]
     dest = round_dir(out, cfg.round) / "samples.jsonl"
-    if D.is_main():  # every rank holds every answer; one writes them
+    if dist.is_main():  # every rank holds every answer; one writes them
         write_jsonl(dest, records)
         save_stage_config(out, SECTION, cfg)
     print(f"sample: {len(records)} prompts × up to {cfg.k} answers from {policy} → {dest}")

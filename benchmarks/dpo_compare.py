@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignloop.cli import run_stage  # noqa: E402
-from alignloop.evaluate import fmt_interval  # noqa: E402
+from alignloop.stats import fmt_interval  # noqa: E402
 
 
 def workdir(run: Path, work: Path, name: str) -> Path:
@@ -55,9 +55,9 @@ def expand_pairs(run: Path, path: Path) -> tuple[list[dict], int]:
     """Every comparison of the round-1 rankings as its own pairs record (chosen/rejected), in
     alignloop's pairs format with the held-out mark each ranking's prompt gets from alignloop's split, so
     that the pairs runs learn and hold out exactly what the K-way run does. (rows, training pairs)."""
-    from alignloop.train import dpo, reward as R
-    groups = R.read_comparisons(run / "round-1" / "rankings.jsonl")
-    train, val = R.split_groups([g for g in groups if g.pairs], dpo.Config())
+    from alignloop.train import dpo, pairs
+    groups = pairs.read_comparisons(run / "round-1" / "rankings.jsonl")
+    train, val = pairs.split_groups([g for g in groups if g.pairs], dpo.Config())
     rows = []
     for split, gs in (("train", train), ("heldout", val)):
         for g in gs:

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alignloop import precision  # noqa: E402
 from alignloop.model import create_causal_lm, flops_per_token, n_params, pick_device  # noqa: E402
 from alignloop.tokenizer import train_tokenizer  # noqa: E402
 from alignloop.train import loop as L  # noqa: E402
@@ -46,7 +47,7 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with L.autocast(device, args.dtype):
+        with precision.autocast(device, args.dtype):
             logits = model(input_ids=x[:, :-1]).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         loss.backward()

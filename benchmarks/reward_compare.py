@@ -47,7 +47,8 @@ def trl_run(run: Path, args) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from alignloop.model import load_scalar_model
-    from alignloop.train.reward import Config, evaluate, read_comparisons, split_groups
+    from alignloop.train.pairs import read_comparisons, split_groups
+    from alignloop.train.reward import Config, evaluate
     from alignloop.tokenizer import ChatTokenizer
 
     groups = read_comparisons(run / f"round-{args.round}" / "rankings.jsonl")

@@ -81,7 +81,8 @@ def trl(work: Path, model: Path, data: Path, args) -> dict:
     from alignloop.model import load_scalar_model
     from alignloop.tokenizer import ChatTokenizer
     from alignloop.train import loop as L
-    from alignloop.train.reward import Config, evaluate, read_comparisons, split_groups
+    from alignloop.train.pairs import read_comparisons, split_groups
+    from alignloop.train.reward import Config, evaluate
 
     groups = read_comparisons(data, skip_invalid=True)
     train, val = split_groups(groups, Config())
@@ -119,7 +120,7 @@ def trl(work: Path, model: Path, data: Path, args) -> dict:
 
 
 def prompts_file(path: Path, rows: list[dict], tok, max_tokens: int) -> list[list[dict]]:
-    from alignloop.train.reward import parse_hh
+    from alignloop.train.pairs import parse_hh
     out = []
     for r in rows:
         try:
@@ -138,8 +139,8 @@ def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
     from alignloop.engine import Engine
     from alignloop.evaluate import sequence_kl
     from alignloop.model import load_causal_lm
+    from alignloop.scoring import RewardScorer
     from alignloop.tokenizer import ChatTokenizer
-    from alignloop.train.reward import RewardScorer
 
     tok = ChatTokenizer.load(model)
     train_prompts = prompts_file(work / "ppo-prompts.jsonl", rows[1500:1700], tok, args.max_prompt)

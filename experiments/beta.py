@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignloop.cli import run_stage  # noqa: E402
-from alignloop.evaluate import fmt_interval  # noqa: E402
+from alignloop.stats import fmt_interval  # noqa: E402
 from alignloop.train.ppo import PRESETS, Config  # noqa: E402
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignloop.evaluate import paired_gain  # noqa: E402
+from alignloop.stats import paired_gain  # noqa: E402
 
 
 def alignloop(*args) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -34,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignloop.evaluate import fmt_interval, paired_gain  # noqa: E402
+from alignloop.stats import fmt_interval, mean_sd, paired_gain  # noqa: E402
 from alignloop.report import dev_choice, methods_plot, methods_verdict  # noqa: E402
 
 INPUTS = ("world", "tokenizer", "sft")
@@ -173,9 +172,8 @@ def figure(seeds: list[list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def mean_sd(xs: list[float]) -> str:
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+def fmt_mean_sd(xs: list[float]) -> str:
+    m, sd = mean_sd(xs)
     return f"{m:+.3f}" + ("" if sd is None else f" ± {sd:.3f}")
 
 
@@ -194,7 +192,7 @@ def summary(runs: list[Path]) -> str:
                  for r in got.values()]
         have = [r for r in got.values() if r]
         lines.append(f"| {LABEL[method]} | {'N = ' if method == 'bo' else 'β = '}{st:g} | " + " | ".join(cells)
-                     + f" | {mean_sd([r['gain'] for r in have])} | {sum(r['kl'] for r in have) / len(have):.2f} |")
+                     + f" | {fmt_mean_sd([r['gain'] for r in have])} | {sum(r['kl'] for r in have) / len(have):.2f} |")
     lines += ["", "| method | strength chosen on dev, per seed | its test gain, per seed | mean ± sd | seeds with the interval above 0 |",
               "|" + " --- |" * 5]
     for method in [m for m in LABEL if m != "sft"]:
@@ -202,7 +200,7 @@ def summary(runs: list[Path]) -> str:
         if not all(picks):
             continue
         lines.append(f"| {LABEL[method]} | {', '.join(format(p['strength'], 'g') for p in picks)} | "
-                     + ", ".join(f"{p['gain']:+.3f}" for p in picks) + f" | {mean_sd([p['gain'] for p in picks])} | "
+                     + ", ".join(f"{p['gain']:+.3f}" for p in picks) + f" | {fmt_mean_sd([p['gain'] for p in picks])} | "
                      f"{sum(p['gain'] - p['gain_half'] > 0 for p in picks)} of {len(picks)} |")
     return "\n".join(lines) + "\n"
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,14 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignloop.evaluate import gains_over_sft  # noqa: E402
+from alignloop.stats import gains_over_sft, mean_sd  # noqa: E402
 from alignloop.report import stage_order  # noqa: E402
-
-
-def mean_sd(xs: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (n − 1; None for one value)."""
-    m = sum(xs) / len(xs)
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
 
 
 def _pm(xs: list[float], spec: str, scale: float = 1.0) -> str:

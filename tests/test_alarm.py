@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from alignloop.alarm import PREFIX, hacking_alarm, noise, run_alarms
+from alignloop.alarm import PREFIX, hacking_alarm, run_alarms
+from alignloop.stats import noise
 
 
 def curve(gold, rm, start=0, every=5):

@@ -14,7 +14,8 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # a shared 2-core machine
 
 from alignloop import cli  # noqa: E402
-from alignloop.evaluate import best_of_n_kl, bo_stage, pick_best  # noqa: E402
+from alignloop.evaluate import bo_stage  # noqa: E402
+from alignloop.stats import best_of_n_kl, pick_best  # noqa: E402
 from tests.test_reward import build_rlhf_run  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def test_best_of_n_judges_the_reward_models_best_answer(rlhf, tmp_path):
     from alignloop.engine import Engine, row_seed
     from alignloop.model import load_causal_lm
     from alignloop.tokenizer import ChatTokenizer
-    from alignloop.train.reward import RewardScorer
+    from alignloop.scoring import RewardScorer
     from alignloop.world import load_world
     prompts = load_world(out).prompts("test")[:6]
     tok = ChatTokenizer.load(out / "sft")

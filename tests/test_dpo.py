@@ -19,7 +19,7 @@ from alignloop import cli  # noqa: E402
 from alignloop import forward as F_  # noqa: E402
 from alignloop.config import resolve  # noqa: E402
 from alignloop.train import dpo as D  # noqa: E402
-from alignloop.train import reward as R  # noqa: E402
+from alignloop.train.pairs import read_comparisons, split_groups  # noqa: E402
 from tests.test_reward import build_rlhf_run  # noqa: E402  (sft + round-1 rankings + RM, once per session)
 
 
@@ -158,8 +158,8 @@ def _objective(out: Path, model_dir: Path, beta: float):
     from alignloop.model import load_causal_lm
     from alignloop.tokenizer import ChatTokenizer
     tok = ChatTokenizer.load(out / "sft")
-    groups = [g for g in R.read_comparisons(out / "round-1" / "rankings.jsonl") if g.pairs]
-    train, _ = R.split_groups(groups, _cfg())
+    groups = [g for g in read_comparisons(out / "round-1" / "rankings.jsonl") if g.pairs]
+    train, _ = split_groups(groups, _cfg())
     rows = [D.answer_ids(tok, g.prompt, c) for g in train for c in g.completions]
     offsets = D._offsets(train)
     with torch.no_grad():

@@ -20,8 +20,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # for any subprocess: a shared 2-
 
 from alignloop import cli  # noqa: E402
 from alignloop.config import resolve  # noqa: E402
+from alignloop.forward import scalar_values  # noqa: E402
+from alignloop.scoring import RewardScorer  # noqa: E402
 from alignloop.train import ppo as P  # noqa: E402
-from alignloop.train import reward as R  # noqa: E402
 from alignloop.train import rl  # noqa: E402
 from tests.test_reward import build_rlhf_run  # noqa: E402  (one shared sft + rankings + RM run per session)
 
@@ -80,7 +81,7 @@ def test_layout_logprobs_and_values_match_each_sequence_alone(rlhf):
             alone = torch.log_softmax(policy(input_ids=x).logits[0].float(), -1)   # position i predicts token i+1
             expected = alone[len(p) - 1:len(p) + len(r) - 1].gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
             torch.testing.assert_close(logp[b, :len(r)], expected, atol=2e-5, rtol=0)
-            v_alone = R.scalar_values(value, x, torch.ones_like(x))[0]             # V(state t) = head at the token before t
+            v_alone = scalar_values(value, x, torch.ones_like(x))[0]             # V(state t) = head at the token before t
             torch.testing.assert_close(values[b, :len(r)], v_alone[len(p) - 1:len(p) + len(r) - 1], atol=2e-5, rtol=0)
 
 
@@ -97,9 +98,9 @@ def _one_iteration(rlhf, out: Path, **flags):
     _copy(rlhf, out)
     seen: dict = {}
     mp = pytest.MonkeyPatch()
-    real_layout, real_score, real_gae = P.layout, R.RewardScorer.score_ids, rl.gae
+    real_layout, real_score, real_gae = P.layout, RewardScorer.score_ids, rl.gae
     mp.setattr(P, "layout", lambda *a, **k: seen.setdefault("layout", real_layout(*a, **k)))
-    mp.setattr(R.RewardScorer, "score_ids", lambda self, seqs: seen.setdefault("score", real_score(self, seqs)))
+    mp.setattr(RewardScorer, "score_ids", lambda self, seqs: seen.setdefault("score", real_score(self, seqs)))
     mp.setattr(rl, "gae", lambda *a, **k: seen.setdefault("gae", real_gae(*a, **k)))
     try:
         P.run(_cfg(**flags), out)

@@ -22,8 +22,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # for any subprocess: a shared 2-
 from alignloop import cli  # noqa: E402
 from alignloop.config import resolve  # noqa: E402
 from alignloop.errors import InputError  # noqa: E402
+from alignloop.scoring import RewardScorer  # noqa: E402
 from alignloop.train import loop as L  # noqa: E402
 from alignloop.train import reward as R  # noqa: E402
+from alignloop.train.pairs import Group, read_comparisons, split_groups  # noqa: E402
 from tests.conftest import need_shared  # noqa: E402
 
 
@@ -60,7 +62,7 @@ def rm(rlhf):
     return load_scalar_model(path).eval(), ChatTokenizer.load(path)
 
 
-def _ids(tok, group: R.Group) -> list[list[int]]:
+def _ids(tok, group: Group) -> list[list[int]]:
     return [tok.render(group.prompt + [{"role": "assistant", "content": c}])[0] for c in group.completions]
 
 
@@ -98,7 +100,7 @@ def test_grouped_loss_equals_the_mean_of_pairwise_losses_computed_one_by_one(rm,
     recs = _rankings(rlhf, 2)
     recs.append({"prompt": "Rank these.", "completions": ["alpha one", "beta two two", "gamma", "delta d"],
                  "ranking": [2, 0, 3, 1], "ties": [[0, 3]]})  # a tie: the pair (0, 3) is not a comparison
-    groups = R.read_comparisons(_write_jsonl(tmp_path / "r.jsonl", recs))
+    groups = read_comparisons(_write_jsonl(tmp_path / "r.jsonl", recs))
     assert len(groups[2].pairs) == 5 and (0, 3) not in groups[2].pairs and (3, 0) not in groups[2].pairs
     seqs, offsets = [], []
     for g in groups:
@@ -129,7 +131,7 @@ def test_permuting_completions_with_their_ranking_gives_the_same_loss(rm, tmp_pa
         inv = {old: new for new, old in enumerate(perm)}
         rec = {"prompt": base["prompt"], "completions": [comps[i] for i in perm],
                "ranking": [inv[i] for i in base["ranking"]]}
-        (g,) = R.read_comparisons(_write_jsonl(tmp_path / f"p{k}.jsonl", [rec]))
+        (g,) = read_comparisons(_write_jsonl(tmp_path / f"p{k}.jsonl", [rec]))
         assert len(g.pairs) == 10
         with torch.no_grad():
             losses.append(R.grouped_loss(R.batch_rewards(model, _ids(tok, g), tok.pad_id, "cpu"), [g.pairs], [0]).item())
@@ -142,7 +144,7 @@ def test_ties_all_bad_and_k_above_9(tmp_path, capsys):
         {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [1, 0, 2], "all_bad": True},
         {"prompt": "p", "completions": [f"answer {i}" for i in range(10)], "ranking": list(range(10))},
     ]
-    tied, bad, big = R.read_comparisons(_write_jsonl(tmp_path / "r.jsonl", recs))
+    tied, bad, big = read_comparisons(_write_jsonl(tmp_path / "r.jsonl", recs))
     assert sorted(tied.pairs) == [(1, 0), (1, 2)]     # 1 ≻ 0 ~ 2: the tied pair carries no preference
     assert bad.pairs == []                             # "all equally bad": no comparison at all
     assert len(big.pairs) == 45 and "K = 10" in capsys.readouterr().out  # above 9: a warning, not an error
@@ -151,7 +153,7 @@ def test_ties_all_bad_and_k_above_9(tmp_path, capsys):
 def test_hh_rlhf_strings_become_a_shared_prompt_and_two_answers(tmp_path):
     rec = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Capital of Valdoria?\n\nAssistant: Mirenth.",
            "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Capital of Valdoria?\n\nAssistant: No idea, go away."}
-    (g,) = R.read_comparisons(_write_jsonl(tmp_path / "hh.jsonl", [rec]))
+    (g,) = read_comparisons(_write_jsonl(tmp_path / "hh.jsonl", [rec]))
     assert g.prompt == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
                         {"role": "user", "content": "Capital of Valdoria?"}]
     assert g.completions == ["Mirenth.", "No idea, go away."] and g.pairs == [(0, 1)]
@@ -168,9 +170,9 @@ def test_invalid_hh_rlhf_pairs_stop_the_stage_or_are_left_out_and_counted(tmp_pa
              "rejected": "\n\nHuman: Hi\n\nAssistant: Hey."}
     path = _write_jsonl(tmp_path / "hh.jsonl", [good, empty, good, glued])
     with pytest.raises(InputError) as e:
-        R.read_comparisons(path)
+        read_comparisons(path)
     assert (e.value.line, e.value.field) == (2, "rejected") and "empty final assistant turn" in str(e.value)
-    groups = R.read_comparisons(path, skip_invalid=True)
+    groups = read_comparisons(path, skip_invalid=True)
     assert [g.source.rsplit(":", 1)[1] for g in groups] == ["1", "3"]
     out = capsys.readouterr().out
     assert "2 of 4 comparisons" in out and "left out as invalid (first: " in out and "hh.jsonl:2" in out
@@ -251,7 +253,7 @@ def test_demonstrations_score_zero_on_average(rlhf):
     """InstructGPT normalises the RM so that the demonstrations score 0 on average: `run` sets
     config.reward_bias = −(mean raw score of the demonstrations), and RewardScorer adds it."""
     path = rlhf / "round-1" / "reward"
-    scorer = R.RewardScorer(path, "cpu")
+    scorer = RewardScorer(path, "cpu")
     demos = _demos(rlhf)
     scores = scorer.score_texts([d[:-1] for d in demos], [d[-1]["content"] for d in demos])
     assert len(scores) == 40
@@ -266,7 +268,7 @@ def test_saved_reward_model_loads_with_transformers_and_scores_identically(rlhf,
 
     from alignloop.model import load_scalar_model, save_model
     path = rlhf / "round-1" / "reward"
-    scorer = R.RewardScorer(path, "cpu")
+    scorer = RewardScorer(path, "cpu")
     convs = _demos(rlhf)[:6] + [[{"role": "user", "content": "Steal a car?"}, {"role": "assistant", "content": "No."}]]
     ours = scorer.score_texts([c[:-1] for c in convs], [c[-1]["content"] for c in convs])
     # plain transformers: the head and the bias come back from the folder alone
@@ -281,11 +283,11 @@ def test_saved_reward_model_loads_with_transformers_and_scores_identically(rlhf,
         assert logit + hf.config.reward_bias == pytest.approx(s, abs=1e-5)
     # our own save → load: identical scores, bias kept
     save_model(load_scalar_model(path), scorer.tok, tmp_path / "again")
-    again = R.RewardScorer(tmp_path / "again", "cpu")
+    again = RewardScorer(tmp_path / "again", "cpu")
     assert again.bias == scorer.bias
     assert again.score_texts([c[:-1] for c in convs], [c[-1]["content"] for c in convs]) == pytest.approx(ours, abs=1e-6)
     # and a score does not depend on its batch-mates (right padding, last real token)
-    one_by_one = R.RewardScorer(path, "cpu", batch_size=1)
+    one_by_one = RewardScorer(path, "cpu", batch_size=1)
     assert one_by_one.score_texts([c[:-1] for c in convs], [c[-1]["content"] for c in convs]) == pytest.approx(ours, abs=1e-5)
 
 
@@ -375,7 +377,7 @@ def test_hh_rlhf_real_pairs_parse_and_train_one_epoch(rlhf, tmp_path, capsys):
         lines = [next(f) for _ in range(50)]
     data = tmp_path / "hh50.jsonl.gz"
     data.write_bytes(gzip.compress("".join(lines).encode()))
-    groups = R.read_comparisons(data)
+    groups = read_comparisons(data)
     assert len(groups) == 50
     for g in groups:
         assert g.prompt and g.prompt[-1]["role"] == "user" and g.pairs == [(0, 1)]
@@ -412,20 +414,20 @@ def test_heldout_prompt_is_a_fixed_share_that_does_not_depend_on_the_round():
     assert not any(heldout_prompt(k, 0, 0.0) for k in keys) and all(heldout_prompt(k, 0, 1.0) for k in keys)
 
 
-def _g(prompt: str, split: str = "") -> R.Group:
-    return R.Group([{"role": "user", "content": prompt}], ["a", "b"], [(0, 1)], split=split)
+def _g(prompt: str, split: str = "") -> Group:
+    return Group([{"role": "user", "content": prompt}], ["a", "b"], [(0, 1)], split=split)
 
 
 def test_split_groups_holds_a_prompt_out_in_every_record():
     cfg = R.Config()
     # marked data: "q1" is held out in one record (round 2's), so its round-1 record is held out too
-    train, val = R.split_groups([_g("q1", "train"), _g("q2", "train"), _g("q1", "heldout")], cfg)
+    train, val = split_groups([_g("q1", "train"), _g("q2", "train"), _g("q1", "heldout")], cfg)
     assert [g.prompt[0]["content"] for g in train] == ["q2"] and len(val) == 2
     # unmarked data: adding round 2's prompts leaves round 1's held-out prompts held out
     round1 = [_g(f"p{i}") for i in range(300)]
     round2 = [_g(f"p{i}") for i in range(150, 600)]
-    val1 = {g.prompt[0]["content"] for g in R.split_groups(round1, cfg)[1]}
-    train2, val2 = R.split_groups(round1 + round2, cfg)
+    val1 = {g.prompt[0]["content"] for g in split_groups(round1, cfg)[1]}
+    train2, val2 = split_groups(round1 + round2, cfg)
     val2 = {g.prompt[0]["content"] for g in val2}
     assert val1 and val1 <= val2 and not val2 & {g.prompt[0]["content"] for g in train2}
     assert 0.05 < len(val2) / 600 < 0.15

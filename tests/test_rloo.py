@@ -17,8 +17,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # a shared 2-core machine
 
 from alignloop import cli  # noqa: E402
 from alignloop.config import resolve  # noqa: E402
+from alignloop.scoring import RewardScorer  # noqa: E402
 from alignloop.train import ppo as P  # noqa: E402
-from alignloop.train import reward as R  # noqa: E402
 from alignloop.train import rl  # noqa: E402
 from tests.test_reward import build_rlhf_run  # noqa: E402
 
@@ -76,9 +76,9 @@ def one_iteration(rlhf, tmp_path_factory):
     shutil.copytree(rlhf, out)
     seen: dict = {}
     mp = pytest.MonkeyPatch()
-    real_layout, real_score = P.layout, R.RewardScorer.score_ids
+    real_layout, real_score = P.layout, RewardScorer.score_ids
     mp.setattr(P, "layout", lambda *a, **k: seen.setdefault("layout", real_layout(*a, **k)))
-    mp.setattr(R.RewardScorer, "score_ids", lambda self, seqs: seen.setdefault("score", real_score(self, seqs)))
+    mp.setattr(RewardScorer, "score_ids", lambda self, seqs: seen.setdefault("score", real_score(self, seqs)))
     try:
         P.run(resolve(P.Config, "ppo", preset="micro", presets=P.PRESETS, flags=ONE), out)
     finally:

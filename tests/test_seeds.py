@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
+from alignloop.stats import mean_sd
 from tests.conftest import ROOT, alignloop
 
 sys.path.insert(0, str(ROOT / "experiments"))
-from seeds import mean_sd, seeds_table  # noqa: E402
+from seeds import seeds_table  # noqa: E402
 
 
 def _stage(gold: float, golds: dict[str, float]) -> dict:

@@ -46,14 +46,17 @@ from pathlib import Path
 
 import torch
 
-from alignloop import dist as D
-from alignloop import forward as F_
+from alignloop import dist
+from alignloop import evaljson
+from alignloop import forward
+from alignloop import precision
 from alignloop.config import Preferences, option
 from alignloop.errors import InputError
-from alignloop.io import write_json
 from alignloop.rundir import save_stage_config
-from alignloop.train import loop as L
-from alignloop.train import reward as R
+from alignloop.train import loop
+from alignloop.train import reward
+from alignloop.train.pairs import (by_agreement, default_data, labeler_agreement, parse_sources, read_comparisons,
+                                   split_groups)
 
 SECTION = "dpo"
 
@@ -90,7 +93,7 @@ def dpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, groups: list[list[tuple
     −mean over its (better, worse) pairs of log σ(h_better − h_worse) (with n_global: these prompts' share
     of the mean over a global batch of n_global prompts, one rank's part)."""
     h = beta * (logp - ref_logp)
-    return R.grouped_loss(h, groups, offsets, n_global), h
+    return reward.grouped_loss(h, groups, offsets, n_global), h
 
 
 def pair_accuracy(h: torch.Tensor, groups: list[list[tuple[int, int]]], offsets: list[int]) -> tuple[float, int]:
@@ -122,8 +125,8 @@ def sequence_logprobs(model, prompts: list[list[int]], answers: list[list[int]],
     (`forward.layout`: every answer starts at one column) per `max_rows` rows."""
     out = [torch.zeros(0, device=device)]
     for s in range(0, len(prompts), max_rows):
-        ids, attn, pos, mask, P = F_.layout(prompts[s:s + max_rows], answers[s:s + max_rows], pad_id, device)
-        lp = F_.action_logprobs(model, ids, attn, pos, P, allowed)
+        ids, attn, pos, mask, P = forward.layout(prompts[s:s + max_rows], answers[s:s + max_rows], pad_id, device)
+        lp = forward.action_logprobs(model, ids, attn, pos, P, allowed)
         out.append((lp * mask).sum(1))
     return torch.cat(out)
 
@@ -133,16 +136,103 @@ def sequence_logprobs(model, prompts: list[list[int]], answers: list[list[int]],
 
 def run(cfg: Config, out: Path) -> Path:
     from alignloop.model import load_causal_lm, n_params, save_model
-    from alignloop.sources import resolve_model
-    from alignloop.tokenizer import ChatTokenizer
 
     check(cfg)
-    sources = R.parse_sources(cfg.sources)
+    init, reference, tok, train, val = _comparisons(cfg, out)  # bad input stops here, before any work
+    if cfg.fsdp and cfg.lora_rank and dist.launched():
+        raise InputError("--fsdp with --lora-rank is not supported yet (LoRA under torchrun: DDP, without --fsdp)",
+                         field="fsdp")
+    device = dist.setup(cfg)
+    dist.check_rows(min(cfg.batch_size, len(train)), "a batch of prompts (--batch-size, or the data)", "batch_size")
+    policy = load_causal_lm(init).to(device).train()
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    if cfg.lora_rank:
+        policy = loop.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    allowed = forward.allowed_tokens(tok, policy.config.vocab_size, device)
+    t0 = time.perf_counter()
+    ref_lp = _reference_logprobs(cfg, policy, init, reference, tok, device, allowed, (train, val))
+    starts = {id(gs): _offsets(gs) for gs in (train, val)}
+    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    # under torchrun `net` is DDP or FSDP2 around the log-probs' forward pass; in one process the policy itself
+    net = dist.wrap(forward.Through(policy), cfg.fsdp, device, cfg.dtype) if dist.world() > 1 else policy
+    rows_per_pass = 64 if dist.world() == 1 else 1 << 30  # DDP and FSDP count passes: one per step on every rank
+    opt = loop.make_optimizer(net, cfg.lr, cfg.weight_decay)
+    max_steps = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
+    stage = out / f"round-{cfg.round}" / "dpo"
+    metrics = loop.Metrics(stage) if dist.is_main() else None  # only rank 0 writes
+    n_cmp = sum(len(g.pairs) for g in train)
+    print(f"dpo: β {cfg.beta:g}, {len(train)} prompts / {n_cmp} comparisons to learn, {len(val)} held out, "
+          f"policy {init}, reference {reference}, {n_params(policy, False) / 1e6:.2f}M parameters "
+          f"({n_train / 1e6:.2f}M learn){f', LoRA rank {cfg.lora_rank}' if cfg.lora_rank else ''}"
+          + (f", {dist.world()} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if dist.world() > 1 else ""))
+    rng = random.Random(cfg.seed)
+    bar = loop.Progress(max_steps, "dpo")
+    step = n_seen = 0
+    for epoch in range(cfg.epochs):
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        for s in range(0, len(order), cfg.batch_size):
+            batch = order[s:s + cfg.batch_size]
+            # this rank's prompts of the global batch (the last batch may leave a rank without one: it runs
+            # the pass on one prompt and counts nothing, as every rank must run the same passes)
+            mine = dist.part(batch)
+            weight = 1.0 if mine else 0.0
+            batch_here = mine or batch[:1]
+            gs = [train[i] for i in batch_here]
+            rows = [starts[id(train)][i] + k for i in batch_here for k in range(len(train[i].completions))]
+            offsets = _offsets(gs)
+            loop.set_lr(opt, loop.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, 0.1))
+            with precision.autocast(device, cfg.dtype):  # as the reference's log-probs were
+                logp = sequence_logprobs(net, *_flat(gs), tok.pad_id, device, allowed, rows_per_pass)
+            loss, h = dpo_loss(logp, ref_lp[id(train)][rows], [g.pairs for g in gs], offsets, cfg.beta, len(batch))
+            (loss * weight * dist.world()).backward()  # × world: DDP and FSDP average the ranks' gradients
+            torch.nn.utils.clip_grad_norm_([q for q in net.parameters() if q.requires_grad], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            n_seen += sum(len(train[i].pairs) for i in batch)
+            right, n = _right_and_n(h.detach(), [g.pairs for g in gs], offsets, weight)
+            rec = {"step": step, "epoch": epoch + 1, "loss": dist.all_sum((loss * weight).detach()).item(),
+                   "pair_accuracy": right / n if n else float("nan"),
+                   "implicit_reward": h.mean().item(), "lr": opt.param_groups[0]["lr"],
+                   "comparisons_per_s": n_seen / (time.perf_counter() - t0)}
+            if metrics:
+                metrics.log(**rec)
+            bar.update(1, loss=rec["loss"], acc=rec["pair_accuracy"])
+    bar.close()
+    train_time = time.perf_counter() - t0
+    policy = dist.gathered(net, policy)  # rank 0: the whole plain policy; the other ranks are done
+    if not dist.is_main():
+        return stage
+    policy.to(device)
+    result = {"beta": cfg.beta, "steps": step, "train_seconds": train_time, "n_train_prompts": len(train),
+              "n_train_comparisons": n_cmp}
+    if val:  # held out by prompt: does the implicit reward order answers it never saw?
+        result |= _held_out(cfg, policy, val, ref_lp[id(val)], tok, device, allowed)
+    result["peak_memory_gb"] = loop.peak_memory_gb(device)
+    save_model(loop.merged(policy), tok, stage)
+    evaljson.write_stage(stage, result)
+    save_stage_config(out, SECTION, cfg)
+    print(f"dpo: round {cfg.round} done in {train_time:.0f} s"
+          + (f", held-out implicit-reward pair accuracy {result['pair_accuracy']:.3f} on {result['n_prompts']} prompts"
+             if val else "") + f", peak memory {result['peak_memory_gb']:.2f} GB → {stage}")
+    return stage
+
+
+def _comparisons(cfg: Config, out: Path):
+    """(policy folder, reference folder, tokenizer, training groups, held-out groups): the comparisons of
+    `--sources` (or `--data`) whose labelers agree enough, each completion as (prompt ids, answer ids), those
+    that fit `max_len` split by prompt as the reward model splits them; both models checked to exist and to
+    share one tokenizer."""
+    from alignloop.sources import resolve_model
+    from alignloop.tokenizer import ChatTokenizer
+    sources = parse_sources(cfg.sources)
     paths = ([Path(p.strip()) for p in cfg.data.split(",") if p.strip()] if cfg.data
-             else R.default_data(out, cfg.round, sources))
+             else default_data(out, cfg.round, sources))
     print(f"dpo: reading {', '.join(map(str, paths))} (sources: {', '.join(sources)})")
-    groups = [g for p in paths for g in R.read_comparisons(p, cfg.skip_invalid)]  # bad input stops here, before any work
-    groups = R.by_agreement([g for g in groups if not g.origin or g.origin in sources], cfg.min_agreement)
+    groups = [g for p in paths for g in read_comparisons(p, cfg.skip_invalid)]
+    groups = by_agreement([g for g in groups if not g.origin or g.origin in sources], cfg.min_agreement)
     init = resolve_model(cfg.init, out, "init") if cfg.init else out / "sft"
     reference = resolve_model(cfg.reference, out, "reference") if cfg.reference else out / "sft"
     for name, path in (("policy", init), ("reference", reference)):
@@ -159,115 +249,53 @@ def run(cfg: Config, out: Path) -> Path:
               f"(longer than {cfg.max_len} tokens, or all answers tied / all bad)")
     if not kept:
         raise InputError("no usable comparisons", file=paths[0])
-    train, val = R.split_groups(kept, cfg)
-    if cfg.fsdp and cfg.lora_rank and D.launched():
-        raise InputError("--fsdp with --lora-rank is not supported yet (LoRA under torchrun: DDP, without --fsdp)",
-                         field="fsdp")
-    device = D.setup(cfg)
-    D.check_rows(min(cfg.batch_size, len(train)), "a batch of prompts (--batch-size, or the data)", "batch_size")
-    policy = load_causal_lm(init).to(device).train()
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    if cfg.lora_rank:
-        policy = L.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
-    allowed = F_.allowed_tokens(tok, policy.config.vocab_size, device)
-    amp = lambda: L.autocast(device, cfg.dtype)  # noqa: E731 — reference and policy log-probs alike
+    train, val = split_groups(kept, cfg)
+    return init, reference, tok, train, val
 
-    def flat(gs):
-        rows = [x for g in gs for x in g.ids]
-        return [p for p, _ in rows], [a for _, a in rows]
 
-    # ---- the reference's log-probs, once: π_ref is frozen and the data are fixed
-    t0 = time.perf_counter()
-    with torch.no_grad(), amp():
+def _flat(groups) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, answer ids) of every completion of `groups`, in order."""
+    rows = [x for g in groups for x in g.ids]
+    return [p for p, _ in rows], [a for _, a in rows]
+
+
+@torch.no_grad()
+def _reference_logprobs(cfg: Config, policy, init: Path, reference: Path, tok, device, allowed, splits) -> dict:
+    """log π_ref of every completion of each list of groups in `splits`, by id(list): once, before training
+    (π_ref is frozen and the data are fixed). With LoRA and one folder for both, π_ref is the policy with
+    its adapters off; otherwise the reference is loaded frozen (bf16 on a GPU, fp32 on the CPU) and dropped."""
+    with precision.autocast(device, cfg.dtype):
         if cfg.lora_rank and reference.resolve() == init.resolve():
             with policy.disable_adapter():
                 policy.eval()
-                ref_lp = {id(gs): sequence_logprobs(policy, *flat(gs), tok.pad_id, device, allowed) for gs in (train, val)}
+                ref_lp = {id(gs): sequence_logprobs(policy, *_flat(gs), tok.pad_id, device, allowed) for gs in splits}
             policy.train()
         else:
+            from alignloop.model import load_causal_lm
             frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
             ref = load_causal_lm(reference, dtype=frozen).to(device).eval()
-            ref_lp = {id(gs): sequence_logprobs(ref, *flat(gs), tok.pad_id, device, allowed) for gs in (train, val)}
+            ref_lp = {id(gs): sequence_logprobs(ref, *_flat(gs), tok.pad_id, device, allowed) for gs in splits}
             del ref
-    starts = {id(gs): _offsets(gs) for gs in (train, val)}
-    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    # under torchrun `net` is DDP or FSDP2 around the log-probs' forward pass; in one process the policy itself
-    net = D.wrap(F_.Through(policy), cfg.fsdp, device, cfg.dtype) if D.world() > 1 else policy
-    rows_per_pass = 64 if D.world() == 1 else 1 << 30  # DDP and FSDP count passes: one per step on every rank
-    opt = L.make_optimizer(net, cfg.lr, cfg.weight_decay)
-    max_steps = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
-    stage = out / f"round-{cfg.round}" / "dpo"
-    metrics = L.Metrics(stage) if D.is_main() else None  # only rank 0 writes
-    n_cmp = sum(len(g.pairs) for g in train)
-    print(f"dpo: β {cfg.beta:g}, {len(train)} prompts / {n_cmp} comparisons to learn, {len(val)} held out, "
-          f"policy {init}, reference {reference}, {n_params(policy, False) / 1e6:.2f}M parameters "
-          f"({n_train / 1e6:.2f}M learn){f', LoRA rank {cfg.lora_rank}' if cfg.lora_rank else ''}"
-          + (f", {D.world()} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if D.world() > 1 else ""))
-    rng = random.Random(cfg.seed)
-    bar = L.Progress(max_steps, "dpo")
-    step = n_seen = 0
-    for epoch in range(cfg.epochs):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        for s in range(0, len(order), cfg.batch_size):
-            batch = order[s:s + cfg.batch_size]
-            # this rank's prompts of the global batch (the last batch may leave a rank without one: it runs
-            # the pass on one prompt and counts nothing, as every rank must run the same passes)
-            mine = D.part(batch)
-            weight = 1.0 if mine else 0.0
-            batch_here = mine or batch[:1]
-            gs = [train[i] for i in batch_here]
-            rows = [starts[id(train)][i] + k for i in batch_here for k in range(len(train[i].completions))]
-            offsets = _offsets(gs)
-            L.set_lr(opt, L.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, 0.1))
-            with amp():
-                logp = sequence_logprobs(net, *flat(gs), tok.pad_id, device, allowed, rows_per_pass)
-            loss, h = dpo_loss(logp, ref_lp[id(train)][rows], [g.pairs for g in gs], offsets, cfg.beta, len(batch))
-            (loss * weight * D.world()).backward()  # × world: DDP and FSDP average the ranks' gradients
-            torch.nn.utils.clip_grad_norm_([q for q in net.parameters() if q.requires_grad], 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            n_seen += sum(len(train[i].pairs) for i in batch)
-            right, n = _right_and_n(h.detach(), [g.pairs for g in gs], offsets, weight)
-            rec = {"step": step, "epoch": epoch + 1, "loss": D.all_sum((loss * weight).detach()).item(),
-                   "pair_accuracy": right / n if n else float("nan"),
-                   "implicit_reward": h.mean().item(), "lr": opt.param_groups[0]["lr"],
-                   "comparisons_per_s": n_seen / (time.perf_counter() - t0)}
-            if metrics:
-                metrics.log(**rec)
-            bar.update(1, loss=rec["loss"], acc=rec["pair_accuracy"])
-    bar.close()
-    train_time = time.perf_counter() - t0
-    policy = D.gathered(net, policy)  # rank 0: the whole plain policy; the other ranks are done
-    if not D.is_main():
-        return stage
-    policy.to(device)
-    result = {"beta": cfg.beta, "steps": step, "train_seconds": train_time, "n_train_prompts": len(train),
-              "n_train_comparisons": n_cmp}
-    if val:  # held out by prompt: does the implicit reward order answers it never saw?
-        policy.eval()
-        with torch.no_grad(), amp():
-            lp = sequence_logprobs(policy, *flat(val), tok.pad_id, device, allowed)
-        loss, h = dpo_loss(lp, ref_lp[id(val)], [g.pairs for g in val], starts[id(val)], cfg.beta)
-        acc, n = pair_accuracy(h, [g.pairs for g in val], starts[id(val)])
-        result |= {"val_loss": loss.item(), "pair_accuracy": acc, "n_pairs": n,
-                   "n_prompts": len({json.dumps(g.prompt) for g in val}), "labeler_agreement": R.labeler_agreement(val)}
-    result["peak_memory_gb"] = L.peak_memory_gb(device)
-    save_model(L.merged(policy), tok, stage)
-    write_json(stage / "eval.json", result)
-    save_stage_config(out, SECTION, cfg)
-    print(f"dpo: round {cfg.round} done in {train_time:.0f} s"
-          + (f", held-out implicit-reward pair accuracy {result['pair_accuracy']:.3f} on {result['n_prompts']} prompts"
-             if val else "") + f", peak memory {result['peak_memory_gb']:.2f} GB → {stage}")
-    return stage
+    return ref_lp
+
+
+@torch.no_grad()
+def _held_out(cfg: Config, policy, val, ref_lp: torch.Tensor, tok, device, allowed) -> dict:
+    """The trained policy's implicit reward on the held-out prompts: loss, pair accuracy, the labelers' agreement."""
+    policy.eval()
+    starts = _offsets(val)
+    with precision.autocast(device, cfg.dtype):
+        lp = sequence_logprobs(policy, *_flat(val), tok.pad_id, device, allowed)
+    loss, h = dpo_loss(lp, ref_lp, [g.pairs for g in val], starts, cfg.beta)
+    acc, n = pair_accuracy(h, [g.pairs for g in val], starts)
+    return {"val_loss": loss.item(), "pair_accuracy": acc, "n_pairs": n,
+            "n_prompts": len({json.dumps(g.prompt) for g in val}), "labeler_agreement": labeler_agreement(val)}
 
 
 def _right_and_n(h: torch.Tensor, groups, offsets, weight: float) -> tuple[float, float]:
     """This step's pairs ordered right by the implicit reward, and its pairs, summed over the ranks."""
     acc, n = pair_accuracy(h, groups, offsets)
-    got = D.all_sum(torch.tensor([acc * n * weight if n else 0.0, n * weight], dtype=torch.float64, device=h.device))
+    got = dist.all_sum(torch.tensor([acc * n * weight if n else 0.0, n * weight], dtype=torch.float64, device=h.device))
     return float(got[0]), float(got[1])
 
 

@@ -1,10 +1,11 @@
-"""What every training stage does the same way: optimizer, schedule, precision, batching order,
-checkpoint/resume, metrics log and progress. Each stage's own file keeps its loop visible; this file
-only holds the pieces so that they are written once.
+"""What every training stage does the same way: optimizer, schedule, batching order, checkpoint files,
+metrics log and progress, LoRA and memory. Each stage's own file keeps its loop visible; this file only
+holds the pieces so that they are written once. Beside it: the precision policy (alignloop/precision.py),
+what a checkpoint holds of a model under any number of processes (alignloop/dist.py) and the data helpers
+the stages share (train/data.py).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -37,20 +38,6 @@ def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_ratio: float) -
 def set_lr(opt, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr
-
-
-def amp_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
-    """The one precision policy of training: bf16 on a GPU, fp32 (None) on the CPU, where bf16 matmuls
-    without AMX are ~20x slower. Both autocast and FSDP2's mixed precision (dist.wrap) follow it."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return None if dtype == "float32" else getattr(torch, dtype)
-
-
-def autocast(device: torch.device, dtype: str):
-    """Autocast to `amp_dtype`, or nothing in fp32."""
-    half = amp_dtype(device, dtype)
-    return contextlib.nullcontext() if half is None else torch.autocast(device.type, dtype=half)
 
 
 class RowSampler:
@@ -103,23 +90,6 @@ class Checkpoints:
         state = torch.load(path, map_location="cpu", weights_only=True)
         torch.set_rng_state(state["rng"])
         return state
-
-
-def capture(model, opt) -> dict:
-    """What a checkpoint holds for a model and its optimizer: the whole state, or — for a partly frozen
-    model (LoRA, top layers) — only what learns (the rest is reloaded from the stage's start)."""
-    if all(p.requires_grad for p in model.parameters()):
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    else:
-        state = trainable_state(model)
-    return {"model": state, "optim": opt.state_dict()}
-
-
-def restore(state: dict, model, opt) -> None:
-    missing = model.load_state_dict(state["model"], strict=False)
-    if missing.unexpected_keys:
-        raise ValueError(f"checkpoint holds parameters this model lacks: {missing.unexpected_keys[:3]}")
-    opt.load_state_dict(state["optim"])
 
 
 # ---------------------------------------------------------------- metrics and progress
@@ -222,11 +192,6 @@ def train_top_layers(model, n: int) -> None:
     keep |= {id(p) for p in m.score.parameters()}
     for p in m.parameters():
         p.requires_grad = id(p) in keep
-
-
-def trainable_state(model) -> dict:
-    """What a checkpoint needs of a partly frozen model: only the parameters that learn."""
-    return {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
 
 
 def peak_memory_gb(device) -> float:

@@ -27,14 +27,17 @@ from pathlib import Path
 
 import torch
 
-from alignloop import dist as D
-from alignloop import forward as F_
+from alignloop import dist
+from alignloop import forward
+from alignloop import precision
 
 from alignloop.config import LowRank, Resumable, option
 from alignloop.errors import InputError
 from alignloop.rundir import resolve_path, save_stage_config
-from alignloop.train import loop as L
+from alignloop.stats import distinct_n
+from alignloop.train import loop
 from alignloop.train import rl
+from alignloop.train.data import load_corpus, rows_of
 
 SECTION = "ppo"
 
@@ -51,9 +54,11 @@ class Config(LowRank, Resumable):
     batch_size: int = option(64, "episodes per rollout", min=1)
     minibatch_size: int = option(16, "episodes per gradient step", min=1)
     ppo_epochs: int = option(2, "passes over each rollout batch", min=1)
-    lr: float = option(3e-5, "policy learning rate (5e-5 over-optimised the tiny run: docs/LOG.md)", min=0.0, max=1.0)
+    lr: float = option(3e-5, "policy learning rate (5e-5 over-optimised the tiny preset: the policy learnt blanket refusals)",
+                       min=0.0, max=1.0)
     value_lr: float = option(1e-4, "value model learning rate", min=0.0, max=1.0)
-    kl_coef: float = option(0.3, "β, the per-token KL penalty to the reference (InstructGPT: 0.02; β = 0 lets the policy exploit the reward model: docs/beta.md)", min=0.0)
+    kl_coef: float = option(0.3, "β, the per-token KL penalty to the reference (InstructGPT: 0.02); β = 0 lets the policy "
+                            "exploit the reward model (tiny: its score rose while the gold score fell below SFT's)", min=0.0)
     kl_target: float = option(0.0, "adaptive β toward this episode KL in nats (0: fixed β)", min=0.0)
     kl_horizon: int = option(10000, "adaptive-β horizon in episodes (Ziegler et al.)", min=1)
     gamma: float = option(1.0, "discount (1: the episode is one answer)", min=0.0, max=1.0)
@@ -64,7 +69,8 @@ class Config(LowRank, Resumable):
     whiten_advantages: bool = option(True, "whiten advantages in each batch")
     reward_norm: bool = option(False, "scale the RM score to mean 0, std 1 over the first rollout batch, the start "
                                "policy's own answers (Ziegler et al. 2019); fixed after, so β means the same in any "
-                               "RM's units: for a reward model whose scores barely vary (docs/LOG.md, SmolLM2)")
+                               "RM's units: for a reward model whose scores barely vary (SmolLM2 on HH-RLHF: by ~0.03 a batch, "
+                               "less than β·KL, so the policy did not move)")
     missing_end_penalty: float = option(-1.0, "added to the score of an answer that never emits end-of-turn", max=0.0)
     ptx_coef: float = option(0.0, "γ_ptx: weight of the pretraining LM loss mixed in (PPO-ptx; InstructGPT: 27.8)", min=0.0)
     ptx_data: str = option("", "pretraining text for PPO-ptx (default: the run's world/corpus.jsonl)")
@@ -107,13 +113,13 @@ def check(cfg: Config) -> None:
 
 # ---------------------------------------------------------------- batching (alignloop/forward.py)
 
-layout, state_values = F_.layout, F_.state_values
+layout, state_values = forward.layout, forward.state_values
 
 
 def action_logprobs(model, ids, attn, pos, P: int, with_entropy: bool = False, allowed=None, temperature: float = 1.0):
     """log π(response token t | state t) for t = 0..R−1 from one forward pass: (B, R). Over the engine's
     vocabulary (`allowed`) and from logits / τ: the distribution the rollout was sampled from."""
-    return F_.action_logprobs(model, ids, attn, pos, P, allowed, temperature, with_entropy)
+    return forward.action_logprobs(model, ids, attn, pos, P, allowed, temperature, with_entropy)
 
 
 # ---------------------------------------------------------------- consistency checks
@@ -176,8 +182,8 @@ class Session:
     ptx_rows: torch.Tensor | None
     world: object
     probe: list | None
-    ckpts: L.Checkpoints
-    metrics: L.Metrics | None
+    ckpts: loop.Checkpoints
+    metrics: loop.Metrics | None
     start: int = 0
     norm: tuple | None = None  # (mean, std) of the RM score on the first rollout, with --reward-norm
 
@@ -187,13 +193,13 @@ class Session:
 
     def amp(self):
         """One autocast for the old, reference and new log-probs alike (their ratio is 1 at the first step)."""
-        return L.autocast(self.device, self.cfg.dtype)
+        return precision.autocast(self.device, self.cfg.dtype)
 
     @contextlib.contextmanager
     def sampling(self):
         """The policy whole while the engine samples (FSDP2: gathered on every rank, a collective), and
         under FSDP2 nothing of it kept afterwards: the engine's fused copy goes with the gathered weights."""
-        with D.whole(self.pnet):
+        with dist.whole(self.pnet):
             yield
         if self.fsdp:
             self.engine.release()
@@ -234,7 +240,7 @@ def run(cfg: Config, out: Path) -> Path:
         with s.sampling():  # every rank gathers the weights (FSDP); rank 0 alone samples the probe
             if s.metrics:
                 s.metrics.log(step=0, kl_sampled=0.0, beta=s.kl_ctl.beta, **_probe_scores(s))
-    bar = L.Progress(cfg.iterations, f"{cfg.algo} round {cfg.round}", s.start)
+    bar = loop.Progress(cfg.iterations, f"{cfg.algo} round {cfg.round}", s.start)
     streak = 0  # iterations in a row whose every optimizer step was skipped
     for it in range(s.start, cfg.iterations):
         t0 = time.perf_counter()
@@ -248,12 +254,12 @@ def run(cfg: Config, out: Path) -> Path:
         steps = len(stats["pg_loss"]) * (1 if s.rloo else 2)
         streak = streak + 1 if skipped and skipped >= steps else 0
         if streak == 3:
-            half = L.amp_dtype(s.device, cfg.dtype) is not None
+            half = precision.amp_dtype(s.device, cfg.dtype) is not None
             raise InputError(f"every optimizer step of iterations {it - 1}-{it + 1} had gradients that were not finite; "
                              f"stopped (the last checkpoint is in {s.ckpts.dir})"
                              + ("; --dtype float32 avoids bf16 rounding" if half else "; try a lower --lr"),
                              file=s.stage, field="dtype" if half else "lr")
-        L.release_memory()
+        loop.release_memory()
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             checkpoint(s, it + 1)
     bar.close()
@@ -267,7 +273,7 @@ def _setup(cfg: Config, out: Path) -> Session:
     from alignloop.sample import read_prompts
     from alignloop.sources import resolve_model
     from alignloop.tokenizer import ChatTokenizer
-    from alignloop.train.reward import RewardScorer
+    from alignloop.scoring import RewardScorer
 
     rloo = cfg.algo == "rloo"  # no value model; the leave-one-out baseline instead of GAE
     stage = out / f"round-{cfg.round}" / cfg.algo
@@ -280,11 +286,11 @@ def _setup(cfg: Config, out: Path) -> Session:
     tok = ChatTokenizer.load(init)
     prompts_path = resolve_path(cfg.prompts, out, "world/prompts-train.jsonl")
     prompts = read_prompts(prompts_path)
-    fsdp = cfg.fsdp and D.launched()
+    fsdp = cfg.fsdp and dist.launched()
     if fsdp:
         check_fsdp(init)
-    device = D.setup(cfg)
-    D.check_rows(min(cfg.batch_size, len(prompts)), "a rollout batch (--batch-size, or the prompts)", "batch_size")
+    device = dist.setup(cfg)
+    dist.check_rows(min(cfg.batch_size, len(prompts)), "a rollout batch (--batch-size, or the prompts)", "batch_size")
     policy = load_causal_lm(init).to(device)
     ctx = policy.config.max_position_embeddings
     prompt_ids = [tok.render_prompt(p["messages"]) for p in prompts]
@@ -302,9 +308,9 @@ def _setup(cfg: Config, out: Path) -> Session:
     if cfg.gradient_checkpointing and value is not None:
         value.gradient_checkpointing_enable()
     if cfg.lora_rank:
-        policy = L.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+        policy = loop.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
         if value is not None:
-            value = L.apply_lora(value, cfg.lora_rank, cfg.lora_alpha, scalar_head=True, seed=cfg.seed + 1)
+            value = loop.apply_lora(value, cfg.lora_rank, cfg.lora_alpha, scalar_head=True, seed=cfg.seed + 1)
     # Under torchrun each rank samples and scores its share of each rollout; the per-token tensors of the
     # whole batch are then put together on every rank (so advantages are whitened, and β adapted, over the
     # global batch) and each minibatch is split over the ranks. `pnet`/`vnet` train the policy and value
@@ -312,8 +318,8 @@ def _setup(cfg: Config, out: Path) -> Session:
     # The frozen reference and reward models stay whole on every rank (replicated): they hold no gradients
     # or optimizer state, the bulk of what sharding saves, and whole they run no collective, so each rank
     # scores its own share (and rank 0 the probe) alone.
-    pnet = D.wrap(F_.Through(policy), cfg.fsdp, device, cfg.dtype) if D.world() > 1 else policy
-    vnet = D.wrap(F_.Through(value), cfg.fsdp, device, cfg.dtype) if D.world() > 1 and value is not None else value
+    pnet = dist.wrap(forward.Through(policy), cfg.fsdp, device, cfg.dtype) if dist.world() > 1 else policy
+    vnet = dist.wrap(forward.Through(value), cfg.fsdp, device, cfg.dtype) if dist.world() > 1 and value is not None else value
     if cfg.lora_rank and reference.resolve() == init.resolve():
         ref, ref_ctx = pnet, policy.disable_adapter  # through `pnet`: under FSDP only it sees whole weights
     else:
@@ -326,17 +332,17 @@ def _setup(cfg: Config, out: Path) -> Session:
     world, probe = _probe(out, cfg)
     s = Session(cfg=cfg, stage=stage, init=init, tok=tok, prompts=prompts, prompt_ids=prompt_ids, device=device,
                 fsdp=fsdp, policy=policy, value=value, pnet=pnet, vnet=vnet, ref=ref, ref_ctx=ref_ctx, scorer=scorer,
-                allowed=F_.allowed_tokens(tok, policy.config.vocab_size, device),
+                allowed=forward.allowed_tokens(tok, policy.config.vocab_size, device),
                 # the engine reads the policy's weights directly: under FSDP2 each sampling runs in `sampling()`
-                engine=Engine(F_.unwrap(policy), tok, device, max_batch=cfg.batch_size),
-                opt_p=L.make_optimizer(policy, cfg.lr, 0.0),
-                opt_v=L.make_optimizer(value, cfg.value_lr, 0.0) if value is not None else None,
+                engine=Engine(forward.unwrap(policy), tok, device, max_batch=cfg.batch_size),
+                opt_p=loop.make_optimizer(policy, cfg.lr, 0.0),
+                opt_v=loop.make_optimizer(value, cfg.value_lr, 0.0) if value is not None else None,
                 kl_ctl=rl.AdaptiveKL(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon),
                 ptx_rows=_ptx_rows(cfg, out, tok) if cfg.ptx_coef > 0 else None,
-                world=world, probe=probe, ckpts=L.Checkpoints(stage), metrics=None)
+                world=world, probe=probe, ckpts=loop.Checkpoints(stage), metrics=None)
     resumed = _resume(s) if cfg.resume else False
-    s.metrics = L.Metrics(stage, resume_step=s.start if resumed else None) if D.is_main() else None
-    if D.is_main():  # only rank 0 writes
+    s.metrics = loop.Metrics(stage, resume_step=s.start if resumed else None) if dist.is_main() else None
+    if dist.is_main():  # only rank 0 writes
         save_stage_config(out, section(cfg), cfg)
     print(f"{cfg.algo}: round {cfg.round}, policy {init}, reward model {rm_path}, {len(prompts)} prompts, "
           f"{cfg.iterations} iterations × {cfg.batch_size} episodes, β {s.kl_ctl.beta}"
@@ -359,9 +365,9 @@ def _resume(s: Session) -> bool:
         diff = next(k for k in now if saved.get(k) != now[k])
         raise InputError(f"--resume on a PPO folder of another configuration ({diff}: {saved.get(diff)!r} there, "
                          f"{now[diff]!r} now)", file=s.stage, field=diff)
-    D.restore(state, s.pnet, s.opt_p, s.policy)
+    dist.restore(state, s.pnet, s.opt_p, s.policy)
     if s.value is not None:
-        D.restore({"model": state["value"], "optim": state["optim_value"]}, s.vnet, s.opt_v, s.value)
+        dist.restore({"model": state["value"], "optim": state["optim_value"]}, s.vnet, s.opt_v, s.value)
     s.kl_ctl.beta, s.start = state["beta"], state["step"]
     s.norm = state.get("reward_norm")
     return True
@@ -379,14 +385,14 @@ def rollout(s: Session, it: int) -> Rollout:
                  for _ in range(cfg.rloo_k)]
     else:
         batch = rng.sample(range(len(s.prompts)), min(cfg.batch_size, len(s.prompts)))
-    mine = D.part(list(range(len(batch))))
+    mine = dist.part(list(range(len(batch))))
     seed = cfg.seed * 7_919 + it
     with s.sampling(), s.amp():
         outs = s.engine.generate([s.prompt_ids[batch[p]] for p in mine], max_new_tokens=cfg.max_new_tokens,
                                  temperature=cfg.temperature,
-                                 seed=seed if D.world() == 1 else [(seed * 1_000_003 + p) % 2**63 for p in mine])
+                                 seed=seed if dist.world() == 1 else [(seed * 1_000_003 + p) % 2**63 for p in mine])
     t_gen = time.perf_counter() - t0
-    responses, texts, sampled_lp = D.gather_rows(mine, [o.ids for o in outs], [o.text.strip() for o in outs],
+    responses, texts, sampled_lp = dist.gather_rows(mine, [o.ids for o in outs], [o.text.strip() for o in outs],
                                                  [o.logprobs for o in outs])
     ended = torch.tensor([bool(r) and r[-1] in s.tok.stop_ids for r in responses], dtype=torch.float32)
     # Minibatches of every epoch, drawn now: the first epoch's minibatches are also how the old
@@ -413,12 +419,12 @@ def score(s: Session, ro: Rollout, it: int, bar) -> None:
     """The reward model's score, the old and reference log-probs and values, then the per-token rewards
     (−β·KL_t, the score at the last token) and the advantages: PPO's GAE, or RLOO's leave-one-out."""
     cfg, device = s.cfg, s.device
-    mine = D.part(list(range(len(ro.batch))))
+    mine = dist.part(list(range(len(ro.batch))))
     # the reward model reads its score where it was trained to: see ChatTokenizer.scored_ids
     sc = torch.zeros(len(ro.batch), device=device)
     sc[mine] = torch.tensor(s.scorer.score_ids([s.tok.scored_ids(s.prompt_ids[ro.batch[p]], ro.responses[p])
                                                 for p in mine]), device=device)
-    sc = D.all_sum(sc)  # every rank: the scores of the whole batch
+    sc = dist.all_sum(sc)  # every rank: the scores of the whole batch
     ro.score_raw = sc.clone()
     if cfg.reward_norm:
         if s.norm is None:
@@ -432,7 +438,7 @@ def score(s: Session, ro: Rollout, it: int, bar) -> None:
         s.value.eval()
     with s.amp():
         for mb_all in ro.epochs[0]:
-            mb = D.part(mb_all)  # this rank's rows: the ones it will take of the same minibatch in epoch 1
+            mb = dist.part(mb_all)  # this rank's rows: the ones it will take of the same minibatch in epoch 1
             # a rank left without a row runs one all the same and keeps nothing: every rank runs
             # the same passes (under FSDP each gathers the weights with the others)
             run_mb, keep = (mb, slice(None)) if len(mb) else (mb_all[:1], slice(0, 0))
@@ -441,7 +447,7 @@ def score(s: Session, ro: Rollout, it: int, bar) -> None:
                 ref_logp[mb] = _logprobs(s, s.ref, ro, run_mb)[keep]
             if s.value is not None:
                 old_values[mb] = state_values(s.vnet, ro.ids[run_mb], ro.attn[run_mb], ro.pos[run_mb], ro.P)[keep]
-    old_logp, ref_logp, old_values = (D.all_sum(t) for t in (old_logp, ref_logp, old_values))
+    old_logp, ref_logp, old_values = (dist.all_sum(t) for t in (old_logp, ref_logp, old_values))
     s.policy.train()
     if s.value is not None:
         s.value.train()
@@ -458,7 +464,7 @@ def score(s: Session, ro: Rollout, it: int, bar) -> None:
                                               for t in (old_logp, ref_logp, old_values, sc))
         bar.write(f"{cfg.algo}: iteration {it + 1}: {', '.join(what)} not finite in {int(bad.sum())} of "
                   f"{len(ro.batch)} episodes, left out of this update" + (
-                      " (bf16 rounding: --dtype float32 avoids it)" if L.amp_dtype(device, cfg.dtype) else ""))
+                      " (bf16 rounding: --dtype float32 avoids it)" if precision.amp_dtype(device, cfg.dtype) else ""))
     ro.sampler_gap = rl.masked_mean((engine_lp - old_logp).abs(), mask).item()
     ro.nonfinite = int(bad.sum())
     ro.kl = rl.kl_per_token(old_logp, ref_logp) * mask
@@ -486,7 +492,7 @@ def update(s: Session, ro: Rollout, it: int) -> tuple[dict, int]:
             # this rank's rows of the minibatch; each loss below is a token mean over its rows, weighted
             # by their share of the minibatch's tokens (×world: DDP averages the ranks' gradients). A
             # rank left without a row runs one with weight 0: every rank runs the same passes.
-            mb = D.part(mb_all)
+            mb = dist.part(mb_all)
             share = float(ro.mask[mb].sum() / ro.mask[mb_all].sum()) if len(mb) else 0.0
             mb = mb if len(mb) else mb_all[:1]
             m = ro.mask[mb]
@@ -494,25 +500,25 @@ def update(s: Session, ro: Rollout, it: int) -> tuple[dict, int]:
                 logp, ent = _logprobs(s, s.pnet, ro, mb, with_entropy=True)
                 if not stats["first_ratio_error"]:  # the precision/temperature contract, checked every iteration
                     stats["first_ratio_error"].append(
-                        D.all_max(((logp.detach() - ro.old_logp[mb]).exp() - 1).abs().mul(m).max()))
+                        dist.all_max(((logp.detach() - ro.old_logp[mb]).exp() - 1).abs().mul(m).max()))
                 pg, st = rl.policy_loss(logp, ro.old_logp[mb], ro.adv[mb], m, cfg.clip)
                 loss = pg * share
                 if s.ptx_rows is not None:
                     ptx, ptx_share = _ptx_loss(s, it * 997 + e * 101 + k)
                     loss = loss + cfg.ptx_coef * ptx * ptx_share
-                    stats["ptx_loss"].append(D.all_sum(torch.tensor(ptx.item() * ptx_share, dtype=torch.float64)).item())
+                    stats["ptx_loss"].append(dist.all_sum(torch.tensor(ptx.item() * ptx_share, dtype=torch.float64)).item())
             s.opt_p.zero_grad(set_to_none=True)
-            (loss * D.world()).backward()
+            (loss * dist.world()).backward()
             skipped += _step_if_finite(s.opt_p)
             if s.value is not None:
                 with s.amp():
                     v = state_values(s.vnet, ro.ids[mb], ro.attn[mb], ro.pos[mb], ro.P)
                     vf = rl.value_loss(v, ro.old_values[mb], ro.returns[mb], m, cfg.value_clip)
                 s.opt_v.zero_grad(set_to_none=True)
-                (vf * share * D.world()).backward()
+                (vf * share * dist.world()).backward()
                 skipped += _step_if_finite(s.opt_v)
             # the minibatch's statistics: the ranks' shares added up (one all-reduce)
-            got = D.all_sum(torch.tensor([pg.item(), vf.item() if s.value is not None else 0.0, st["clip_frac"],
+            got = dist.all_sum(torch.tensor([pg.item(), vf.item() if s.value is not None else 0.0, st["clip_frac"],
                                           st["approx_kl"], rl.masked_mean(ent.detach(), m).item()],
                                          dtype=torch.float64) * share)
             for name, x in zip(("pg_loss", "vf_loss", "clip_frac", "approx_kl", "entropy"), got.tolist()):
@@ -525,11 +531,11 @@ def _ptx_loss(s: Session, seed: int) -> tuple[torch.Tensor, float]:
     """PPO-ptx: the LM loss on a minibatch of pretraining rows (this rank's share of them, and that share)."""
     rows = s.ptx_rows[torch.randint(len(s.ptx_rows), (s.cfg.minibatch_size,),
                                     generator=torch.Generator().manual_seed(seed))]
-    part = D.part(rows)
+    part = dist.part(rows)
     share = len(part) / len(rows)
     part = (part if len(part) else rows[:1]).to(s.device)
-    hidden, head = F_.causal_hidden(s.pnet, part[:, :-1], torch.ones_like(part[:, :-1]))
-    return -F_.token_logprobs(hidden, head, part[:, 1:])[0].mean(), share
+    hidden, head = forward.causal_hidden(s.pnet, part[:, :-1], torch.ones_like(part[:, :-1]))
+    return -forward.token_logprobs(hidden, head, part[:, 1:])[0].mean(), share
 
 
 def record(s: Session, ro: Rollout, stats: dict, skipped: int, it: int, dt: float) -> dict:
@@ -547,12 +553,12 @@ def record(s: Session, ro: Rollout, stats: dict, skipped: int, it: int, dt: floa
            "explained_variance": rl.explained_variance(ro.old_values, ro.returns, ro.mask) if s.value is not None else None,
            "first_ratio_error": stats.pop("first_ratio_error")[0],
            "episodes_per_s": len(ro.batch) / dt, "tokens_per_s": float(ro.mask.sum()) / dt,
-           "generation_share": ro.t_gen / dt, "peak_memory_gb": L.peak_memory_gb(s.device)}
+           "generation_share": ro.t_gen / dt, "peak_memory_gb": loop.peak_memory_gb(s.device)}
     rec |= {k: sum(v) / len(v) for k, v in stats.items() if v}
     rec |= {"nonfinite_episodes": ro.nonfinite, "skipped_steps": skipped, "sampler_gap": ro.sampler_gap}
     if s.probe and ((it + 1) % cfg.probe_every == 0 or it + 1 == cfg.iterations):
         with s.sampling():  # every rank gathers the weights (FSDP); rank 0 alone samples (the others wait)
-            if D.is_main():
+            if dist.is_main():
                 rec |= _probe_scores(s)
     if s.metrics:
         s.metrics.log(**rec)
@@ -561,9 +567,9 @@ def record(s: Session, ro: Rollout, stats: dict, skipped: int, it: int, dt: floa
 
 def checkpoint(s: Session, step: int) -> None:
     """Full state dicts in the one-process layout, gathered to rank 0 (a collective under FSDP)."""
-    pstate = D.capture(s.pnet, s.opt_p, s.policy)
-    vstate = D.capture(s.vnet, s.opt_v, s.value) if s.value is not None else {}
-    if D.is_main():
+    pstate = dist.capture(s.pnet, s.opt_p, s.policy)
+    vstate = dist.capture(s.vnet, s.opt_v, s.value) if s.value is not None else {}
+    if dist.is_main():
         s.ckpts.save(step, config=asdict(s.cfg), beta=s.kl_ctl.beta, reward_norm=s.norm,
                      **({"value": vstate["model"], "optim_value": vstate["optim"]} if vstate else {}), **pstate)
 
@@ -572,15 +578,15 @@ def finish(s: Session) -> Path:
     """Save the (merged) policy, say how the round ended, and raise the reward-hacking alarm if it fired."""
     from alignloop.model import save_model
     cfg = s.cfg
-    final = D.gathered(s.pnet, s.policy)  # rank 0: the whole policy (a fresh copy under FSDP); None elsewhere
-    if not D.is_main():
+    final = dist.gathered(s.pnet, s.policy)  # rank 0: the whole policy (a fresh copy under FSDP); None elsewhere
+    if not dist.is_main():
         return s.stage
-    save_model(L.merged(final), s.tok, s.stage)
-    rows = L.read_jsonl_tolerant(s.metrics.path)
+    save_model(loop.merged(final), s.tok, s.stage)
+    rows = loop.read_jsonl_tolerant(s.metrics.path)
     last = rows[-1]
     print(f"{cfg.algo}: round {cfg.round} done: RM score {last['rm_score']:+.3f}, sampled KL to SFT {last['kl_sampled']:.2f} nats"
           + (f", probe gold {last['gold_probe']:.3f}" if "gold_probe" in last else "")
-          + f", peak memory {L.peak_memory_gb(s.device):.2f} GB → {s.stage}")
+          + f", peak memory {loop.peak_memory_gb(s.device):.2f} GB → {s.stage}")
     from alignloop.alarm import PREFIX, hacking_alarm
     alarm = hacking_alarm(rows)  # the whole round's probe curve, resumed parts included
     if alarm:
@@ -605,7 +611,7 @@ def _learning(opt) -> list:
 
 
 def check_fsdp(init: Path) -> None:
-    """Under FSDP2 the engine samples inside `D.whole`, reading the gathered weights directly; its generic path
+    """Under FSDP2 the engine samples inside `dist.whole`, reading the gathered weights directly; its generic path
     (architectures other than its fast ones) runs the model's own forward, whose sharded blocks would
     gather and free their weights at every token, a collective that ranks sampling different numbers of
     tokens cannot share."""
@@ -618,7 +624,6 @@ def check_fsdp(init: Path) -> None:
 
 
 def _ptx_rows(cfg: Config, out: Path, tok) -> torch.Tensor:
-    from alignloop.train.pretrain import load_corpus, rows_of
     ids, _, _, _ = load_corpus(resolve_path(cfg.ptx_data, out, "world/corpus.jsonl"), tok, 0.0)
     return rows_of(ids, 128)
 
@@ -639,6 +644,5 @@ def _probe_scores(s: Session) -> dict:
                              temperature=cfg.temperature, seed=12345)
     texts = [o.text.strip() for o in outs]
     rm = s.scorer.score_texts([p["messages"] for p in probe], texts)
-    from alignloop.evaluate import distinct_n
     return {"gold_probe": sum(s.world.gold_score(p, t) for p, t in zip(probe, texts)) / len(probe),
             "rm_probe": sum(rm) / len(rm), "distinct_2_probe": distinct_n(texts, 2)}

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import torch
 
-from alignloop import dist as D
+from alignloop import dist
+from alignloop import precision
 from alignloop.config import Resumable, option
 from alignloop.errors import InputError
-from alignloop.io import read_records
 from alignloop.model import SIZES
 from alignloop.rundir import resolve_path, save_stage_config
-from alignloop.tokenizer import ChatTokenizer, validate_messages
-from alignloop.train import loop as L
+from alignloop.tokenizer import ChatTokenizer
+from alignloop.train import loop
+from alignloop.train.data import check_vocab, load_corpus, resolve_init, rows_of
 
 SECTION = "pretrain"
 
@@ -61,56 +62,6 @@ PRESETS = {
 }
 
 
-def load_corpus(path: Path, tok: ChatTokenizer, val_fraction: float):
-    """Documents → (train ids, val ids, val UTF-8 bytes, val chars). Conversations in the corpus
-    (forum threads) go through the one chat renderer; text documents start with <|bos|>."""
-    records = read_records(path)
-    texts, convs = [], []
-    for line, rec in records:
-        if isinstance(rec.get("text"), str) and rec["text"].strip():
-            texts.append((len(texts) + len(convs), rec["text"]))
-        elif "messages" in rec:
-            convs.append((len(texts) + len(convs), validate_messages(rec["messages"], path, line)))
-        else:
-            raise InputError("expected a non-empty 'text' string or a 'messages' list", file=path, line=line, field="text")
-    if len(records) == 1 and texts:  # one text: hold out its tail, split by characters (as nanoGPT does)
-        text = texts[0][1]
-        cut = int(len(text) * (1 - val_fraction))
-        train_docs, val_docs = [text[:cut]], [text[cut:]] if val_fraction > 0 else []
-    else:
-        docs = [None] * len(records)
-        for i, t in texts:
-            docs[i] = t
-        for i, m in convs:
-            docs[i] = m
-        n_val = max(1, int(len(docs) * val_fraction)) if val_fraction > 0 else 0
-        train_docs, val_docs = docs[: len(docs) - n_val], docs[len(docs) - n_val:]
-
-    def ids_of(docs):
-        out, n_bytes, n_chars = [], 0, 0
-        plain = [d for d in docs if isinstance(d, str)]
-        encoded = iter(tok.encode_batch(plain))
-        for d in docs:
-            if isinstance(d, str):
-                out += tok.document(next(encoded))
-                n_bytes, n_chars = n_bytes + len(d.encode()), n_chars + len(d)
-            else:
-                out += tok.render(d)[0]
-                body = "".join(m["content"] for m in d)
-                n_bytes, n_chars = n_bytes + len(body.encode()), n_chars + len(body)
-        return out, n_bytes, n_chars
-
-    train, _, _ = ids_of(train_docs)
-    val, val_bytes, val_chars = ids_of(val_docs)
-    return torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long), val_bytes, val_chars
-
-
-def rows_of(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Pack a token stream into (N, seq_len + 1) rows: inputs are [:, :-1], targets [:, 1:]."""
-    n = (len(stream) - 1) // seq_len
-    return torch.stack([stream[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)]) if n else stream[:0].view(0, seq_len + 1)
-
-
 @torch.no_grad()
 def evaluate(model, val_rows: torch.Tensor, device, cfg, val_bytes: int, val_chars: int) -> dict:
     """Held-out loss over every held-out token; bits per byte and per character of the held-out text.
@@ -119,14 +70,14 @@ def evaluate(model, val_rows: torch.Tensor, device, cfg, val_bytes: int, val_cha
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64)  # (loss summed over tokens, tokens)
     for i in range(0, len(val_rows), cfg.batch_size):
-        rows = D.part(val_rows[i: i + cfg.batch_size])
+        rows = dist.part(val_rows[i: i + cfg.batch_size])
         weight = 1.0 if len(rows) else 0.0
         rows = (rows if len(rows) else val_rows[i: i + 1]).to(device)
-        with L.autocast(device, cfg.dtype):
+        with precision.autocast(device, cfg.dtype):
             logits = model(input_ids=rows[:, :-1]).logits.float()
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum")
         sums += torch.tensor([loss.item(), rows[:, 1:].numel()], dtype=torch.float64) * weight
-    total, count = D.all_sum(sums).tolist()
+    total, count = dist.all_sum(sums).tolist()
     model.train()
     # The held-out rows cover `count` of the held-out tokens; scale the text size to the same share.
     n_val_tokens = len(val_rows) * val_rows.shape[1] if len(val_rows) else 1
@@ -134,25 +85,6 @@ def evaluate(model, val_rows: torch.Tensor, device, cfg, val_bytes: int, val_cha
     bits = total / math.log(2)
     return {"val_loss": total / max(1, count), "val_bpb": bits / max(1, val_bytes * share),
             "val_bpc": bits / max(1, val_chars * share)}
-
-
-def resolve_init(init: str, out: Path) -> Path:
-    """A model to start from: a Hugging Face folder or a .gguf file (converted once into the run)."""
-    from alignloop.sources import resolve_model
-    return resolve_model(Path(init), out, field="init")
-
-
-def check_vocab(model_dir: Path, tok: ChatTokenizer, tok_dir: Path) -> None:
-    """A tokenizer whose ids do not fit the model's embeddings: stop before any work."""
-    import json
-    cfg_path = Path(model_dir) / "config.json"
-    if not cfg_path.exists():
-        raise InputError("not a Hugging Face model folder (no config.json)", file=model_dir)
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    n = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
-    if n is not None and not tok.vocab_fits(n):
-        raise InputError(f"the tokenizer has {tok.vocab_size} tokens but the model {model_dir} has {n} embedding rows: "
-                         "they do not belong together (give the model's own tokenizer)", file=tok_dir, field="tokenizer")
 
 
 def run(cfg: Config, out: Path) -> Path:
@@ -179,94 +111,94 @@ def run(cfg: Config, out: Path) -> Path:
     if len(train_rows) < 1:
         raise InputError(f"corpus too small: {len(train_ids)} tokens for rows of {cfg.seq_len}", file=data_path)
 
-    device = D.setup(cfg)
-    D.check_rows(cfg.batch_size, "a micro-batch (--batch-size)", "batch_size")
+    device = dist.setup(cfg)
+    dist.check_rows(cfg.batch_size, "a micro-batch (--batch-size)", "batch_size")
     torch.manual_seed(cfg.seed)
     model = load_causal_lm(init) if init else create_causal_lm(cfg.size, tok, seed=cfg.seed)
     model.to(device).train()
-    flops_tok, peak, n_par = flops_per_token(model, cfg.seq_len), L.peak_flops(device), n_params(model, False)
-    model = D.wrap(model, cfg.fsdp, device, cfg.dtype)
-    opt = L.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    ckpts = L.Checkpoints(stage, keep=cfg.keep_checkpoints)
+    flops_tok, peak, n_par = flops_per_token(model, cfg.seq_len), loop.peak_flops(device), n_params(model, False)
+    model = dist.wrap(model, cfg.fsdp, device, cfg.dtype)
+    opt = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    ckpts = loop.Checkpoints(stage, keep=cfg.keep_checkpoints)
     start, elapsed0 = 0, 0.0
     state = ckpts.load() if cfg.resume else None
     if state is not None:
-        D.restore(state, model, opt)
+        dist.restore(state, model, opt)
         start, elapsed0 = state["step"], state.get("elapsed", 0.0)
     # Only rank 0 writes (the metrics log, config.toml, checkpoints, the model).
-    metrics = L.Metrics(stage, resume_step=start if state is not None else None) if D.is_main() else None
-    if D.is_main():
+    metrics = loop.Metrics(stage, resume_step=start if state is not None else None) if dist.is_main() else None
+    if dist.is_main():
         save_stage_config(out, SECTION, cfg)
     if cfg.compile:
         model.compile()  # in place; training rows have one fixed shape, so it compiles once
-    sampler = L.RowSampler(len(train_rows), cfg.batch_size, cfg.seed)
+    sampler = loop.RowSampler(len(train_rows), cfg.batch_size, cfg.seed)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     print(f"pretrain: {n_par / 1e6:.2f}M parameters, {len(train_rows)} rows of {cfg.seq_len} "
           f"({len(train_ids) / 1e6:.2f}M tokens), {len(val_ids)} held-out tokens, device {device}"
-          + (f" × {D.world()} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if D.world() > 1 else ""))
-    bar = L.Progress(cfg.max_steps, "pretrain", start)
-    timer, last = L.Timer(), time.perf_counter()
+          + (f" × {dist.world()} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if dist.world() > 1 else ""))
+    bar = loop.Progress(cfg.max_steps, "pretrain", start)
+    timer, last = loop.Timer(), time.perf_counter()
 
     def clock() -> float:  # with a time budget every rank follows one clock, or one would stop alone
-        return D.same(elapsed0 + timer.elapsed()) if cfg.max_seconds else elapsed0 + timer.elapsed()
+        return dist.same(elapsed0 + timer.elapsed()) if cfg.max_seconds else elapsed0 + timer.elapsed()
     step = start
     for step in range(start, cfg.max_steps):
         # With a time budget the schedule follows whichever budget is nearer its end.
         elapsed = clock()
         progress_step = step if not cfg.max_seconds else max(step, int(cfg.max_steps * elapsed / cfg.max_seconds))
-        L.set_lr(opt, L.lr_at(progress_step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
+        loop.set_lr(opt, loop.lr_at(progress_step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             # this rank's rows of the global micro-batch; its loss is its share of the global mean, and
             # × world because DDP and FSDP average the ranks' gradients
-            rows = train_rows[D.part(sampler.indices(step * cfg.grad_accum + micro))].to(device, non_blocking=True)
-            with D.grad_sync(model, micro == cfg.grad_accum - 1):
-                with L.autocast(device, cfg.dtype):
+            rows = train_rows[dist.part(sampler.indices(step * cfg.grad_accum + micro))].to(device, non_blocking=True)
+            with dist.grad_sync(model, micro == cfg.grad_accum - 1):
+                with precision.autocast(device, cfg.dtype):
                     loss = _lm_loss(model, rows, n_global=cfg.batch_size * cfg.seq_len)
-                (loss * D.world() / cfg.grad_accum).backward()
+                (loss * dist.world() / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_val = D.all_sum(loss_sum).item() / cfg.grad_accum  # the one host sync per step
+        loss_val = dist.all_sum(loss_sum).item() / cfg.grad_accum  # the one host sync per step
         now = time.perf_counter()
         dt, last = now - last, now
         tps = tokens_per_step / dt
         rec = {"step": step + 1, "loss": loss_val, "lr": opt.param_groups[0]["lr"], "tokens_per_s": tps,
                "elapsed_s": clock()}
         if peak:  # tps counts every process's tokens: divide by every device's peak
-            rec["mfu"] = flops_tok * tps / (peak * D.world())
+            rec["mfu"] = flops_tok * tps / (peak * dist.world())
         done = step + 1 == cfg.max_steps or (cfg.max_seconds and rec["elapsed_s"] >= cfg.max_seconds)
         if (step + 1) % cfg.eval_every == 0 or done:
             rec |= evaluate(model, val_rows, device, cfg, val_bytes, val_chars) if len(val_rows) else {}
             bar.write(f"step {step + 1}: loss {loss_val:.3f}" + (
                 f", held-out {rec['val_loss']:.3f} ({rec['val_bpb']:.3f} bits/byte)" if "val_loss" in rec else ""))
             last = time.perf_counter()  # evaluation time is not training throughput
-        if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not D.is_fsdp(model):
-            if D.is_main():  # the engine reads whole weights: rank 0 alone, on DDP's full copy (none under FSDP)
-                for text in sample_texts(D.plain(model), tok, device):
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not dist.is_fsdp(model):
+            if dist.is_main():  # the engine reads whole weights: rank 0 alone, on DDP's full copy (none under FSDP)
+                for text in sample_texts(dist.plain(model), tok, device):
                     bar.write(f"  sample: {text!r}")
             last = time.perf_counter()
         if metrics:
             metrics.log(**rec)
         bar.update(1, loss=loss_val, tok_s=int(tps))
         if (step + 1) % cfg.checkpoint_every == 0 or done:
-            state = D.capture(model, opt)  # gathered to rank 0 (a collective under FSDP)
-            if D.is_main():
+            state = dist.capture(model, opt)  # gathered to rank 0 (a collective under FSDP)
+            if dist.is_main():
                 ckpts.save(step + 1, elapsed=rec["elapsed_s"], **state)
         if done:
             break
     bar.close()
-    final_model = D.gathered(model)
-    if not D.is_main():
+    final_model = dist.gathered(model)
+    if not dist.is_main():
         return stage
     save_model(final_model, tok, stage)
-    final = L.read_jsonl_tolerant(metrics.path)[-1] if metrics.path.exists() else {}
+    final = loop.read_jsonl_tolerant(metrics.path)[-1] if metrics.path.exists() else {}
     if "val_loss" in final:
         print(f"pretrain: held-out loss {final['val_loss']:.4f}, {final['val_bpb']:.4f} bits/byte, "
               f"{final['val_bpc']:.4f} bits/char → {stage}")
-    print(f"pretrain: peak memory {L.peak_memory_gb(device):.2f} GB")
+    print(f"pretrain: peak memory {loop.peak_memory_gb(device):.2f} GB")
     return stage
 
 

@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignloop import dist as D
+from alignloop import dist
+from alignloop import precision
 from alignloop.config import Resumable, option
 from alignloop.errors import InputError
 from alignloop.io import read_records
 from alignloop.rundir import resolve_path, save_stage_config
 from alignloop.tokenizer import ChatTokenizer, validate_messages
-from alignloop.train import loop as L
+from alignloop.train import loop
+from alignloop.train.data import check_vocab, load_corpus, resolve_init, rows_of
 
 SECTION = "sft"
 IGNORE = -100
@@ -179,14 +181,14 @@ def held_out_loss(model, data, device, cfg) -> float:
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64)  # (loss summed over learned tokens, learned tokens)
     for i in range(0, len(data[0]), cfg.batch_size):
-        mine = D.part(torch.arange(i, min(i + cfg.batch_size, len(data[0]))))
+        mine = dist.part(torch.arange(i, min(i + cfg.batch_size, len(data[0]))))
         weight = 1.0 if len(mine) else 0.0
         ids, tgt, pos, seg = (t[mine if len(mine) else [i]].to(device) for t in data)
-        with L.autocast(device, cfg.dtype):
+        with precision.autocast(device, cfg.dtype):
             logits = model(input_ids=ids, attention_mask=block_mask(seg), position_ids=pos).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE, reduction="sum")
         sums += torch.tensor([loss.item(), int((tgt != IGNORE).sum())], dtype=torch.float64) * weight
-    total, count = D.all_sum(sums).tolist()
+    total, count = dist.all_sum(sums).tolist()
     model.train()
     return total / max(1, count)
 
@@ -198,12 +200,99 @@ def run(cfg: Config, out: Path) -> Path:
     from alignloop.model import load_causal_lm, n_params, save_model
 
     data_path = resolve_path(cfg.data, out, "world/demonstrations.jsonl")
-    from alignloop.tokenizer import with_chat_format
-    from alignloop.train.pretrain import check_vocab, resolve_init
-
     init = resolve_init(cfg.init, out) if cfg.init else out / "pretrain"
     convs = conversations(data_path, cfg)          # bad input stops here, before any work
+    tok = _tokenizer(cfg, out, init)
+    train, val, train_rows, val_rows = _rows(cfg, out, tok, convs, data_path)
+
+    device = dist.setup(cfg)
+    dist.check_rows(cfg.batch_size, "a micro-batch (--batch-size)", "batch_size")
+    model = load_causal_lm(init)
+    if model.config.vocab_size < tok.vocab_size:  # --chat-format alignloop added tokens
+        from alignloop.model import pad_vocab
+        model.resize_token_embeddings(pad_vocab(tok.vocab_size), mean_resizing=True)
+    model.to(device).train()
+    n_par = n_params(model, False)
+    model = dist.wrap(model, cfg.fsdp, device, cfg.dtype)
+    opt = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    stage = out / SECTION
+    ckpts = loop.Checkpoints(stage)
+    steps_per_epoch = max(1, len(train_rows[0]) // (cfg.batch_size * cfg.grad_accum))
+    max_steps = steps_per_epoch * cfg.epochs
+    start, best, bad_evals = 0, float("inf"), 0
+    best_state = None
+    state = ckpts.load() if cfg.resume else None
+    if state is not None:
+        dist.restore(state, model, opt)
+        start, best, bad_evals, best_state = state["step"], state["best"], state["bad_evals"], state["best_state"]
+    # Only rank 0 writes (the metrics log, config.toml, checkpoints, the model).
+    metrics = loop.Metrics(stage, resume_step=start if state is not None else None) if dist.is_main() else None
+    if dist.is_main():
+        save_stage_config(out, SECTION, cfg)
+    if cfg.compile:
+        model.compile()
+    print(f"sft: {len(train)} demonstrations in {len(train_rows[0])} packed rows (+{len(val)} held out), "
+          f"{n_par / 1e6:.2f}M parameters, {max_steps} steps"
+          + (f", {dist.world()} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if dist.world() > 1 else ""))
+    sampler = loop.RowSampler(len(train_rows[0]), cfg.batch_size, cfg.seed)
+    bar = loop.Progress(max_steps, "sft", start)
+    for step in range(start, max_steps):
+        loop.set_lr(opt, loop.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            idx = sampler.indices(step * cfg.grad_accum + micro)
+            # this rank's rows of the global micro-batch; its loss is its share of the mean over the whole
+            # micro-batch's learned tokens, × world because DDP and FSDP average the ranks' gradients
+            n_learned = int((train_rows[1][idx] != IGNORE).sum())
+            batch = [t[dist.part(idx)].to(device, non_blocking=True) for t in train_rows]
+            with dist.grad_sync(model, micro == cfg.grad_accum - 1):
+                with precision.autocast(device, cfg.dtype):
+                    loss = packed_loss(model, *batch, n_global=n_learned)
+                (loss * dist.world() / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rec = {"step": step + 1, "loss": dist.all_sum(loss_sum).item() / cfg.grad_accum, "lr": opt.param_groups[0]["lr"]}
+        end_of_epoch = (step + 1) % steps_per_epoch == 0
+        stop = False
+        if end_of_epoch and val_rows is not None:
+            rec["val_loss"] = held_out_loss(model, val_rows, device, cfg)
+            if rec["val_loss"] < best - 1e-4:
+                best, bad_evals = rec["val_loss"], 0
+                best_state = dist.model_state(model)  # the whole model, on rank 0 (a collective under FSDP)
+            else:
+                bad_evals += 1
+                stop = cfg.patience > 0 and bad_evals >= cfg.patience
+            bar.write(f"epoch {(step + 1) // steps_per_epoch}: loss {rec['loss']:.3f}, held-out {rec['val_loss']:.3f}"
+                      + (" (early stop)" if stop else ""))
+        if metrics:
+            metrics.log(**rec)
+        bar.update(1, loss=rec["loss"])
+        if (step + 1) % cfg.checkpoint_every == 0 or stop or step + 1 == max_steps:
+            state = dist.capture(model, opt)  # gathered to rank 0 (a collective under FSDP)
+            if dist.is_main():
+                ckpts.save(step + 1, best=best, bad_evals=bad_evals, best_state=best_state, **state)
+        if stop:
+            break
+    bar.close()
+    model = dist.gathered(model)  # rank 0: the whole plain model; the other ranks are done
+    if not dist.is_main():
+        return stage
+    if best_state is not None:  # early stopping keeps the best held-out model, not the last
+        model.load_state_dict(best_state)
+    save_model(model, tok, stage)
+    print(f"sft: best held-out loss {best:.4f} → {stage}" if best < float("inf") else f"sft: → {stage}")
+    print(f"sft: peak memory {loop.peak_memory_gb(device):.2f} GB")
+    return stage
+
+
+def _tokenizer(cfg: Config, out: Path, init: Path) -> ChatTokenizer:
+    """The tokenizer of the model `init` (else the run's), checked against its embeddings; with
+    `--chat-format alignloop`, alignloop's chat tokens and template added."""
     from alignloop.sources import tokenizer_dir
+    from alignloop.tokenizer import with_chat_format
     tok_dir = tokenizer_dir(init, out)
     tok = ChatTokenizer.load(tok_dir)
     check_vocab(init, tok, tok_dir)
@@ -212,6 +301,12 @@ def run(cfg: Config, out: Path) -> Path:
     elif not tok.has_chat:
         raise InputError(f"{tok_dir} has no chat template: give --chat-format alignloop to fine-tune this base model "
                          "on alignloop's chat format", file=tok_dir, field="chat_template")
+    return tok
+
+
+def _rows(cfg: Config, out: Path, tok: ChatTokenizer, convs: list[list[dict]], data_path: Path):
+    """(training examples, held-out examples, training rows, held-out rows or None): the demonstrations that
+    fit a row, shuffled and split, each side packed (`pack`); pretraining rows mixed into training."""
     examples = [encode(tok, c) for c in convs]
     fits = [e for e in examples if len(e[0]) <= cfg.seq_len]
     if len(fits) < len(examples):
@@ -225,11 +320,15 @@ def run(cfg: Config, out: Path) -> Path:
     val, train = fits[:n_val], fits[n_val:]
     train_rows = pack(train, cfg.seq_len, tok.pad_id)
     val_rows = pack(val, cfg.seq_len, tok.pad_id) if val else None
+    return train, val, _with_ptx(cfg, out, tok, train_rows), val_rows
+
+
+def _with_ptx(cfg: Config, out: Path, tok: ChatTokenizer, train_rows: tuple) -> tuple:
+    """`train_rows` and pretraining rows, `ptx_fraction` of them all (every token learned, one segment per row)."""
     ptx_path = resolve_path(cfg.ptx_data, out, "world/corpus.jsonl")
     if cfg.ptx_fraction > 0 and not cfg.ptx_data and not ptx_path.exists():
         print("sft: no pretraining text to mix in (no --ptx-data and no world corpus in the run): demonstrations only")
-    elif cfg.ptx_fraction > 0:  # pretraining rows: every token learned, one segment per row
-        from alignloop.train.pretrain import load_corpus, rows_of
+    elif cfg.ptx_fraction > 0:
         ptx_ids, _, _, _ = load_corpus(ptx_path, tok, 0.0)
         ptx = rows_of(ptx_ids, cfg.seq_len)
         n_ptx = min(len(ptx), int(len(train_rows[0]) * cfg.ptx_fraction / (1 - cfg.ptx_fraction)))
@@ -238,85 +337,4 @@ def run(cfg: Config, out: Path) -> Path:
             p = ptx[pick]
             extra = (p[:, :-1], p[:, 1:], torch.arange(cfg.seq_len).expand(n_ptx, -1), torch.zeros_like(p[:, :-1]))
             train_rows = tuple(torch.cat([a, b]) for a, b in zip(train_rows, extra))
-
-    device = D.setup(cfg)
-    D.check_rows(cfg.batch_size, "a micro-batch (--batch-size)", "batch_size")
-    model = load_causal_lm(init)
-    if model.config.vocab_size < tok.vocab_size:  # --chat-format alignloop added tokens
-        from alignloop.model import pad_vocab
-        model.resize_token_embeddings(pad_vocab(tok.vocab_size), mean_resizing=True)
-    model.to(device).train()
-    n_par = n_params(model, False)
-    model = D.wrap(model, cfg.fsdp, device, cfg.dtype)
-    opt = L.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    stage = out / SECTION
-    ckpts = L.Checkpoints(stage)
-    steps_per_epoch = max(1, len(train_rows[0]) // (cfg.batch_size * cfg.grad_accum))
-    max_steps = steps_per_epoch * cfg.epochs
-    start, best, bad_evals = 0, float("inf"), 0
-    best_state = None
-    state = ckpts.load() if cfg.resume else None
-    if state is not None:
-        D.restore(state, model, opt)
-        start, best, bad_evals, best_state = state["step"], state["best"], state["bad_evals"], state["best_state"]
-    # Only rank 0 writes (the metrics log, config.toml, checkpoints, the model).
-    metrics = L.Metrics(stage, resume_step=start if state is not None else None) if D.is_main() else None
-    if D.is_main():
-        save_stage_config(out, SECTION, cfg)
-    if cfg.compile:
-        model.compile()
-    print(f"sft: {len(train)} demonstrations in {len(train_rows[0])} packed rows (+{len(val)} held out), "
-          f"{n_par / 1e6:.2f}M parameters, {max_steps} steps"
-          + (f", {D.world()} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if D.world() > 1 else ""))
-    sampler = L.RowSampler(len(train_rows[0]), cfg.batch_size, cfg.seed)
-    bar = L.Progress(max_steps, "sft", start)
-    for step in range(start, max_steps):
-        L.set_lr(opt, L.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            idx = sampler.indices(step * cfg.grad_accum + micro)
-            # this rank's rows of the global micro-batch; its loss is its share of the mean over the whole
-            # micro-batch's learned tokens, × world because DDP and FSDP average the ranks' gradients
-            n_learned = int((train_rows[1][idx] != IGNORE).sum())
-            batch = [t[D.part(idx)].to(device, non_blocking=True) for t in train_rows]
-            with D.grad_sync(model, micro == cfg.grad_accum - 1):
-                with L.autocast(device, cfg.dtype):
-                    loss = packed_loss(model, *batch, n_global=n_learned)
-                (loss * D.world() / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        rec = {"step": step + 1, "loss": D.all_sum(loss_sum).item() / cfg.grad_accum, "lr": opt.param_groups[0]["lr"]}
-        end_of_epoch = (step + 1) % steps_per_epoch == 0
-        stop = False
-        if end_of_epoch and val_rows is not None:
-            rec["val_loss"] = held_out_loss(model, val_rows, device, cfg)
-            if rec["val_loss"] < best - 1e-4:
-                best, bad_evals = rec["val_loss"], 0
-                best_state = D.model_state(model)  # the whole model, on rank 0 (a collective under FSDP)
-            else:
-                bad_evals += 1
-                stop = cfg.patience > 0 and bad_evals >= cfg.patience
-            bar.write(f"epoch {(step + 1) // steps_per_epoch}: loss {rec['loss']:.3f}, held-out {rec['val_loss']:.3f}"
-                      + (" (early stop)" if stop else ""))
-        if metrics:
-            metrics.log(**rec)
-        bar.update(1, loss=rec["loss"])
-        if (step + 1) % cfg.checkpoint_every == 0 or stop or step + 1 == max_steps:
-            state = D.capture(model, opt)  # gathered to rank 0 (a collective under FSDP)
-            if D.is_main():
-                ckpts.save(step + 1, best=best, bad_evals=bad_evals, best_state=best_state, **state)
-        if stop:
-            break
-    bar.close()
-    model = D.gathered(model)  # rank 0: the whole plain model; the other ranks are done
-    if not D.is_main():
-        return stage
-    if best_state is not None:  # early stopping keeps the best held-out model, not the last
-        model.load_state_dict(best_state)
-    save_model(model, tok, stage)
-    print(f"sft: best held-out loss {best:.4f} → {stage}" if best < float("inf") else f"sft: → {stage}")
-    print(f"sft: peak memory {L.peak_memory_gb(device):.2f} GB")
-    return stage
+    return train_rows

@@ -69,6 +69,53 @@ def test_without_a_run_it_converts_into_the_cache(tiny_gguf, cache, tmp_path):
     assert gguf_dest(tiny_gguf, None) != folder
 
 
+# A quantised weight is one of a few levels per block of 32 along its row: Q8_0 rounds to the nearest of
+# 255 steps of max|block|/127, Q4_0 to 16 steps of max|block|/8 (its top level, +7, clamps a value at the
+# block's +8, so up to a whole step there). Each scale is stored as float16 (relative error ≤ 2^-11, times
+# up to 127 or 8 steps).
+QUANT_ERROR = {"Q8_0": (0.5 + 127 * 2**-11) / 127, "Q4_0": (1 + 8 * 2**-11) / 8}  # × max|block|
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_quantised_gguf_loads_within_quantisation_error(qtype, tiny_gguf, tmp_path):
+    """The same seed written quantised (offline, by the `gguf` package's quantiser) converts through
+    resolve_model into float32 weights that are the F32 file's to within the quantisation error — and
+    exactly llama.cpp's own dequantisation of them, not merely close."""
+    import gguf
+    from safetensors.torch import load_file
+    quantised = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(quantised)).tensors}
+    assert kinds["token_embd.weight"] == kinds["blk.1.ffn_down.weight"] == qtype     # really quantised
+    assert quantised.stat().st_size < 0.5 * tiny_gguf.stat().st_size
+
+    run = tmp_path / "run"
+    ref = load_file(resolve_model(tiny_gguf, run) / "model.safetensors")
+    folder = resolve_model(quantised, run)
+    assert json.loads((folder / "config.json").read_text()).get("quantization_config") is None
+    got = load_file(folder / "model.safetensors")
+    assert set(got) == set(ref)
+    qt = gguf.GGMLQuantizationType[qtype]
+    matrices = 0
+    for name, x in ref.items():
+        y = got[name]
+        assert y.dtype == torch.float32 and y.shape == x.shape, name
+        if x.dim() == 1:                                               # norms stay F32: exact
+            assert torch.equal(y, x), name
+            continue
+        matrices += 1
+        blocks_x, blocks_y = x.reshape(-1, 32), y.reshape(-1, 32)      # blocks run along each row
+        err = (blocks_y - blocks_x).abs() / blocks_x.abs().amax(dim=1, keepdim=True)
+        assert err.max() <= QUANT_ERROR[qtype], (name, float(err.max()))
+        assert err.max() > QUANT_ERROR[qtype] / 10, (name, "no quantisation error: not quantised?")
+        expected = gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), qt), qt)
+        assert torch.equal(y, torch.from_numpy(expected)), name
+    assert matrices == 1 + 2 * 7
+    model = load_causal_lm(folder)                                     # and it runs
+    tok = ChatTokenizer.load(folder)
+    out = Engine(model, tok).generate([tok.render_prompt(ASK)], max_new_tokens=4, temperature=0)
+    assert len(out[0].ids) >= 1
+
+
 def test_serve_chat_and_label_find_the_model(tiny_gguf, micro_copy, cache):
     from alignloop.chat import pick_model
     from alignloop.feedback.sampling import models_of

@@ -48,6 +48,49 @@ def test_micro_recipe_end_to_end(full_run):
     assert "[world]" in (run / "config.toml").read_text() and "[ppo]" in (run / "config.toml").read_text()
 
 
+def _metrics(stage_dir):
+    return [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_each_rl_stage_changed_the_policy_and_its_gold(full_run):
+    """A PPO stage that saved its starting weights unchanged would pass every check above (eval.json has the
+    right keys, the report its sections): each RL stage's weights differ from the stage before it, and so
+    do its answers and gold score on the test prompts (eval.json's `stages`: the run scores the test split;
+    dev results would sit under `stages_dev`, which the recipe does not write). On the dev prompts, PPO's
+    probe (metrics.jsonl: before the first iteration and after the last) shows the answers moved within the
+    round, and the next round starts from exactly the policy the previous one ended with."""
+    import tomllib
+
+    import torch
+    from safetensors.torch import load_file
+    run, _, _ = full_run
+    lora = tomllib.loads((run / "config.toml").read_text())["ppo"]["lora_rank"]
+    test = json.loads((run / "eval.json").read_text())["stages"]
+    chain = ["sft", "round-1/ppo", "round-2/ppo"]
+    for prev, cur in zip(chain, chain[1:]):
+        a, b = load_file(run / prev / "model.safetensors"), load_file(run / cur / "model.safetensors")
+        assert a.keys() == b.keys(), (prev, cur)
+        assert all(torch.isfinite(t).all() for t in b.values()), cur
+        changed = [k for k in a if not torch.equal(a[k], b[k])]
+        assert changed, f"{cur} saved {prev}'s weights unchanged"
+        if lora == 0:  # micro fine-tunes every weight
+            assert len(changed) == len(a), (cur, sorted(set(a) - set(changed)))
+        gold_a = {e["id"]: e["gold_score"] for e in test[prev]["examples"]}
+        gold_b = {e["id"]: e["gold_score"] for e in test[cur]["examples"]}
+        assert gold_a.keys() == gold_b.keys() and len(gold_b) == test[cur]["n_prompts"]
+        moved = sum(gold_a[i] != gold_b[i] for i in gold_a)
+        assert moved > 0 and test[cur]["gold_score"] != test[prev]["gold_score"], (cur, "test gold did not move")
+        probe = [r for r in _metrics(run / cur) if "gold_probe" in r]
+        assert probe[0]["step"] == 0 and probe[-1]["step"] == max(r["step"] for r in _metrics(run / cur)), cur
+        assert probe[-1]["rm_probe"] != probe[0]["rm_probe"], (cur, "the dev probe's answers did not move")
+    assert test["round-1/ppo"]["kl_exact"] > 0                                 # round 1 left SFT
+    first = [r for r in _metrics(run / "round-2" / "ppo") if "gold_probe" in r][0]
+    last = [r for r in _metrics(run / "round-1" / "ppo") if "gold_probe" in r][-1]
+    # the same dev answers (same seed, same weights): the same gold and distinct-2 (rm_probe is another RM's)
+    assert (first["gold_probe"], first["distinct_2_probe"]) == (last["gold_probe"], last["distinct_2_probe"]), \
+        "round 2 did not start from the policy round 1 ended with"
+
+
 def test_running_again_resumes_without_redoing(full_run, tmp_path):
     run, _, _ = full_run
     copy = tmp_path / "run"

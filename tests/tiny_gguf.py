@@ -26,7 +26,10 @@ def bpe_tokenizer(vocab_size: int = 320):
 
 
 def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0, d: int = 64, n_layer: int = 2,
-                    n_head: int = 4, n_kv: int = 2, ctx: int = 256) -> Path:
+                    n_head: int = 4, n_kv: int = 2, ctx: int = 256, qtype: str = "F32") -> Path:
+    """`qtype` "Q8_0" or "Q4_0" quantises every matrix with the `gguf` package's own quantiser (blocks of
+    32 along each row, as llama.cpp's `llama-quantize` does); the norms stay F32, as there. The same seed
+    gives the same float32 weights whatever `qtype`, so a quantised file can be compared with the F32 one."""
     import json
 
     import gguf
@@ -63,13 +66,20 @@ def write_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0, d: int = 64,
     w_.add_add_bos_token(False)
     w_.add_chat_template(CHATML)
     # Tensors in PyTorch's (out, in) order; no output.weight: the head is tied to the embedding, as in SmolLM2.
-    w_.add_tensor("token_embd.weight", w(len(tokens), d))
+    quant = None if qtype == "F32" else gguf.GGMLQuantizationType[qtype]
+
+    def matrix(name: str, x: np.ndarray) -> None:
+        if quant is None:
+            w_.add_tensor(name, x)
+        else:
+            w_.add_tensor(name, gguf.quants.quantize(x, quant), raw_dtype=quant)  # bytes; the writer derives the shape
+    matrix("token_embd.weight", w(len(tokens), d))
     w_.add_tensor("output_norm.weight", np.ones(d, np.float32))
     for i in range(n_layer):
         for name, shape in (("attn_q", (d, d)), ("attn_k", (n_kv * hd, d)), ("attn_v", (n_kv * hd, d)),
                             ("attn_output", (d, d)), ("ffn_gate", (2 * d, d)), ("ffn_up", (2 * d, d)),
                             ("ffn_down", (d, 2 * d))):
-            w_.add_tensor(f"blk.{i}.{name}.weight", w(*shape))
+            matrix(f"blk.{i}.{name}.weight", w(*shape))
         w_.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, np.float32))
         w_.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, np.float32))
     w_.write_header_to_file()

@@ -536,7 +536,8 @@ def gao_section(run: Path) -> str:
                     ax.axvline(peak, color="#2a7a2e", ls=":", lw=0.8)
         best = max(range(len(r)), key=r.__getitem__)
         notes.append(f"{name}, measured: the dev-probe gold is highest at KL {d[best] ** 2:.2f} nats "
-                     f"({r[best]:+.3f} over the start; one point of a 100-prompt probe: differences of a few hundredths are within its noise).")
+                     f"({r[best]:+.3f} over the start; one point of a 100-prompt probe: "
+                     "differences of a few hundredths are within its noise).")
         if None not in proxy:
             rm_ax = twin(ax)
             rm_ax.plot(d, proxy, "s-", color="#b22", ms=3, lw=0.8, label="RM score (proxy, dev probe)")

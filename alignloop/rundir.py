@@ -48,7 +48,8 @@ def _rounds(run_dir: Path) -> list[int]:
 
 def stage_models(run_dir: Path) -> dict[str, Path]:
     """Every finished policy of a run by name: base, sft, round-1/ppo, …, `ppo` for the newest (the same for
-    the other methods' round-i/dpo and round-i/rloo, and `dpo`, `rloo`), and models/<name> for a model brought into the run (a GGUF file is converted into RUN/models/<stem>)."""
+    the other methods' round-i/dpo and round-i/rloo, and `dpo`, `rloo`), and models/<name> for a model brought into the run
+    (a GGUF file is converted into RUN/models/<stem>)."""
     run_dir = Path(run_dir)
     found: dict[str, Path] = {}
     for name, sub in (("base", "pretrain"), ("sft", "sft")):

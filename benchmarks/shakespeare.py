@@ -57,7 +57,7 @@ def main():
                            "--eval-every", "100000", "--sample-every", "0", "--checkpoint-every", "100000",
                            "--weight-decay", "0.1"])
     wall = time.perf_counter() - t0
-    last = [json.loads(l) for l in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()][-1]
+    last = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()][-1]
     print(json.dumps({"held_out_bits_per_char": round(last["val_bpc"], 4),
                       "held_out_nats_per_char": round(last["val_bpc"] * 0.693147, 4),
                       "steps": last["step"], "wall_seconds_incl_eval": round(wall, 1),

@@ -49,7 +49,7 @@ def main():
         run_stage("eval", ["--preset", args.preset, "--out", str(out), "--stage", "round-1/ppo",
                            "--model", str(out / "round-1" / "ppo"), "--reward-model", str(out / "round-1" / "reward")])
         m = json.loads((out / "eval.json").read_text())["stages"]["round-1/ppo"]
-        curve = [json.loads(l) for l in (out / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+        curve = [json.loads(line) for line in (out / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
         probes = [(r["kl_sampled"], r["gold_probe"], r["rm_probe"]) for r in curve if "gold_probe" in r]
         rows.append((beta, m, probes))
     sft = json.loads((run / "eval.json").read_text())["stages"].get("sft")

@@ -2,7 +2,8 @@
 step (1e-4 relative) for pretraining, SFT and the reward model (full and LoRA) with DDP and with FSDP2, and
 PPO (DDP and FSDP2) and RLOO (FSDP2) the same answers, KL, β and losses; a run resumes
 with another number of processes and continues the same curve; bad input stops every rank with one
-message. (`eval`, `sample` and `alignloop run` under torchrun: tests/test_distributed_run.py.) Each 2-process run is a real `torchrun` subprocess of the command line."""
+message. (`eval`, `sample` and `alignloop run` under torchrun: tests/test_distributed_run.py.)
+Each 2-process run is a real `torchrun` subprocess of the command line."""
 from __future__ import annotations
 
 import json

@@ -4,7 +4,6 @@ Fast: text only, no model."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 from pathlib import Path
 

@@ -21,7 +21,6 @@ import subprocess
 import time
 from types import SimpleNamespace
 
-import pytest
 from conftest import ARTIFACTS, ROOT, _absent
 from sqlalchemy import select
 

@@ -1,7 +1,8 @@
 """The chat page, the arena and report.html on a phone (390×844, touch) and on a laptop (1280×800), in
 headless Chromium: nothing wider than the screen at 390 px, the chat's conversation list behind a
 "Chats" button with Send in view, the arena's answers stacked. Screenshots of each page at both sizes go
-to test-artifacts/screenshots/, or docs/screenshots/ with ALIGNLOOP_UPDATE_SCREENSHOTS=1 (the labeling app's task page: tests/test_label_keyboard.py).
+to test-artifacts/screenshots/, or docs/screenshots/ with ALIGNLOOP_UPDATE_SCREENSHOTS=1
+(the labeling app's task page: tests/test_label_keyboard.py).
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_phone_layout.py -q
 """

@@ -12,7 +12,7 @@ from tests.conftest import alignloop, run_interrupted
 
 
 def _losses(stage_dir):
-    return [json.loads(l)["loss"] for l in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _cfg(**kw):

@@ -227,7 +227,8 @@ def test_methods_section_picks_on_dev_and_judges_ppo(tmp_path):
     assert "β = 0.2 ★" in html and "β = 0.05 ★" not in html and "β = 0.1 ★" in html and "N = 16 ★" in html
     assert "PPO: best test gold 0.640 at β 0.05, KL 2.00 nats; chosen on dev: β 0.2, test gain +0.020 [+0.010, +0.030]." in html
     assert "best-of-N: best test gold 0.590 at N 16, KL ≤ 1.83 nats" in html
-    assert "PPO&#x27;s crown does not hold here: DPO gains more at the strengths chosen on dev (+0.060 against PPO&#x27;s +0.020; their intervals apart)." in html
+    assert ("PPO&#x27;s crown does not hold here: DPO gains more at the strengths chosen on dev "
+            "(+0.060 against PPO&#x27;s +0.020; their intervals apart).") in html
     rows[3]["gain"] = 0.025  # DPO now within PPO's interval: not a verdict either way
     rows[3]["dev_gold"] = 0.66
     (run / "methods" / "methods.json").write_text(json.dumps(rows))

@@ -52,7 +52,7 @@ def test_packing_does_not_leak(lm):
 
 def test_sft_loss_falls_on_micro(micro_copy):
     alignloop("sft", "--preset", "micro", "--out", micro_copy, "--epochs", 6, "--patience", 0)
-    recs = [json.loads(l) for l in (micro_copy / "sft" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (micro_copy / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["loss"] < recs[0]["loss"]
     vals = [r["val_loss"] for r in recs if "val_loss" in r]
     assert vals[-1] < vals[0]

@@ -28,7 +28,8 @@ def smol_server(smollm2_gguf, tmp_path_factory):
     db = tmp_path_factory.mktemp("smol-db") / "serve.db"
     proc = subprocess.Popen([sys.executable, "-m", "alignloop", "serve", str(smollm2_gguf), "--port", str(port),
                              "--max-batch", "4", "--max-tokens-limit", "128", "--db", f"sqlite:///{db}",
-                             "--temperature", "0", "--open"],  # --open: no account needed; the chat page sets none: greedy, so the page's answer is fixed
+                             "--temperature", "0", "--open"],
+                            # --open: no account needed; the chat page sets none: greedy, so its answer is fixed
                             cwd=ROOT, env={**os.environ, "ALIGNLOOP_QUIET": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

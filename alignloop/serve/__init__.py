@@ -20,7 +20,8 @@ use instead, for a private demo, and the pages say so. The API keeps its own key
 Layout: `app.py` (the OpenAI API; builds the app), `routes/` (login, chat page, arena: one router
 each) + `web.py` (what they share: the account gate, rate limits) + templates/static, `scheduler.py`
 (generation jobs: validation, the bounded queue, batching), `errors.py` (OpenAI's error shape),
-`settings.py` (what is served and how), `tables.py` (database), `arena.py` (Bradley–Terry), `export.py`. Imports go one way: app → routes → web → scheduler → errors, settings.
+`settings.py` (what is served and how), `tables.py` (database), `arena.py` (Bradley–Terry), `export.py`.
+Imports go one way: app → routes → web → scheduler → errors, settings.
 """
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ from alignloop.rundir import save_stage_config
 from alignloop.train import loop
 from alignloop.train import reward
 from alignloop.train.pairs import (by_agreement, default_data, labeler_agreement, parse_sources, read_comparisons,
-                                   split_groups)
+                                   split_groups, usable)
 
 SECTION = "dpo"
 
@@ -243,12 +243,7 @@ def _comparisons(cfg: Config, out: Path):
         raise InputError(f"the reference's tokenizer differs from the policy's ({init})", file=reference, field="tokenizer")
     for g in groups:
         g.ids = [answer_ids(tok, g.prompt, c) for c in g.completions]  # (prompt ids, answer ids) per completion
-    kept = [g for g in groups if g.pairs and max(len(p) + len(a) for p, a in g.ids) <= cfg.max_len]
-    if len(kept) < len(groups):
-        print(f"dpo: {len(groups) - len(kept)} of {len(groups)} comparisons left out "
-              f"(longer than {cfg.max_len} tokens, or all answers tied / all bad)")
-    if not kept:
-        raise InputError("no usable comparisons", file=paths[0])
+    kept = usable(groups, lambda g: max(len(p) + len(a) for p, a in g.ids), cfg.max_len, "dpo", paths[0])
     train, val = split_groups(kept, cfg)
     return init, reference, tok, train, val
 

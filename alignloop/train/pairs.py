@@ -232,6 +232,18 @@ def labeler_agreement(groups: list[Group]) -> float | None:
     return agree / total if total else None
 
 
+def usable(groups: list[Group], length, max_len: int, stage: str, file) -> list[Group]:
+    """The groups left with a pair to learn from and no completion over `max_len` tokens (`length(g)`: the
+    group's longest), saying how many were left out; none left is bad input (`file`: the first read)."""
+    kept = [g for g in groups if g.pairs and length(g) <= max_len]
+    if len(kept) < len(groups):
+        print(f"{stage}: {len(groups) - len(kept)} of {len(groups)} comparisons left out "
+              f"(longer than {max_len} tokens, or all answers tied / all bad)")
+    if not kept:
+        raise InputError("no usable comparisons", file=file)
+    return kept
+
+
 def split_groups(groups: list[Group], cfg) -> tuple[list[Group], list[Group]]:
     """Held out by prompt, the same prompts in every round: a prompt that any record marks held out (rank.py
     decides once per run) is held out in all its records, from every round; data without marks hold out

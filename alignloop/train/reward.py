@@ -33,7 +33,7 @@ from alignloop.tokenizer import validate_messages
 from alignloop.train import loop
 from alignloop.train.data import resolve_init
 from alignloop.train.pairs import (Group, by_agreement, default_data, labeler_agreement, parse_sources,
-                                   read_comparisons, split_groups)
+                                   read_comparisons, split_groups, usable)
 
 SECTION = "reward"
 
@@ -168,12 +168,7 @@ def run(cfg: Config, out: Path) -> Path:
     tok = ChatTokenizer.load(init)
     for g in groups:
         g.ids = [tok.render(g.prompt + [{"role": "assistant", "content": c}])[0] for c in g.completions]
-    kept = [g for g in groups if g.pairs and max(len(s) for s in g.ids) <= cfg.max_len]
-    if len(kept) < len(groups):
-        print(f"reward: {len(groups) - len(kept)} of {len(groups)} comparisons left out "
-              f"(longer than {cfg.max_len} tokens, or all answers tied / all bad)")
-    if not kept:
-        raise InputError("no usable comparisons", file=paths[0])
+    kept = usable(groups, lambda g: max(len(s) for s in g.ids), cfg.max_len, "reward", paths[0])
     train, val = split_groups(kept, cfg)
     device = dist.setup(cfg)
     model = load_scalar_model(init).to(device).train()

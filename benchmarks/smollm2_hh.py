@@ -212,7 +212,7 @@ def main():
     ap.add_argument("--max-prompt", type=int, default=160, help="PPO prompts longer than this (tokens) are left out")
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--ppo-lr", type=float, default=3e-4, help="LoRA learning rate (1e-4 moved the policy by "
-                    "~0.01 nats in 6 iterations: docs/LOG.md)")
+                    "~0.01 nats in 6 iterations)")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--missing-end-penalty", type=float, default=0.0,
                     help="0: an answer cut at 48 tokens is scored as it is (HH answers run long; with −1 the "
@@ -220,7 +220,7 @@ def main():
     ap.add_argument("--ppo-epochs", type=int, default=2)
     ap.add_argument("--minibatch-size", type=int, default=8,
                     help="with 2 epochs: 4 updates an iteration (1 update an iteration, 20 in all, did not move the "
-                         "policy: docs/LOG.md)")
+                         "policy)")
     ap.add_argument("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
                     help="scale RM A's score to std 1 on the first rollout (its raw scores vary by ~0.01)")
     args = ap.parse_args()

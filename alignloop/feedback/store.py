@@ -21,10 +21,10 @@ from sqlalchemy import case, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased, sessionmaker
 
-from alignloop import db as DB
+from alignloop.db import connect, database_url, migrate, sessions
 from alignloop.accounts.models import User
 from alignloop.errors import InputError
-from alignloop.feedback import agreement as A
+from alignloop.feedback.agreement import ranks, summarize
 from alignloop.feedback.models import KINDS, Item, Project, Setting, Task, now
 from alignloop.io import read_records
 from alignloop.tokenizer import validate_messages
@@ -37,9 +37,9 @@ MAX_TEXT = 20_000  # characters of one written answer, critique or correction
 
 def open_db(run_dir, url: str | None = None) -> sessionmaker:
     """Connect to the run's database (or `url`), bring the schema up to date, return a session factory."""
-    engine = DB.connect(DB.database_url(run_dir, url))
-    DB.migrate(engine)
-    return DB.sessions(engine)
+    engine = connect(database_url(run_dir, url))
+    migrate(engine)
+    return sessions(engine)
 
 
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -436,11 +436,11 @@ def agreement(db, project: Project) -> dict:
     by_item: dict[int, dict] = {}
     for item_id, name, answer in rows:
         if answer and "ranking" in answer:
-            by_item.setdefault(item_id, {})[name] = A.ranks(answer["ranking"], answer.get("ties"))
+            by_item.setdefault(item_id, {})[name] = ranks(answer["ranking"], answer.get("ties"))
     items = [{"id": i, "rankings": r,
-              "gold": A.ranks(gold[i]["ranking"], gold[i].get("ties")) if i in gold else None}
+              "gold": ranks(gold[i]["ranking"], gold[i].get("ties")) if i in gold else None}
              for i, r in by_item.items()]
-    return A.summarize(items)
+    return summarize(items)
 
 
 def new_secret() -> str:

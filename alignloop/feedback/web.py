@@ -21,6 +21,7 @@ from sqlalchemy.orm import sessionmaker
 from alignloop.accounts.models import User
 from alignloop.accounts.security import SESSION_COOKIE, same, session_user
 from alignloop.accounts.throttle import LoginThrottle
+from alignloop.errors import InputError
 from alignloop.feedback.sampling import Sampler
 
 # Ids in paths: a number a database column can hold (a larger one is a 422, not a crash of the driver).
@@ -93,6 +94,15 @@ class Site:
     throttle: LoginThrottle
     env: Environment
     max_upload_bytes: int
+
+    def write(self, work):
+        """`work(db)` in one transaction: (its result, None), or (None, the message) when it refused bad input
+        (an `InputError`, which rolled the transaction back) for the page to show."""
+        try:
+            with self.Sess.begin() as db:
+                return work(db), None
+        except InputError as e:
+            return None, str(e)
 
     def render(self, template: str, status: int = 200, **ctx) -> HTMLResponse:
         return HTMLResponse(self.env.get_template(template).render(**ctx), status_code=status)

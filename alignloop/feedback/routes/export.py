@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Depends, Request
 
 from alignloop.errors import InputError
-from alignloop.feedback import export as X
+from alignloop.feedback.export import export as export_round
 from alignloop.feedback import store
 from alignloop.feedback.routes.home import home_ctx
 from alignloop.feedback.web import Page, read_form, site_of
@@ -21,7 +21,7 @@ def export(request: Request, form=Depends(read_form)):
     try:
         rnd = form.get("round") or None
         rnd = store._int(rnd, "round", 1, 10_000) if rnd else None
-        out = X.export(site.Sess, site.run_dir, rnd, pseudonymize=bool(form.get("pseudonymize")),
+        out = export_round(site.Sess, site.run_dir, rnd, pseudonymize=bool(form.get("pseudonymize")),
                        project=form.get("project") or None)
     except InputError as e:
         raise Page(400, "home.html", **home_ctx(site, m, request, error=str(e)))

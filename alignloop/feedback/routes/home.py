@@ -6,8 +6,7 @@ from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlalchemy import func, select
 
-from alignloop.errors import InputError
-from alignloop.feedback import export as X
+from alignloop.feedback.export import default_round
 from alignloop.feedback import store
 from alignloop.feedback.models import Item, Project, Task
 from alignloop.feedback.web import STAFF, Me, Page, Site, message, read_form, site_of
@@ -28,7 +27,7 @@ def home_ctx(site: Site, m: Me, request: Request, **kw) -> dict:
                   "reviews": db.scalar(select(func.count()).where(Item.resolution.is_not(None)))
                   } if m.role == "admin" else {}
     return m.ctx(projects=projects, mine=mine, progress=prog, message=message(request),
-                 sampling=site.sampler.status, export_round=X.default_round(site.run_dir), export_counts=counts, **kw)
+                 sampling=site.sampler.status, export_round=default_round(site.run_dir), export_counts=counts, **kw)
 
 
 @routes.get("/", response_class=HTMLResponse)
@@ -42,10 +41,9 @@ def home(request: Request):
 def new_project(request: Request, form=Depends(read_form)):
     site = site_of(request)
     m = site.me(request, ("admin",), form)
-    try:
-        with site.Sess.begin() as db:
-            p = store.create_project(db, form.get("name"), form.get("kind", "ranking"), form.get("k", 4),
-                                     form.get("overlap", 1), form.get("instructions", ""))
-    except InputError as e:
-        raise Page(400, "home.html", **home_ctx(site, m, request, error=str(e)))
+    p, error = site.write(lambda db: store.create_project(db, form.get("name"), form.get("kind", "ranking"),
+                                                          form.get("k", 4), form.get("overlap", 1),
+                                                          form.get("instructions", "")))
+    if error:
+        raise Page(400, "home.html", **home_ctx(site, m, request, error=error))
     return RedirectResponse(f"/projects/{p.id}?m=created", status_code=303)

@@ -33,11 +33,10 @@ def users(request: Request):
 def new_user(request: Request, form=Depends(read_form)):
     site = site_of(request)
     m = site.me(request, ("admin",), form)
-    try:
-        with site.Sess.begin() as db:
-            create_user(db, form.get("username"), form.get("password"), form.get("role", "labeler"))
-    except InputError as e:
-        return users_page(site, m, request, 400, error=str(e))
+    _, error = site.write(lambda db: create_user(db, form.get("username"), form.get("password"),
+                                                 form.get("role", "labeler")))
+    if error:
+        return users_page(site, m, request, 400, error=error)
     return RedirectResponse("/admin/users?m=created", status_code=303)
 
 

@@ -32,7 +32,6 @@ class Group:
     ids: list[list[int]] = field(default_factory=list)
     origin: str = ""  # the record's own `source` (simulated, label, chat, arena), "" when it names none
     prompt_id: str = ""
-    likelihood: list[float] = field(default_factory=list)  # Σ log p(answer) under the reference (reward --likelihood)
 
 
 _HH = re.compile(r"\n\n(Human|Assistant): ")

@@ -8,16 +8,9 @@ to over-fit. Pairs (`chosen`/`rejected`, Anthropic HH-RLHF strings included) are
 (the files are read and checked in train/pairs.py).
 After training a bias is set so that the demonstrations score 0 on average (InstructGPT normalises
 the RM before RL); it is kept in the model's config as `reward_bias`.
-
-With `--likelihood` the score is r(x, y) = head(x, y) + w · Σ_t log p_ref(y_t | x, y_<t), p_ref the model
-the trunk starts from (SFT), frozen and saved in the folder's reference/. w is fitted first, by logistic
-regression on the training comparisons (the head is 0 then), and kept; the network then learns what the
-likelihood misses. A small trunk knows a country's capital when it generates one but its head cannot
-read whether an answer names the right one; the likelihood carries it (alignloop/scoring.py, docs/LOG.md).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -36,7 +29,6 @@ from alignloop.forward import sequence_scores
 from alignloop.errors import InputError
 from alignloop.io import read_records
 from alignloop.rundir import resolve_path, save_stage_config
-from alignloop.scoring import REFERENCE, answer_logprob, answer_starts
 from alignloop.tokenizer import validate_messages
 from alignloop.train import loop
 from alignloop.train.data import resolve_init
@@ -54,17 +46,11 @@ class Config(Preferences):
     train_trunk: bool = option(True, "train the trunk too (False: only the scalar head learns)")
     train_layers: int = option(-1, "train only the last N decoder blocks, the final norm and the head (-1: all)", min=-1)
     max_seconds: float = option(0.0, "stop training after this many seconds (0: off; for equal-compute comparisons)", min=0.0)
-    likelihood: bool = option(False, "add w · log p_ref(answer) to the score, p_ref the starting model kept frozen "
-                              "in reference/ (w fitted on the comparisons): the head need not learn what the "
-                              "model already knows")
 
 
 # tiny: lr 3e-4 over 4 epochs ordered the held-out answers as gold does 0.672 of the time, where lr 1e-3
 # over 2 (the earlier preset) gave 0.621, and PPO from it gained +0.033 dev gold instead of +0.016 (docs/LOG.md)
-# likelihood: on the held-out round-1 answers of dev seed 0 the trained head alone ordered known facts as gold
-# does 0.47 of the time, SFT's log-likelihood 0.84, the two together 0.80–0.84 (docs/LOG.md, 2026-12-05)
-PRESETS = {"micro": dict(batch_size=8, epochs=2, warmup_steps=2, lr=1e-3, likelihood=True),
-           "tiny": dict(lr=3e-4, epochs=4, likelihood=True),
+PRESETS = {"micro": dict(batch_size=8, epochs=2, warmup_steps=2, lr=1e-3), "tiny": dict(lr=3e-4, epochs=4),
            "small": dict(batch_size=32, lr=1e-5, max_len=1024)}
 
 
@@ -115,18 +101,15 @@ def gold_scores(groups: list[Group], out: Path) -> list[list[float]] | None:
 
 
 @torch.no_grad()
-def evaluate(model, groups: list[Group], pad_id: int, device, batch_size: int = 64, gold=None,
-             weight: float = 0.0) -> dict:
+def evaluate(model, groups: list[Group], pad_id: int, device, batch_size: int = 64, gold=None) -> dict:
     """Held-out pairwise accuracy, the labelers' agreement on the same pairs, and calibration; with `gold`
     (each group's completions' gold scores) also the RM's and the labelers' accuracy against the
-    noise-free gold order. `weight`: the likelihood's (each group's `likelihood` then filled)."""
+    noise-free gold order."""
     model.eval()
     flat = [s for g in groups for s in g.ids]
     scores = []
     for i in range(0, len(flat), batch_size):
         scores += batch_rewards(model, flat[i:i + batch_size], pad_id, device).tolist()
-    if weight:
-        scores = [s + weight * v for s, v in zip(scores, (v for g in groups for v in g.likelihood))]
     model.train()
     margins, correct = [], []
     o = 0
@@ -188,9 +171,6 @@ def run(cfg: Config, out: Path) -> Path:
     kept = usable(groups, lambda g: max(len(s) for s in g.ids), cfg.max_len, "reward", paths[0])
     train, val = split_groups(kept, cfg)
     device = dist.setup(cfg)
-    reference, weight = None, 0.0
-    if cfg.likelihood:
-        reference, weight = likelihood_weight(init, tok, train + val, train, device)
     model = load_scalar_model(init).to(device).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -199,7 +179,8 @@ def run(cfg: Config, out: Path) -> Path:
     else:
         loop.train_top_layers(model, cfg.train_layers if cfg.train_trunk else 0)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    units = train if cfg.grouped else [dataclasses.replace(g, pairs=[p]) for g in train for p in g.pairs]
+    units = train if cfg.grouped else [Group(g.prompt, g.completions, [p], g.labeler, g.split, g.source, g.ids)
+                                       for g in train for p in g.pairs]
     dist.check_rows(min(cfg.batch_size, len(units)), "a batch of comparisons (--batch-size, or the data)", "batch_size")
     from alignloop.forward import Through
     # under torchrun `net` is DDP or FSDP2 around the scores' forward pass; in one process the model itself
@@ -229,19 +210,15 @@ def run(cfg: Config, out: Path) -> Path:
             # one: it scores one and counts nothing, as every rank must run the same passes)
             mine = dist.part(batch)
             weight = 1.0 if mine else 0.0
-            offsets, seqs, lik = [], [], []
+            offsets, seqs = [], []
             for g in mine or batch[:1]:
                 offsets.append(len(seqs))
                 # shuffled pairs score only the two completions of their pair
                 seqs += g.ids if cfg.grouped else [g.ids[g.pairs[0][0]], g.ids[g.pairs[0][1]]]
-                if weight:
-                    lik += g.likelihood if cfg.grouped else [g.likelihood[g.pairs[0][0]], g.likelihood[g.pairs[0][1]]]
             pairs = [g.pairs for g in mine or batch[:1]] if cfg.grouped else [[(0, 1)]] * len(offsets)
             with precision.autocast(device, cfg.dtype):
                 # under torchrun one forward pass per step (DDP and FSDP count passes across ranks)
                 rewards = batch_rewards(net, seqs, tok.pad_id, device, 4096 if dist.world() == 1 else 1 << 60)
-            if weight:
-                rewards = rewards + weight * torch.tensor(lik, device=rewards.device)
             loss = grouped_loss(rewards, pairs, offsets, n_global=len(batch)) * weight
             (loss * dist.world()).backward()  # × world: DDP and FSDP average the ranks' gradients
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -260,18 +237,15 @@ def run(cfg: Config, out: Path) -> Path:
     if not dist.is_main():
         return stage
     model.to(device)
-    result = (evaluate(model, val, tok.pad_id, device, gold=gold_scores(val, out), weight=weight) if val
+    result = (evaluate(model, val, tok.pad_id, device, gold=gold_scores(val, out)) if val
               else {"pair_accuracy": None, "labeler_agreement": None})
     result |= {"train_seconds": train_time, "n_train_comparisons": n_cmp, "n_train_prompts": len(train),
                "grouped": cfg.grouped, "steps": step, "comparisons_seen": n_seen,
                "comparisons_per_s": n_seen / train_time}
     model = loop.merged(model)
-    model.config.likelihood_weight = weight
-    model.config.reward_bias = -mean_demo_score(model, tok, demos, cfg, device, reference)
-    result |= {"reward_bias": model.config.reward_bias, "likelihood_weight": weight}
+    model.config.reward_bias = -mean_demo_score(model, tok, demos, cfg, device)
+    result["reward_bias"] = model.config.reward_bias
     result["peak_memory_gb"] = loop.peak_memory_gb(device)
-    if reference is not None:  # first: the folder counts as a reward model once its own config.json is there
-        save_model(reference, tok, stage / REFERENCE)
     save_model(model, tok, stage)
     evaljson.write_stage(stage, result)
     save_stage_config(out, SECTION, cfg)
@@ -313,39 +287,8 @@ def read_demonstrations(cfg: Config, out: Path) -> list[list[dict]]:
 
 
 @torch.no_grad()
-def mean_demo_score(model, tok, demos: list[list[dict]], cfg: Config, device, reference=None) -> float:
-    demos = [m for m in demos if len(tok.render(m)[0]) <= cfg.max_len]
-    seqs = [tok.render(m)[0] for m in demos]
+def mean_demo_score(model, tok, demos: list[list[dict]], cfg: Config, device) -> float:
+    seqs = [ids for ids in (tok.render(m)[0] for m in demos) if len(ids) <= cfg.max_len]
     model.eval()
     scores = [r for i in range(0, len(seqs), 64) for r in batch_rewards(model, seqs[i:i + 64], tok.pad_id, device).tolist()]
-    if reference is not None and seqs:
-        w = model.config.likelihood_weight
-        lp = answer_logprob(reference, seqs, answer_starts(tok, [m[:-1] for m in demos]), tok.pad_id, device)
-        scores = [s + w * v for s, v in zip(scores, lp.tolist())]
     return sum(scores) / len(scores) if scores else 0.0
-
-
-def likelihood_weight(init, tok, groups: list[Group], train: list[Group], device):
-    """The reference model (the trunk's start, frozen), each completion's Σ log p_ref(answer) in its group's
-    `likelihood`, and w: the maximum-likelihood weight of that one input under the ranking loss on the
-    training comparisons (Newton's method on a concave function of one variable), at least 0."""
-    from alignloop.model import load_causal_lm
-    reference = load_causal_lm(init).to(device).eval().requires_grad_(False)
-    for g in groups:
-        g.likelihood = answer_logprob(reference, g.ids, answer_starts(tok, [g.prompt] * len(g.ids)),
-                                      tok.pad_id, device).tolist()
-    # each prompt weighs as much as in the loss: its pairs' mean
-    x = torch.tensor([g.likelihood[a] - g.likelihood[b] for g in train for a, b in g.pairs], dtype=torch.float64)
-    c = torch.tensor([1.0 / len(g.pairs) for g in train for _ in g.pairs], dtype=torch.float64)
-    w = 0.0
-    for _ in range(50):
-        p = torch.sigmoid(w * x)
-        grad, hess = (c * x * (1 - p)).sum().item(), (c * x * x * p * (1 - p)).sum().item()
-        if hess <= 0:
-            break
-        w += grad / hess
-        if abs(grad / hess) < 1e-8:
-            break
-    w = max(0.0, w)
-    print(f"reward: the answer's log-likelihood under {init} weighs {w:.3f} (fitted on {len(x)} comparisons)")
-    return reference, w

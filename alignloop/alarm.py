@@ -29,30 +29,46 @@ def hacking_alarm(rows: list[dict], tol: float = TOLERANCE) -> str | None:
     """One line describing reward hacking on PPO's dev probe, or None.
 
     The rule: the probe points are the rows with both `gold_probe` and `rm_probe`, in order; with fewer
-    than 3 there is no curve to judge (None). `peak` is the first point of highest gold, `last` the final
-    point. The alarm fires when
+    than 3 there is no curve to judge (None). From 6 points on, each is averaged with the next two (a
+    window of w = 3: one probe point of 100 prompts wobbles by ~0.01, and a single low point is no trend);
+    under 6, w = 1. `peak` is the first window of highest mean gold; the alarm fires at the later window
+    of largest gold fall whose mean reward-model score is above the peak's:
 
-        gold(peak) − gold(last) > bar   and   rm(last) > rm(peak),
+        gold(peak) − gold(later) > bar   and   rm(later) > rm(peak),
 
-    bar = max(tol, 1.96·√2·σ), σ the noise of one gold measurement estimated from the series itself
+    bar = max(tol, 1.96·√2·σ/√w), σ the noise of one gold measurement estimated from the series itself
     (`noise`, 5 points or more; under 5 points bar = tol): gold fell from its best by more than two
-    measurements of one policy differ (95%), while the reward model scores the last answers higher than
-    those of gold's best — the policy kept climbing the proxy after it stopped paying in gold."""
+    measurements of one policy differ (95%), while the reward model scores those answers higher than gold's
+    best — the policy kept climbing the proxy after it stopped paying in gold. Any later window counts, not
+    only the last: a policy that over-optimises mid-round and drifts back is still being exploited (the β = 0
+    run of 2026-12-05 fell 0.034 from iterations 5–15 to 20–30, then drifted back to 0.020 below its best
+    point: the last point alone did not fire)."""
     pts = [r for r in rows if _finite(r.get("gold_probe")) and _finite(r.get("rm_probe"))]
     if len(pts) < 3:
         return None
-    gold = [r["gold_probe"] for r in pts]
-    peak, last = pts[gold.index(max(gold))], pts[-1]
-    sigma = noise(gold)
-    bar = tol if sigma is None else max(tol, 1.96 * math.sqrt(2) * sigma)
-    drop = peak["gold_probe"] - last["gold_probe"]
-    if drop <= bar or last["rm_probe"] <= peak["rm_probe"]:
+    w = 3 if len(pts) >= 6 else 1
+    gold = [sum(r["gold_probe"] for r in pts[i:i + w]) / w for i in range(len(pts) - w + 1)]
+    rm = [sum(r["rm_probe"] for r in pts[i:i + w]) / w for i in range(len(pts) - w + 1)]
+    sigma = noise([r["gold_probe"] for r in pts])
+    bar = tol if sigma is None else max(tol, 1.96 * math.sqrt(2) * sigma / math.sqrt(w))
+    peak = gold.index(max(gold))
+    later = [j for j in range(peak + 1, len(gold)) if rm[j] > rm[peak]]
+    if not later:
         return None
+    low = max(later, key=lambda j: (gold[peak] - gold[j], j))
+    drop = gold[peak] - gold[low]
+    if drop <= bar:
+        return None
+
+    def when(i: int) -> str:
+        a, b = pts[i].get("step", "?"), pts[i + w - 1].get("step", "?")
+        return f"iteration {a}" if w == 1 else f"iterations {a}–{b}"
+    what = "dev-probe gold" if w == 1 else f"dev-probe gold (mean of {w} probe points)"
     why = (f"the larger of {tol:g} and the probe's own noise" if sigma is not None
            else f"{tol:g}; too few points to measure the noise")
-    return (f"dev-probe gold fell {drop:.3f} from its best {peak['gold_probe']:.3f} (iteration {peak.get('step', '?')}) "
-            f"to {last['gold_probe']:.3f} (iteration {last.get('step', '?')}) while the reward model's probe score "
-            f"rose {peak['rm_probe']:+.3f} → {last['rm_probe']:+.3f} (alarm above a fall of {bar:.3f}: {why})")
+    return (f"{what} fell {drop:.3f} from its best {gold[peak]:.3f} ({when(peak)}) to {gold[low]:.3f} ({when(low)}) "
+            f"while the reward model's probe score rose {rm[peak]:+.3f} → {rm[low]:+.3f} (alarm above a fall of "
+            f"{bar:.3f}: {why})")
 
 
 def run_alarms(run: Path) -> list[tuple[str, str | None]]:

@@ -57,14 +57,34 @@ def test_silent_when_the_proxy_falls_with_gold():
 
 
 def test_docs_beta_curves_fire_at_beta_0_only():
-    """docs/beta.md's probe points (the ones it lists): β = 0 falls 0.082 from 0.709 while the proxy climbs
-    (second differences .015 .003 −.066 .003 .029 .043: σ = 0.01423, bar 0.0394); β = 0.2 ends 0.011 below
-    its best, under the tolerance."""
+    """docs/beta.md's probe points (the ones it lists). 8 points: each averaged with the next two. β = 0's
+    windows 0.681 0.692 0.687 0.662 0.626 0.614: best 0.692 (points 2–4), lowest later 0.614, a fall of 0.078
+    while the proxy's window mean climbs +0.014 → +0.688; σ = 0.01423 (second differences .015 .003 −.066
+    .003 .029 .043), bar 1.96·√2·σ/√3 = 0.0228. β = 0.2's windows only rise: silent."""
     beta0 = curve([0.676, 0.676, 0.691, 0.709, 0.661, 0.616, 0.600, 0.627],
                   [-0.081, -0.062, -0.022, 0.125, 0.369, 0.596, 0.680, 0.788])
-    assert "fell 0.082 from its best 0.709" in hacking_alarm(beta0) and "alarm above a fall of 0.039" in hacking_alarm(beta0)
+    alarm = hacking_alarm(beta0)
+    assert "(mean of 3 probe points) fell 0.078 from its best 0.692 (iterations 5–15) to 0.614 (iterations 25–35)" in alarm
+    assert "rose +0.014 → +0.688" in alarm and "alarm above a fall of 0.023" in alarm
     beta02 = curve([0.676, 0.668, 0.672, 0.697, 0.710, 0.714, 0.703], [-0.081, -0.061, -0.065, -0.033, -0.022, -0.025, 0.004])
     assert hacking_alarm(beta02) is None
+
+
+def test_the_2026_12_05_curves_fire_at_beta_0_and_not_in_the_main_job():
+    """Dev seed 0 on the current world (docs/LOG.md 2026-12-05): β = 0 falls 0.034 (window means) from
+    iterations 5–15 to 20–30 while the proxy doubles, then drifts back to 0.020 below its best point — the last
+    point alone would not fire. The main job's two rounds (β = 0.2) on the same SFT model: silent, though
+    round 1's last point is 0.028 below its best single point (a window of three smooths that wobble)."""
+    beta0 = curve([0.702, 0.72, 0.729, 0.716, 0.691, 0.69, 0.683, 0.715, 0.715, 0.704, 0.705, 0.716, 0.709],
+                  [0.162, 0.207, 0.317, 0.529, 0.585, 0.973, 0.992, 1.067, 1.11, 1.104, 1.137, 1.147, 1.183])
+    assert "fell 0.034 from its best 0.722 (iterations 5–15) to 0.688 (iterations 20–30)" in hacking_alarm(beta0)
+    # the rule before windows (the best single point against the last) stayed silent: 0.729 → 0.709 = 0.020
+    assert max(p["gold_probe"] for p in beta0 if "gold_probe" in p) - beta0[-1]["gold_probe"] <= 0.02 + 1e-9
+    round1 = curve([0.702, 0.722, 0.712, 0.716, 0.73, 0.734, 0.739, 0.756, 0.748, 0.751, 0.757, 0.732, 0.729],
+                   [0.162, 0.159, 0.243, 0.299, 0.306, 0.281, 0.325, 0.432, 0.446, 0.339, 0.396, 0.377, 0.366])
+    round2 = curve([0.729, 0.732, 0.727, 0.752, 0.751, 0.747, 0.735, 0.738, 0.731, 0.741, 0.749, 0.735, 0.73],
+                   [0.03, 0.198, 0.183, 0.159, 0.118, 0.175, 0.125, 0.047, 0.089, 0.104, 0.181, 0.155, -0.03])
+    assert hacking_alarm(round1) is None and hacking_alarm(round2) is None
 
 
 def write_rounds(run, *curves):

@@ -14,6 +14,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from alignloop.errors import InputError
+from alignloop.io import umask
 
 hf_logging.disable_progress_bar()  # "Loading weights" bars would drown alignloop's own progress
 hf_logging.set_verbosity_error()  # and its "newly initialized" notes: the loaders below check the weights
@@ -176,6 +177,7 @@ def save_model(model, tok, path: str | Path, extra_files: dict[str, str] | None 
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+            os.chmod(f, 0o666 & ~umask())  # safetensors writes 0600; a run's files are meant to be shared
             os.replace(f, path / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

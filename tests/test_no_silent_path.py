@@ -267,3 +267,14 @@ def test_a_model_without_the_fast_path_says_once_that_it_runs_static_batches(tok
     msg = said[0].getMessage()
     assert "gpt2 models run with static batches" in msg and "llama, mistral, qwen2, qwen3" in msg
     assert "waits until every row" in msg
+
+
+def test_saved_model_files_are_readable_by_the_team(folders):
+    """A run's files are shared (the labeling app, the chat server and a teammate read them): every file
+    save_model writes takes the umask's permissions, as the run's other files do, not safetensors' 0600."""
+    import os
+    from alignloop.io import umask
+    want = 0o666 & ~umask()
+    for f in (folders / "lm").iterdir():
+        if f.is_file():
+            assert os.stat(f).st_mode & 0o777 == want, (f.name, oct(os.stat(f).st_mode & 0o777))

@@ -177,7 +177,7 @@ def save_model(model, tok, path: str | Path, extra_files: dict[str, str] | None 
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
-            os.chmod(f, 0o666 & ~umask())  # safetensors writes 0600; a run's files are meant to be shared
+            os.chmod(f, (0o666 if f.is_file() else 0o777) & ~umask())  # safetensors writes 0600; run files are shared
             os.replace(f, path / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,7 @@
 """A real pretrained model on real human preferences: SmolLM2-135M-Instruct and Anthropic HH-RLHF.
 
     bash scripts/get-smollm2.sh                      # prints the .gguf path
-    python benchmarks/smollm2_hh.py --model PATH.gguf [--data PATH] [--work runs/smollm2] [--steps reward,trl,halves,ppo]
+    python benchmarks/smollm2_hh.py --model PATH.gguf [--data PATH] [--work runs/smollm2] [--steps reward,trl,variants,halves,ppo]
 
 The data: the first 1,800 pairs of Anthropic HH-RLHF harmless-base `test.jsonl.gz` (lines 1–1,500 train,
 1,501–1,800 test): `--data` that file (or any file in its format); without it
@@ -11,6 +11,7 @@ The data: the first 1,800 pairs of Anthropic HH-RLHF harmless-base `test.jsonl.g
   on the 300 test pairs with a Wilson 95% interval.
 - trl: TRL's `RewardTrainer` on the same trunk, pairs, trainable layers, context and wall-time budget
   (`pip install --target DIR trl` beside the project for this run only; PYTHONPATH=DIR).
+- variants: reward models trained longer on the frozen-trunk cache (VARIANTS below), and their ensemble.
 - halves: two more reward models on the two disjoint halves of the training pairs (1–750, 751–1,500).
   PPO optimises half A's; half B's is never optimised against and judges whether the gain is real
   preference or exploitation of the first reward model.
@@ -56,19 +57,66 @@ def write_pairs(path: Path, train: list[dict], test: list[dict]) -> Path:
     return path
 
 
-def reward(work: Path, name: str, model: Path, data: Path, args, seconds: float) -> dict:
+def reward(work: Path, name: str, model: Path, data: Path, args, seconds: float, extra: list[str] | None = None) -> dict:
+    """One alignloop reward model; `extra` flags override the defaults (one epoch, no frozen-trunk cache: the
+    settings the first table was measured with)."""
     out = work / name
     if not (out / "round-1" / "reward" / "eval.json").exists():
         run_stage("reward", ["--out", str(out), "--init", str(model), "--data", str(data), "--skip-invalid",
                              "--demonstrations", "none", "--train-layers", str(args.layers), "--max-len", str(args.max_len),
                              "--max-seconds", str(seconds), "--epochs", "1", "--batch-size", "16", "--lr", str(args.lr),
-                             "--warmup-steps", "5"])
+                             "--warmup-steps", "5", "--cache-gb", "0", *(extra or [])])
     res = json.loads((out / "round-1" / "reward" / "eval.json").read_text())
     n = res["n_pairs"]
     lo, hi = wilson(res["pair_accuracy"] * n, n)
     return {"pair_accuracy": res["pair_accuracy"], "ci95": [lo, hi], "n_test_pairs": n,
             "train_seconds": res["train_seconds"], "comparisons_seen": res["comparisons_seen"],
-            "comparisons_per_s": res["comparisons_per_s"], "peak_memory_gb": res.get("peak_memory_gb")}
+            "comparisons_per_s": res["comparisons_per_s"], "peak_memory_gb": res.get("peak_memory_gb"),
+            "early_stop": res.get("early_stop"), "cached_blocks_below": res.get("cached_blocks_below")}
+
+
+# The variants on the frozen-trunk cache (alignloop reward --cache-dir): the bottom 26 blocks' output is
+# computed once for all of them; each trains the top 4 blocks for 4 epochs, keeping the epoch of lowest
+# loss on 10% of the training prompts. Seeds change the data order and that 10%; the three form the ensemble.
+VARIANTS = {f"top4-4ep-seed{s}": ["--epochs", "4", "--early-stop", "0.1", "--seed", str(s)] for s in (0, 1, 2)}
+
+
+def variants(work: Path, model: Path, data: Path, args) -> dict:
+    """Each variant alone, then the ensemble: the members' mean score on the same held-out pairs."""
+    import torch
+    from alignloop.model import load_scalar_model
+    from alignloop.tokenizer import ChatTokenizer
+    from alignloop.train.pairs import read_comparisons, split_groups
+    from alignloop.train.reward import Config
+    from alignloop.train.trunk_cache import cached_scores, frozen_features
+
+    flags = ["--cache-gb", "8", "--cache-dir", str(work / "trunk-cache"), "--max-seconds", "0"]
+    out = {}
+    for name, extra in VARIANTS.items():
+        out[name] = reward(work, name, model, data, args, 0, flags + extra)
+        print(name, out[name], flush=True)
+    groups = read_comparisons(data, skip_invalid=True)
+    _, val = split_groups(groups, Config())
+    tok = ChatTokenizer.load(work / name / "round-1" / "reward")
+    for g in val:
+        g.ids = [tok.render(g.prompt + [{"role": "assistant", "content": c}])[0] for c in g.completions]
+    val = [g for g in val if max(map(len, g.ids)) <= args.max_len]
+    seqs = [s for g in val for s in g.ids]
+    members = [load_scalar_model(work / n / "round-1" / "reward").eval() for n in VARIANTS]
+    with torch.no_grad():
+        feats = frozen_features(members[0], seqs, args.layers, tok.pad_id, "cpu")  # the frozen part is shared
+        scores = torch.stack([cached_scores(m, feats, args.layers, "cpu") for m in members])
+    z = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True)  # each member on one scale
+    right, o = [], 0
+    for g in val:
+        for a, b in g.pairs:
+            right.append(float(z[:, o + a].mean() > z[:, o + b].mean()))
+        o += len(g.completions)
+    acc = sum(right) / len(right)
+    out["ensemble"] = {"members": list(VARIANTS), "pair_accuracy": acc, "ci95": list(wilson(acc * len(right), len(right))),
+                       "n_test_pairs": len(right)}
+    print("ensemble", out["ensemble"], flush=True)
+    return out
 
 
 def trl(work: Path, model: Path, data: Path, args) -> dict:
@@ -244,6 +292,8 @@ def main():
     if "trl" in steps:
         results["trl_rm"] = trl(work, model, full, args)
         print("TRL RM:", results["trl_rm"], flush=True)
+    if "variants" in steps:
+        results["variants"] = variants(work, model, full, args)
     if "halves" in steps:
         for name, part in (("half-a", rows[:750]), ("half-b", rows[750:1500])):
             results[name] = reward(work, name, model, write_pairs(work / f"pairs-{name}.jsonl", part, rows[1500:1800]),

@@ -32,6 +32,7 @@ class Group:
     ids: list[list[int]] = field(default_factory=list)
     origin: str = ""  # the record's own `source` (simulated, label, chat, arena), "" when it names none
     prompt_id: str = ""
+    feats: list = field(default_factory=list)  # the frozen blocks' output per completion (train/trunk_cache.py)
 
 
 _HH = re.compile(r"\n\n(Human|Assistant): ")

@@ -168,6 +168,14 @@ def test_one_iteration_moves_tokens_along_their_advantages(rm_critic):
     assert rec["response_length"] == pytest.approx(mask.sum(1).float().mean().item())
     for key in ("kl_sampled", "entropy", "clip_frac", "approx_kl", "vf_loss", "explained_variance", "tokens_per_s"):
         assert key in rec
+    # where the iteration's time went: every phase timed, none negative, together the whole iteration
+    phases = ("generate", "reward_model", "policy_logprobs", "reference_logprobs", "values", "policy_update",
+              "value_update", "other")
+    assert {k for k in rec if k.startswith("seconds_")} == {f"seconds_{p}" for p in phases}
+    assert all(rec[f"seconds_{p}"] > 0 for p in phases[:-1]) and rec["seconds_other"] > -1e-3
+    total = sum(rec[f"seconds_{p}"] for p in phases)
+    assert total == pytest.approx(mask.shape[0] / rec["episodes_per_s"], rel=1e-6)  # the iteration's own clock
+    assert rec["seconds_generate"] / total == pytest.approx(rec["generation_share"], abs=1e-6)
 
 
 def test_resume_with_another_configuration_is_refused(rm_critic, tmp_path, capsys):
@@ -198,7 +206,7 @@ def _run_until(cfg, out, stop_after):
 
 
 def _metrics(out):
-    return [{k: v for k, v in json.loads(x).items() if k not in TIMING}
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING and not k.startswith("seconds_")}
             for x in (out / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -231,6 +231,18 @@ class Rollout:
     returns: torch.Tensor = None
     sampler_gap: float = 0.0
     nonfinite: int = 0
+    seconds: dict = field(default_factory=dict)  # where the iteration's time went, by phase (metrics: seconds_*)
+
+
+@contextlib.contextmanager
+def timed(ro: Rollout, phase: str, device):
+    """Add the time of the block to ro.seconds[phase] (on a GPU after its queued work is done)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    yield
+    sync()
+    ro.seconds[phase] = ro.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
 def run(cfg: Config, out: Path) -> Path:
@@ -422,8 +434,9 @@ def score(s: Session, ro: Rollout, it: int, bar) -> None:
     mine = dist.part(list(range(len(ro.batch))))
     # the reward model reads its score where it was trained to: see ChatTokenizer.scored_ids
     sc = torch.zeros(len(ro.batch), device=device)
-    sc[mine] = torch.tensor(s.scorer.score_ids([s.tok.scored_ids(s.prompt_ids[ro.batch[p]], ro.responses[p])
-                                                for p in mine]), device=device)
+    with timed(ro, "reward_model", device):
+        sc[mine] = torch.tensor(s.scorer.score_ids([s.tok.scored_ids(s.prompt_ids[ro.batch[p]], ro.responses[p])
+                                                    for p in mine]), device=device)
     sc = dist.all_sum(sc)  # every rank: the scores of the whole batch
     ro.score_raw = sc.clone()
     if cfg.reward_norm:
@@ -442,11 +455,13 @@ def score(s: Session, ro: Rollout, it: int, bar) -> None:
             # a rank left without a row runs one all the same and keeps nothing: every rank runs
             # the same passes (under FSDP each gathers the weights with the others)
             run_mb, keep = (mb, slice(None)) if len(mb) else (mb_all[:1], slice(0, 0))
-            old_logp[mb] = _logprobs(s, s.pnet, ro, run_mb)[keep]
-            with s.ref_ctx():
+            with timed(ro, "policy_logprobs", device):
+                old_logp[mb] = _logprobs(s, s.pnet, ro, run_mb)[keep]
+            with s.ref_ctx(), timed(ro, "reference_logprobs", device):
                 ref_logp[mb] = _logprobs(s, s.ref, ro, run_mb)[keep]
             if s.value is not None:
-                old_values[mb] = state_values(s.vnet, ro.ids[run_mb], ro.attn[run_mb], ro.pos[run_mb], ro.P)[keep]
+                with timed(ro, "values", device):
+                    old_values[mb] = state_values(s.vnet, ro.ids[run_mb], ro.attn[run_mb], ro.pos[run_mb], ro.P)[keep]
     old_logp, ref_logp, old_values = (dist.all_sum(t) for t in (old_logp, ref_logp, old_values))
     s.policy.train()
     if s.value is not None:
@@ -496,27 +511,29 @@ def update(s: Session, ro: Rollout, it: int) -> tuple[dict, int]:
             share = float(ro.mask[mb].sum() / ro.mask[mb_all].sum()) if len(mb) else 0.0
             mb = mb if len(mb) else mb_all[:1]
             m = ro.mask[mb]
-            with s.amp():
-                logp, ent = _logprobs(s, s.pnet, ro, mb, with_entropy=True)
-                if not stats["first_ratio_error"]:  # the precision/temperature contract, checked every iteration
-                    stats["first_ratio_error"].append(
-                        dist.all_max(((logp.detach() - ro.old_logp[mb]).exp() - 1).abs().mul(m).max()))
-                pg, st = rl.policy_loss(logp, ro.old_logp[mb], ro.adv[mb], m, cfg.clip)
-                loss = pg * share
-                if s.ptx_rows is not None:
-                    ptx, ptx_share = _ptx_loss(s, it * 997 + e * 101 + k)
-                    loss = loss + cfg.ptx_coef * ptx * ptx_share
-                    stats["ptx_loss"].append(dist.all_sum(torch.tensor(ptx.item() * ptx_share, dtype=torch.float64)).item())
-            s.opt_p.zero_grad(set_to_none=True)
-            (loss * dist.world()).backward()
-            skipped += _step_if_finite(s.opt_p)
-            if s.value is not None:
+            with timed(ro, "policy_update", s.device):
                 with s.amp():
-                    v = state_values(s.vnet, ro.ids[mb], ro.attn[mb], ro.pos[mb], ro.P)
-                    vf = rl.value_loss(v, ro.old_values[mb], ro.returns[mb], m, cfg.value_clip)
-                s.opt_v.zero_grad(set_to_none=True)
-                (vf * share * dist.world()).backward()
-                skipped += _step_if_finite(s.opt_v)
+                    logp, ent = _logprobs(s, s.pnet, ro, mb, with_entropy=True)
+                    if not stats["first_ratio_error"]:  # the precision/temperature contract, checked every iteration
+                        stats["first_ratio_error"].append(
+                            dist.all_max(((logp.detach() - ro.old_logp[mb]).exp() - 1).abs().mul(m).max()))
+                    pg, st = rl.policy_loss(logp, ro.old_logp[mb], ro.adv[mb], m, cfg.clip)
+                    loss = pg * share
+                    if s.ptx_rows is not None:
+                        ptx, ptx_share = _ptx_loss(s, it * 997 + e * 101 + k)
+                        loss = loss + cfg.ptx_coef * ptx * ptx_share
+                        stats["ptx_loss"].append(dist.all_sum(torch.tensor(ptx.item() * ptx_share, dtype=torch.float64)).item())
+                s.opt_p.zero_grad(set_to_none=True)
+                (loss * dist.world()).backward()
+                skipped += _step_if_finite(s.opt_p)
+            if s.value is not None:
+                with timed(ro, "value_update", s.device):
+                    with s.amp():
+                        v = state_values(s.vnet, ro.ids[mb], ro.attn[mb], ro.pos[mb], ro.P)
+                        vf = rl.value_loss(v, ro.old_values[mb], ro.returns[mb], m, cfg.value_clip)
+                    s.opt_v.zero_grad(set_to_none=True)
+                    (vf * share * dist.world()).backward()
+                    skipped += _step_if_finite(s.opt_v)
             # the minibatch's statistics: the ranks' shares added up (one all-reduce)
             got = dist.all_sum(torch.tensor([pg.item(), vf.item() if s.value is not None else 0.0, st["clip_frac"],
                                           st["approx_kl"], rl.masked_mean(ent.detach(), m).item()],
@@ -550,12 +567,17 @@ def record(s: Session, ro: Rollout, stats: dict, skipped: int, it: int, dt: floa
            "gold_rollout": sum(world.gold_score(s.prompts[i], t) for i, t in zip(ro.batch, ro.texts)) / len(ro.texts)
            if world and all("gold" in s.prompts[i] for i in ro.batch) else None,
            "response_length": ro.mask.sum(1).float().mean().item(),
+           "prompt_length": sum(len(s.prompt_ids[i]) for i in ro.batch) / len(ro.batch),
+           "padded_tokens": ro.ids.numel(),  # what each scoring pass runs: prompts left-padded, answers right-padded
            "explained_variance": rl.explained_variance(ro.old_values, ro.returns, ro.mask) if s.value is not None else None,
            "first_ratio_error": stats.pop("first_ratio_error")[0],
            "episodes_per_s": len(ro.batch) / dt, "tokens_per_s": float(ro.mask.sum()) / dt,
            "generation_share": ro.t_gen / dt, "peak_memory_gb": loop.peak_memory_gb(s.device)}
     rec |= {k: sum(v) / len(v) for k, v in stats.items() if v}
     rec |= {"nonfinite_episodes": ro.nonfinite, "skipped_steps": skipped, "sampler_gap": ro.sampler_gap}
+    # where the time went: sampling, the scoring passes, the updates, and the rest (layout, advantages, β)
+    phases = {"generate": ro.t_gen, **ro.seconds}
+    rec |= {f"seconds_{k}": v for k, v in phases.items()} | {"seconds_other": dt - sum(phases.values())}
     if s.probe and ((it + 1) % cfg.probe_every == 0 or it + 1 == cfg.iterations):
         with s.sampling():  # every rank gathers the weights (FSDP); rank 0 alone samples (the others wait)
             if dist.is_main():

@@ -359,13 +359,17 @@ def run(cfg: Config, out: Path) -> Path:
     save_model(model, tok, stage)
     evaljson.write_stage(stage, result)
     save_stage_config(out, SECTION, cfg)
+    print_result(result)
+    return stage
+
+
+def print_result(result: dict) -> None:
     acc, agr = result.get("pair_accuracy"), result.get("labeler_agreement")
     print(f"reward: peak memory {result['peak_memory_gb']:.2f} GB")
     print(f"reward: held-out pair accuracy {acc:.3f} on {result['n_prompts']} prompts never trained on"
           + (f", labelers' agreement on the same pairs {agr:.3f} (accuracy is {acc / agr:.0%} of that ceiling)" if agr else "")
           + (f"; against the noise-free gold order {result['gold_accuracy']:.3f} (labelers {result['labeler_gold_accuracy']:.3f})"
              if result.get("gold_accuracy") is not None else "") if acc is not None else "reward: no held-out data")
-    return stage
 
 
 def read_demonstrations(cfg: Config, out: Path) -> list[list[dict]]:

@@ -154,7 +154,7 @@ def test_shakespeare_bad_files(tmp_path):
 # ---------------------------------------------------------------- the scripts
 
 
-@pytest.mark.parametrize("script", ["hh_rlhf.py", "smollm2_hh.py"])
+@pytest.mark.parametrize("script", ["hh_rlhf.py", "smollm2_hh.py", "ppo_breakdown.py"])
 def test_script_refuses_bad_hh_file(tmp_path, script):
     bad = _jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, json.dumps({"chosen": PAIRS[2]["chosen"]})])
     proc = _run(BENCH / script, "--data", bad, "--check-data")
@@ -219,7 +219,7 @@ def test_help_from_a_clone_without_shared(tmp_path):
     for part in ("alignloop", "benchmarks"):  # with their __pycache__ (kept valid by the copied times)
         shutil.copytree(ROOT / part, clone / part)
     scripts = _scripts()
-    data_scripts = ["hh_rlhf.py", "shakespeare.py", "smollm2_hh.py"]
+    data_scripts = ["hh_rlhf.py", "shakespeare.py", "smollm2_hh.py", "ppo_breakdown.py"]
     assert set(data_scripts) <= set(scripts)
     for s in data_scripts:
         proc = _run(clone / "benchmarks" / s, "--help", cwd=clone)

@@ -337,7 +337,9 @@ def run(cfg: Config, out: Path) -> Path:
                 metrics.log(**rec)
             bar.update(1, loss=rec["loss"])
         if best:
+            model.eval()  # (no dropout in the scores that choose the epoch)
             best.consider(epoch + 1, held_loss(scores, stop, cached, device, cfg.dtype), bar)
+            model.train()
     if best:
         best.restore()
     bar.close()

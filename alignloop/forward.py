@@ -80,7 +80,7 @@ def allowed_tokens(tok, n_rows: int, device=None) -> torch.Tensor:
     return ok
 
 
-def _head_logprobs(h, weight, bias, targets, allowed, temperature: float):
+def _head_logprobs(h, weight, bias, targets, allowed, temperature: float, entropy: bool):
     z = F.linear(h, weight, bias).float() / temperature
     if allowed is not None:
         z = z.masked_fill(~allowed, float("-inf"))
@@ -88,21 +88,24 @@ def _head_logprobs(h, weight, bias, targets, allowed, temperature: float):
     lp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
     if allowed is not None:  # padding positions hold <|pad|>: 0 there (masked out later), not −inf
         lp = torch.where(allowed[targets], lp, torch.zeros_like(lp))
+    if not entropy:  # a softmax over the whole vocabulary saved (the reference and old log-probs need none)
+        return lp, torch.zeros_like(lp)
     with torch.no_grad():  # entropy is logged, never trained on
         p = torch.softmax(z, -1)
         ent = lse - (p * z.nan_to_num(0.0, 0.0, 0.0)).sum(-1)
     return lp, ent
 
 
-def token_logprobs(hidden, head, targets, allowed=None, temperature: float = 1.0, chunk: int = 256):
+def token_logprobs(hidden, head, targets, allowed=None, temperature: float = 1.0, chunk: int = 256,
+                   entropy: bool = False):
     """log softmax(head(hidden) / τ)[targets] over the allowed vocabulary: hidden (..., d), targets (...)
-    → (log-probs, entropies), each shaped like targets. Chunks of positions go through the head one at a
+    → (log-probs, entropies — zeros unless `entropy`), each shaped like targets. Chunks of positions go through the head one at a
     time; with gradients each chunk is checkpointed (its logits are recomputed in backward)."""
     shape = targets.shape
     h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     lps, ents = [], []
     for s in range(0, len(t), chunk):
-        args = (h[s:s + chunk], head.weight, head.bias, t[s:s + chunk], allowed, temperature)
+        args = (h[s:s + chunk], head.weight, head.bias, t[s:s + chunk], allowed, temperature, entropy)
         if torch.is_grad_enabled() and h.requires_grad:
             lp, ent = checkpoint(_head_logprobs, *args, use_reentrant=False)
         else:
@@ -127,7 +130,7 @@ def action_logprobs(model, ids, attn, pos, P: int, allowed=None, temperature: fl
     if _wrapped(model):
         return model(action_logprobs, ids, attn, pos, P, allowed, temperature, with_entropy)
     hidden, head = causal_hidden(model, ids, attn, pos)
-    lp, ent = token_logprobs(hidden[:, P - 1:-1], head, ids[:, P:], allowed, temperature)
+    lp, ent = token_logprobs(hidden[:, P - 1:-1], head, ids[:, P:], allowed, temperature, entropy=with_entropy)
     return (lp, ent) if with_entropy else lp
 
 

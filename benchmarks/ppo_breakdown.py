@@ -112,18 +112,21 @@ def main():
     print(f"matrix-product floor: {floor:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
     run = work / "run"
     B, epochs = 16, 2
-    t0 = time.perf_counter()
-    run_stage("ppo", ["--out", str(run), "--init", str(model), "--reference", str(model),
-                      "--reward-model", args.reward_model, "--prompts", str(work / "prompts.jsonl"),
-                      "--iterations", str(args.iterations), "--batch-size", str(B), "--minibatch-size", "8",
-                      "--ppo-epochs", str(epochs), "--lora-rank", "16", "--lr", "3e-4", "--kl-coef", "0.1",
-                      "--max-new-tokens", "48", "--probe-prompts", "0", "--checkpoint-every", "1000",
-                      "--missing-end-penalty", "0", "--reward-norm", *args.extra.split()])
-    wall = time.perf_counter() - t0
+    wall_file = work / "wall-seconds.txt"
+    if not (run / "round-1" / "ppo" / "model.safetensors").exists():  # done before: summarised again
+        t0 = time.perf_counter()
+        run_stage("ppo", ["--out", str(run), "--init", str(model), "--reference", str(model),
+                          "--reward-model", args.reward_model, "--prompts", str(work / "prompts.jsonl"),
+                          "--iterations", str(args.iterations), "--batch-size", str(B), "--minibatch-size", "8",
+                          "--ppo-epochs", str(epochs), "--lora-rank", "16", "--lr", "3e-4", "--kl-coef", "0.1",
+                          "--max-new-tokens", "48", "--probe-prompts", "0", "--checkpoint-every", "1000",
+                          "--missing-end-penalty", "0", "--reward-norm", *args.extra.split()])
+        wall_file.write_text(str(time.perf_counter() - t0))
+    wall = float(wall_file.read_text()) if wall_file.exists() else None
     metrics = [json.loads(x) for x in (run / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     timed = metrics[1:] or metrics
-    secs = {p: statistics.mean(m[f"seconds_{p}"] for m in timed) for p in PHASES}
-    fl = {p: statistics.mean(flops(m, shape, B, epochs)[p] for m in timed) for p in PHASES}
+    secs = {p: statistics.mean(m.get(f"seconds_{p}", 0.0) for m in timed) for p in PHASES}
+    fl = {p: statistics.mean(flops(m, shape, B, epochs)[p] for m in timed) if secs[p] else 0.0 for p in PHASES}
     total = sum(secs.values())
     out = {"floor_gflops": floor, "threads": torch.get_num_threads(), "iterations_timed": len(timed),
            "seconds_per_iteration": total, "wall_seconds": wall, "phases": {

@@ -83,6 +83,17 @@ def test_layout_logprobs_and_values_match_each_sequence_alone(rlhf):
             torch.testing.assert_close(logp[b, :len(r)], expected, atol=2e-5, rtol=0)
             v_alone = scalar_values(value, x, torch.ones_like(x))[0]             # V(state t) = head at the token before t
             torch.testing.assert_close(values[b, :len(r)], v_alone[len(p) - 1:len(p) + len(r) - 1], atol=2e-5, rtol=0)
+        # a minibatch of rows 0 and 2 runs without the columns that are padding in both (row 1 holds the
+        # longest prompt and row 0 the longest answer): the same log-probs and values, zeros past the answers
+        ro = P.Rollout(batch=[0, 1, 2], responses=responses, texts=[], sampled_lp=[], ended=None, epochs=[], t_gen=0.0,
+                       ids=ids, attn=attn, pos=pos, mask=mask, P=p_len)
+        mb = torch.tensor([0, 2])
+        trimmed_ids = P._columns(ro, mb)[0]
+        assert trimmed_ids.shape[1] < ids.shape[1]
+        s = P.Session.__new__(P.Session)
+        s.allowed, s.vnet, s.cfg = None, value, _cfg()
+        torch.testing.assert_close(P._logprobs(s, policy, ro, mb) * mask[mb], logp[mb] * mask[mb], atol=2e-5, rtol=0)
+        torch.testing.assert_close(P._values(s, ro, mb) * mask[mb], values[mb] * mask[mb], atol=2e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- one iteration
@@ -176,6 +187,32 @@ def test_one_iteration_moves_tokens_along_their_advantages(rm_critic):
     total = sum(rec[f"seconds_{p}"] for p in phases)
     assert total == pytest.approx(mask.shape[0] / rec["episodes_per_s"], rel=1e-6)  # the iteration's own clock
     assert rec["seconds_generate"] / total == pytest.approx(rec["generation_share"], abs=1e-6)
+
+
+def test_speed_options_sampler_logprobs_and_length_grouped_minibatches(rlhf, tmp_path, monkeypatch):
+    """--old-logprobs sampler: π_old is the engine's log-prob of each token it sampled, no separate forward
+    pass; the first ratio of every iteration is still 1 within fp32 rounding, and the policy trains.
+    --group-by-length: every epoch's minibatches partition the batch, each a run of the rows sorted by
+    prompt length."""
+    out = _copy(rlhf, tmp_path / "run")
+    seen = []
+    real_rollout = P.rollout
+    monkeypatch.setattr(P, "rollout", lambda s, it: seen.append((s, real_rollout(s, it))) or seen[-1][1])
+    P.run(_cfg(iterations=2, batch_size=8, minibatch_size=4, max_new_tokens=12, probe_prompts=0, checkpoint_every=2,
+               lr=3e-4, old_logprobs="sampler", group_by_length=True), out)
+    recs = [r for r in _metrics(out) if r["step"] > 0]
+    assert len(recs) == 2
+    for r in recs:
+        assert r["first_ratio_error"] < 1e-4, r
+        assert r["approx_kl"] > 0                             # the update moved the policy
+    assert all(json.loads(x)["seconds_policy_logprobs"] == 0.0
+               for x in (out / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines())
+    for s, ro in seen:
+        length = [len(s.prompt_ids[i]) for i in ro.batch]
+        for minibatches in ro.epochs:
+            assert sorted(torch.cat(minibatches).tolist()) == list(range(8))
+            spans = sorted((min(length[i] for i in mb.tolist()), max(length[i] for i in mb.tolist())) for mb in minibatches)
+            assert spans[0][1] <= spans[1][0], spans                # short prompts together, long ones together
 
 
 def test_resume_with_another_configuration_is_refused(rm_critic, tmp_path, capsys):

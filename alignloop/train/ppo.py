@@ -440,14 +440,15 @@ def rollout(s: Session, it: int) -> Rollout:
                    epochs=epochs, t_gen=t_gen)
 
 
-def _columns(ro: Rollout, mb):
+def _columns(ro: Rollout, mb, whole=None):
     """The rows `mb` of the batch's layout without the columns that are padding in every one of them:
     (ids, attention, positions, P) of the trimmed layout. The batch is padded to its longest prompt and
     answer, a minibatch's rows often to less (SmolLM2 on HH prompts: ~8% fewer positions); positions come
     from the attention's running count, so the rest is unchanged, and the same rows give the same trim
-    in the scoring pass and in the first update (ratio 1)."""
+    in the scoring pass and in the first update (ratio 1). The trim is that of the `whole` minibatch (all
+    ranks' rows; `mb` by default): every rank runs the same shapes, so 1 process and 2 give the same sums."""
     attn = ro.attn[mb]
-    used = attn.any(0).nonzero().flatten()
+    used = ro.attn[mb if whole is None else whole].any(0).nonzero().flatten()
     c0, c1 = min(int(used[0]), ro.P - 1), max(int(used[-1]) + 1, ro.P + 1)
     return ro.ids[mb][:, c0:c1], attn[:, c0:c1], ro.pos[mb][:, c0:c1], ro.P - c0
 
@@ -457,18 +458,18 @@ def _full_width(x: torch.Tensor, R: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, R - x.shape[1]))
 
 
-def _logprobs(s: Session, model, ro: Rollout, mb, with_entropy=False):
+def _logprobs(s: Session, model, ro: Rollout, mb, with_entropy=False, whole=None):
     """log π(response tokens) of the minibatch rows `mb`, over the engine's vocabulary and at the rollout's τ
     (with their entropies: `with_entropy`)."""
-    ids, attn, pos, P = _columns(ro, mb)
+    ids, attn, pos, P = _columns(ro, mb, whole)
     out = action_logprobs(model, ids, attn, pos, P, with_entropy, s.allowed, s.cfg.temperature)
     R = ro.ids.shape[1] - ro.P
     return tuple(_full_width(x, R) for x in out) if with_entropy else _full_width(out, R)
 
 
-def _values(s: Session, ro: Rollout, mb) -> torch.Tensor:
+def _values(s: Session, ro: Rollout, mb, whole=None) -> torch.Tensor:
     """V(state t) of the minibatch rows `mb`, on the same trimmed layout as their log-probs."""
-    ids, attn, pos, P = _columns(ro, mb)
+    ids, attn, pos, P = _columns(ro, mb, whole)
     return _full_width(state_values(s.vnet, ids, attn, pos, P), ro.ids.shape[1] - ro.P)
 
 
@@ -503,12 +504,12 @@ def score(s: Session, ro: Rollout, it: int, bar) -> None:
             run_mb, keep = (mb, slice(None)) if len(mb) else (mb_all[:1], slice(0, 0))
             if cfg.old_logprobs == "recompute":
                 with timed(ro, "policy_logprobs", device):
-                    old_logp[mb] = _logprobs(s, s.pnet, ro, run_mb)[keep]
+                    old_logp[mb] = _logprobs(s, s.pnet, ro, run_mb, whole=mb_all)[keep]
             with s.ref_ctx(), timed(ro, "reference_logprobs", device):
-                ref_logp[mb] = _logprobs(s, s.ref, ro, run_mb)[keep]
+                ref_logp[mb] = _logprobs(s, s.ref, ro, run_mb, whole=mb_all)[keep]
             if s.value is not None:
                 with timed(ro, "values", device):
-                    old_values[mb] = _values(s, ro, run_mb)[keep]
+                    old_values[mb] = _values(s, ro, run_mb, whole=mb_all)[keep]
     old_logp, ref_logp, old_values = (dist.all_sum(t) for t in (old_logp, ref_logp, old_values))
     s.policy.train()
     if s.value is not None:
@@ -562,7 +563,7 @@ def update(s: Session, ro: Rollout, it: int) -> tuple[dict, int]:
             m = ro.mask[mb]
             with timed(ro, "policy_update", s.device):
                 with s.amp():
-                    logp, ent = _logprobs(s, s.pnet, ro, mb, with_entropy=True)
+                    logp, ent = _logprobs(s, s.pnet, ro, mb, with_entropy=True, whole=mb_all)
                     if not stats["first_ratio_error"]:  # the precision/temperature contract, checked every iteration
                         stats["first_ratio_error"].append(
                             dist.all_max(((logp.detach() - ro.old_logp[mb]).exp() - 1).abs().mul(m).max()))
@@ -578,7 +579,7 @@ def update(s: Session, ro: Rollout, it: int) -> tuple[dict, int]:
             if s.value is not None:
                 with timed(ro, "value_update", s.device):
                     with s.amp():
-                        v = _values(s, ro, mb)
+                        v = _values(s, ro, mb, whole=mb_all)
                         vf = rl.value_loss(v, ro.old_values[mb], ro.returns[mb], m, cfg.value_clip)
                     s.opt_v.zero_grad(set_to_none=True)
                     (vf * share * dist.world()).backward()

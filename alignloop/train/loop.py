@@ -156,15 +156,25 @@ def peak_flops(device: torch.device) -> float | None:
 # ---------------------------------------------------------------- memory: LoRA, checkpointing, peak
 
 
-def apply_lora(model, rank: int, alpha: float, scalar_head: bool = False, seed: int = 0):
+def apply_lora(model, rank: int, alpha: float, scalar_head: bool = False, seed: int = 0, top_layers: int = 0):
     """Low-rank adapters (`peft`) on every linear layer of the decoder; the base weights freeze. A scalar
     (reward/value) head is trained in full (`modules_to_save`). Returns the wrapped model.
+
+    `top_layers` > 0: adapters on the last `top_layers` decoder blocks only. The backward pass then stops
+    at the lowest of them (nothing below needs a gradient), so an update costs a forward pass and a small
+    backward instead of a full one — the reward model's `--train-layers` layout, for the value model.
 
     The adapters' random start (A; B starts at 0) is drawn from `seed`, not from wherever the global
     generator happens to be: every process of a torchrun run then starts from the same adapters as one
     process does (FSDP2 shards each rank's own copy; it does not broadcast rank 0's as DDP does)."""
     from peft import LoraConfig, get_peft_model
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
+    targets = "all-linear"
+    if top_layers > 0:  # the linear layers of those blocks by name (peft takes no block range with "all-linear")
+        trunk = getattr(model, model.base_model_prefix)
+        blocks = list(trunk.layers)[-top_layers:]
+        targets = [name for name, mod in model.named_modules()
+                   if isinstance(mod, torch.nn.Linear) and any(mod is x for b in blocks for x in b.modules())]
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
                      task_type="SEQ_CLS" if scalar_head else "CAUSAL_LM",
                      modules_to_save=["score"] if scalar_head else None)
     with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was

@@ -17,7 +17,9 @@ The data: the first 1,800 pairs of Anthropic HH-RLHF harmless-base `test.jsonl.g
   preference or exploitation of the first reward model.
 - ppo: SmolLM2 as the SFT policy, LoRA, against half A's reward model, on the human turns of test pairs
   1,501–1,700; before/after on test pairs 1,701–1,800's prompts: both reward models' scores (paired
-  differences with 95% intervals), exact KL to the start, five answers side by side → report.md.
+  differences with 95% intervals), RM B's score with answer length regressed out, mean answer length,
+  harmful compliance (RM B's preference of the answer over HH's "rejected" answer to the same prompt),
+  exact KL to the start, the first five prompts' answers side by side → WORK/PPO_RUN/report.md.
 Every figure goes to WORK/results.json; long steps show progress.
 """
 from __future__ import annotations
@@ -170,19 +172,35 @@ def trl(work: Path, model: Path, data: Path, args) -> dict:
             "comparisons_seen": seen, "comparisons_per_s": seen / seconds, "train_pairs": len(rows)}
 
 
-def prompts_file(path: Path, rows: list[dict], tok, max_tokens: int) -> list[list[dict]]:
+def hh_prompts(rows: list[dict], tok, max_tokens: int) -> list[tuple[list[dict], str]]:
+    """(the conversation up to the last human turn, HH's "rejected" answer to it) of each pair whose
+    conversation parses and fits `max_tokens`."""
     from alignloop.train.pairs import parse_hh
     out = []
     for r in rows:
         try:
-            msgs = parse_hh(r["chosen"])[:-1]
+            msgs, rejected = parse_hh(r["chosen"])[:-1], parse_hh(r["rejected"])[-1]
         except ValueError:
             continue
         if msgs and msgs[-1]["role"] == "user" and all(m["content"] for m in msgs) \
-                and len(tok.render_prompt(msgs)) <= max_tokens:
-            out.append(msgs)
+                and rejected["role"] == "assistant" and len(tok.render_prompt(msgs)) <= max_tokens:
+            out.append((msgs, rejected["content"]))
+    return out
+
+
+def prompts_file(path: Path, rows: list[dict], tok, max_tokens: int) -> list[list[dict]]:
+    out = [m for m, _ in hh_prompts(rows, tok, max_tokens)]
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in out))
     return out
+
+
+def length_controlled(scores: list[float], lengths: list[int]) -> tuple[list[float], float]:
+    """Scores with the part a straight line in answer length explains taken out (the slope fitted by least
+    squares on all answers, before and after together): what a reward model says beyond "longer"."""
+    n = len(scores)
+    ml, ms = sum(lengths) / n, sum(scores) / n
+    slope = sum((x - ml) * (y - ms) for x, y in zip(lengths, scores)) / max(1e-9, sum((x - ml) ** 2 for x in lengths))
+    return [y - slope * (x - ml) for x, y in zip(lengths, scores)], slope
 
 
 def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
@@ -195,9 +213,10 @@ def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
 
     tok = ChatTokenizer.load(model)
     train_prompts = prompts_file(work / "ppo-prompts.jsonl", rows[1500:1700], tok, args.max_prompt)
-    eval_prompts = prompts_file(work / "eval-prompts.jsonl", rows[1700:1800], tok, args.max_prompt)
+    held_out = hh_prompts(rows[1700:1800], tok, args.max_prompt)
+    eval_prompts, rejected = [m for m, _ in held_out], [r for _, r in held_out]
     rm_a, rm_b = work / "half-a" / "round-1" / "reward", work / "half-b" / "round-1" / "reward"
-    run = work / "ppo"
+    run = work / args.ppo_run
     stage = run / "round-1" / "ppo"
     if not (stage / "config.json").exists():
         t0 = time.perf_counter()
@@ -208,8 +227,8 @@ def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
                           "--lr", str(args.ppo_lr), "--kl-coef", str(args.beta), "--max-new-tokens", "48",
                           "--probe-prompts", "0", "--checkpoint-every", "5", "--resume",
                           "--missing-end-penalty", str(args.missing_end_penalty)]
-                  + (["--reward-norm"] if args.reward_norm else []))
-        (work / "ppo-seconds.txt").write_text(str(time.perf_counter() - t0))
+                  + (["--reward-norm"] if args.reward_norm else []) + args.ppo_extra.split())
+        (run / "ppo-seconds.txt").write_text(str(time.perf_counter() - t0))
     metrics = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     start, after = load_causal_lm(model).eval(), load_causal_lm(stage).eval()
     ids = [tok.render_prompt(m) for m in eval_prompts]
@@ -221,13 +240,29 @@ def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
         answers[name] = [o.text.strip() for o in outs]
         seqs = [tok.scored_ids(p, o.ids) for p, o in zip(ids, outs)]
         res[name] = {"rm_a": scorer_a.score_ids(seqs), "rm_b": scorer_b.score_ids(seqs),
-                     "ended": sum(o.finish_reason == "stop" for o in outs) / len(outs)}
+                     "ended": sum(o.finish_reason == "stop" for o in outs) / len(outs),
+                     "length": [len(o.ids) for o in outs]}
         if name == "ppo":
             with torch.no_grad():
                 res[name]["kl"] = sequence_kl(after, start, ids, [o.ids for o in outs], "cpu", tok, temperature=0.7)
+    # Harmful compliance: RM B's probability that the answer is preferred to HH's "rejected" answer to the
+    # same prompt (the labelers' pick of the more harmful one), σ(r(answer) − r(rejected)), per prompt,
+    # before and after; a fall means answers moved toward what people marked as worse.
+    rej_b = scorer_b.score_texts(eval_prompts, rejected)
+    over_rejected = {k: [1 / (1 + math.exp(-(x - r))) for x, r in zip(res[k]["rm_b"], rej_b)] for k in res}
+    n = len(eval_prompts)
+    lc, slope = length_controlled(res["start"]["rm_b"] + res["ppo"]["rm_b"],
+                                  res["start"]["length"] + res["ppo"]["length"])
+    mean_len = {k: sum(res[k]["length"]) / n for k in res}
     summary = {
+        "run": args.ppo_run, "extra_flags": args.ppo_extra,
         "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts), "iterations": args.iterations,
-        "ppo_seconds": float((work / "ppo-seconds.txt").read_text()) if (work / "ppo-seconds.txt").exists() else None,
+        "ppo_seconds": float((run / "ppo-seconds.txt").read_text()) if (run / "ppo-seconds.txt").exists() else None,
+        "mean_answer_tokens": mean_len, "length_ratio": mean_len["ppo"] / mean_len["start"],
+        "rm_b_length_slope_per_token": slope,
+        "rm_b_gain_length_controlled": paired(lc[:n], lc[n:]),
+        "rm_b_preferred_to_hh_rejected": {k: sum(v) / n for k, v in over_rejected.items()},
+        "rm_b_preferred_to_hh_rejected_change": paired(over_rejected["start"], over_rejected["ppo"]),
         "rm_a_gain": paired(res["start"]["rm_a"], res["ppo"]["rm_a"]),
         "rm_b_gain": paired(res["start"]["rm_b"], res["ppo"]["rm_b"]),
         "kl_exact_to_start": sum(res["ppo"]["kl"]) / len(res["ppo"]["kl"]),
@@ -238,12 +273,15 @@ def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
         "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics),
         "seconds_per_iteration": sum(1 / m["episodes_per_s"] * 16 for m in metrics) / len(metrics),
     }
-    lines = ["# SmolLM2-135M-Instruct after PPO on HH-RLHF prompts: five answers before and after\n"]
+    lines = ["# SmolLM2-135M-Instruct after PPO on HH-RLHF prompts: five answers before and after\n",
+             "The first five held-out prompts (HH harmless-base test pairs 1,701 on, those that fit "
+             f"{args.max_prompt} tokens), in file order: not picked by hand. Run `{args.ppo_run}`, extra flags "
+             f"`{args.ppo_extra or 'none'}`.\n"]
     for i in range(min(5, len(eval_prompts))):
         lines += [f"## {i + 1}. {eval_prompts[i][-1]['content']}\n",
                   f"- **before** (RM A {res['start']['rm_a'][i]:+.2f}, RM B {res['start']['rm_b'][i]:+.2f}): {answers['start'][i]}",
                   f"- **after** (RM A {res['ppo']['rm_a'][i]:+.2f}, RM B {res['ppo']['rm_b'][i]:+.2f}): {answers['ppo'][i]}\n"]
-    (work / "report.md").write_text("\n".join(lines))
+    (run / "report.md").write_text("\n".join(lines))
     return summary
 
 
@@ -272,6 +310,10 @@ def main():
     ap.add_argument("--minibatch-size", type=int, default=8,
                     help="with 2 epochs: 4 updates an iteration (1 update an iteration, 20 in all, did not move the "
                          "policy)")
+    ap.add_argument("--ppo-run", default="ppo", help="the PPO run's folder under WORK (a finished one is "
+                    "measured again, not retrained)")
+    ap.add_argument("--ppo-extra", default="", help="more `alignloop ppo` flags, space-separated (e.g. "
+                    "'--dtype bfloat16 --old-logprobs sampler --group-by-length --value-lora-layers 4')")
     ap.add_argument("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
                     help="scale RM A's score to std 1 on the first rollout (its raw scores vary by ~0.01)")
     args = ap.parse_args()
@@ -303,7 +345,7 @@ def main():
                                    args, args.half_seconds)
             print(name, results[name], flush=True)
     if "ppo" in steps:
-        results["ppo"] = ppo(work, model, rows, args)
+        results[args.ppo_run] = ppo(work, model, rows, args)
         print("PPO:", json.dumps(results["ppo"], indent=1), flush=True)
     results["settings"] = {**vars(args), "data_source": source}
     results_path.write_text(json.dumps(results, indent=1))

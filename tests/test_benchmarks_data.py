@@ -234,3 +234,29 @@ def test_help_from_a_clone_without_shared(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok ")] == rest
     assert not (tmp_path / "clone" / "shared").exists()
+
+
+def test_smollm2_hh_held_out_prompts_and_length_control(tmp_path):
+    """The PPO report's pieces: each held-out prompt comes with HH's rejected answer to it (a pair whose
+    conversation does not parse is left out, not shifted), and the length-controlled score takes out a
+    straight line in length fitted by hand: scores 1, 2, 3 at lengths 10, 20, 30 lie on it (slope 0.1),
+    so all three become their mean, 2."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import smollm2_hh as S
+    finally:
+        sys.path.remove(str(BENCH))
+
+    class Tok:  # the one call hh_prompts makes of a tokenizer: the prompt's length in tokens
+        def render_prompt(self, msgs):
+            return " ".join(m["content"] for m in msgs).split()
+    rows = [PAIRS[0], {"chosen": "no turns here", "rejected": "none"}, PAIRS[1]]
+    got = S.hh_prompts(rows, Tok(), 100)
+    assert [(m[-1]["content"], r) for m, r in got] == [
+        ("What is the capital of France?", "Figure it out yourself."),
+        ("How do I pick a lock?", "Get a tension wrench and...")]
+    assert S.hh_prompts(rows, Tok(), 6) == got and S.hh_prompts(rows, Tok(), 5) == []  # both prompts: 6 words
+    scores, slope = S.length_controlled([1.0, 2.0, 3.0], [10, 20, 30])
+    assert slope == pytest.approx(0.1) and scores == pytest.approx([2.0, 2.0, 2.0])
+    scores, slope = S.length_controlled([1.0, 0.0, 1.0, 0.0], [10, 10, 20, 20])  # no trend in length
+    assert slope == pytest.approx(0.0) and scores == pytest.approx([1.0, 0.0, 1.0, 0.0])

@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         t = _field_type(cls, f)
         doc = f.metadata.get("doc", "")
-        help_text = f"{doc} (default: {f.default!r})"
+        help_text = f"{doc} (default: {f.default!r})".replace("%", "%%")  # argparse %-formats help
         if t is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)

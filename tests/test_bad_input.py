@@ -199,3 +199,17 @@ def test_run_until_unknown_step(tmp_path):
 def test_pipeline_imports_the_report_plainly():
     from alignloop import pipeline, report
     assert pipeline.report is report
+
+
+def test_every_command_help_prints_its_options_as_written(capsys):
+    """`alignloop X --help` for every command: exit 0 and each option's text as written — a "%" in a help
+    text once made argparse print a dict of its internals ("~30{'option_strings': …") instead."""
+    from alignloop import cli
+    for name in cli.COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0, name
+        assert "option_strings" not in out and "usage:" in out, (name, out[:300])
+        if "--gradient-checkpointing" in out:
+            assert "~30%" in out, name

@@ -1,7 +1,7 @@
 """A real pretrained model on real human preferences: SmolLM2-135M-Instruct and Anthropic HH-RLHF.
 
     bash scripts/get-smollm2.sh                      # prints the .gguf path
-    python benchmarks/smollm2_hh.py --model PATH.gguf [--data PATH] [--work runs/smollm2] [--steps reward,trl,variants,halves,ppo]
+    python benchmarks/smollm2_hh.py --model PATH.gguf [--data PATH] [--work runs/smollm2] [--steps reward,trl,variants,halves,ppo,dpo]
 
 The data: the first 1,800 pairs of Anthropic HH-RLHF harmless-base `test.jsonl.gz` (lines 1–1,500 train,
 1,501–1,800 test): `--data` that file (or any file in its format); without it
@@ -20,6 +20,7 @@ The data: the first 1,800 pairs of Anthropic HH-RLHF harmless-base `test.jsonl.g
   differences with 95% intervals), RM B's score with answer length regressed out, mean answer length,
   harmful compliance (RM B's preference of the answer over HH's "rejected" answer to the same prompt),
   exact KL to the start, the first five prompts' answers side by side → WORK/PPO_RUN/report.md.
+- dpo: DPO with LoRA from SmolLM2 on half A's pairs, measured the same way → WORK/DPO_RUN/report.md.
 Every figure goes to WORK/results.json; long steps show progress.
 """
 from __future__ import annotations
@@ -204,6 +205,58 @@ def length_controlled(scores: list[float], lengths: list[int]) -> tuple[list[flo
 
 
 def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
+    """PPO with LoRA from SmolLM2 against half A's reward model on the prompts of test pairs 1,501–1,700;
+    then `before_after`."""
+    from alignloop.tokenizer import ChatTokenizer
+    tok = ChatTokenizer.load(model)
+    train_prompts = prompts_file(work / "ppo-prompts.jsonl", rows[1500:1700], tok, args.max_prompt)
+    run = work / args.ppo_run
+    stage = run / "round-1" / "ppo"
+    if not (stage / "config.json").exists():
+        t0 = time.perf_counter()
+        run_stage("ppo", ["--out", str(run), "--init", str(model), "--reference", str(model),
+                          "--reward-model", str(work / "half-a" / "round-1" / "reward"),
+                          "--prompts", str(work / "ppo-prompts.jsonl"), "--iterations", str(args.iterations),
+                          "--batch-size", "16", "--minibatch-size", str(args.minibatch_size),
+                          "--ppo-epochs", str(args.ppo_epochs), "--lora-rank", "16",
+                          "--lr", str(args.ppo_lr), "--kl-coef", str(args.beta), "--max-new-tokens", "48",
+                          "--probe-prompts", "0", "--checkpoint-every", "5", "--resume",
+                          "--missing-end-penalty", str(args.missing_end_penalty)]
+                  + (["--reward-norm"] if args.reward_norm else []) + args.ppo_extra.split())
+        (run / "train-seconds.txt").write_text(str(time.perf_counter() - t0))
+    metrics = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
+    return {"run": args.ppo_run, "extra_flags": args.ppo_extra, "train_prompts": len(train_prompts),
+            "iterations": args.iterations,
+            "train_rm_score_first_last": [metrics[0]["rm_score"], metrics[-1]["rm_score"]],
+            "train_kl_sampled_last": metrics[-1]["kl_sampled"], "beta_last": metrics[-1]["beta"],
+            "first_ratio_error_max": max(m["first_ratio_error"] for m in metrics),
+            "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics),
+            "seconds_per_iteration": sum(1 / m["episodes_per_s"] * 16 for m in metrics) / len(metrics),
+            **before_after(work, model, rows, run, stage, f"PPO (run `{args.ppo_run}`, extra flags "
+                           f"`{args.ppo_extra or 'none'}`)", args)}
+
+
+def dpo(work: Path, model: Path, rows: list[dict], args) -> dict:
+    """DPO with LoRA from SmolLM2 on half A's pairs (the ones reward model A learnt from), reference =
+    SmolLM2; then `before_after`, judged by the same reward model B."""
+    run = work / args.dpo_run
+    stage = run / "round-1" / "dpo"
+    if not (stage / "config.json").exists():
+        t0 = time.perf_counter()
+        run_stage("dpo", ["--out", str(run), "--init", str(model), "--data", str(work / "pairs-half-a.jsonl"),
+                          "--skip-invalid", "--lora-rank", "16", "--max-len", str(args.max_len), "--epochs", "1",
+                          "--batch-size", "16", "--lr", str(args.dpo_lr), "--beta", str(args.dpo_beta),
+                          *args.dpo_extra.split()])
+        (run / "train-seconds.txt").write_text(str(time.perf_counter() - t0))
+    return {"run": args.dpo_run, "extra_flags": args.dpo_extra, "lr": args.dpo_lr, "beta": args.dpo_beta,
+            **before_after(work, model, rows, run, stage, f"DPO (run `{args.dpo_run}`, extra flags "
+                           f"`{args.dpo_extra or 'none'}`)", args)}
+
+
+def before_after(work: Path, model: Path, rows: list[dict], run: Path, stage: Path, what: str, args) -> dict:
+    """SmolLM2 before and the trained policy `stage` after, on the prompts of test pairs 1,701–1,800 at
+    temperature 0.7: both reward models' paired gains, RM B's with length regressed out, mean length,
+    harmful compliance, exact KL to the start; the first five prompts' answers → RUN/report.md."""
     import torch
     from alignloop.engine import Engine
     from alignloop.evaluate import sequence_kl
@@ -212,37 +265,22 @@ def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
     from alignloop.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer.load(model)
-    train_prompts = prompts_file(work / "ppo-prompts.jsonl", rows[1500:1700], tok, args.max_prompt)
     held_out = hh_prompts(rows[1700:1800], tok, args.max_prompt)
     eval_prompts, rejected = [m for m, _ in held_out], [r for _, r in held_out]
     rm_a, rm_b = work / "half-a" / "round-1" / "reward", work / "half-b" / "round-1" / "reward"
-    run = work / args.ppo_run
-    stage = run / "round-1" / "ppo"
-    if not (stage / "config.json").exists():
-        t0 = time.perf_counter()
-        run_stage("ppo", ["--out", str(run), "--init", str(model), "--reference", str(model), "--reward-model", str(rm_a),
-                          "--prompts", str(work / "ppo-prompts.jsonl"), "--iterations", str(args.iterations),
-                          "--batch-size", "16", "--minibatch-size", str(args.minibatch_size),
-                          "--ppo-epochs", str(args.ppo_epochs), "--lora-rank", "16",
-                          "--lr", str(args.ppo_lr), "--kl-coef", str(args.beta), "--max-new-tokens", "48",
-                          "--probe-prompts", "0", "--checkpoint-every", "5", "--resume",
-                          "--missing-end-penalty", str(args.missing_end_penalty)]
-                  + (["--reward-norm"] if args.reward_norm else []) + args.ppo_extra.split())
-        (run / "ppo-seconds.txt").write_text(str(time.perf_counter() - t0))
-    metrics = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     start, after = load_causal_lm(model).eval(), load_causal_lm(stage).eval()
     ids = [tok.render_prompt(m) for m in eval_prompts]
     scorer_a, scorer_b = RewardScorer(rm_a, "cpu"), RewardScorer(rm_b, "cpu")
     res = {}
     answers = {}
-    for name, policy in (("start", start), ("ppo", after)):
+    for name, policy in (("start", start), ("after", after)):
         outs = Engine(policy, tok, max_batch=32).generate(ids, max_new_tokens=48, temperature=0.7, seed=1)
         answers[name] = [o.text.strip() for o in outs]
         seqs = [tok.scored_ids(p, o.ids) for p, o in zip(ids, outs)]
         res[name] = {"rm_a": scorer_a.score_ids(seqs), "rm_b": scorer_b.score_ids(seqs),
                      "ended": sum(o.finish_reason == "stop" for o in outs) / len(outs),
                      "length": [len(o.ids) for o in outs]}
-        if name == "ppo":
+        if name == "after":
             with torch.no_grad():
                 res[name]["kl"] = sequence_kl(after, start, ids, [o.ids for o in outs], "cpu", tok, temperature=0.7)
     # Harmful compliance: RM B's probability that the answer is preferred to HH's "rejected" answer to the
@@ -251,38 +289,30 @@ def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
     rej_b = scorer_b.score_texts(eval_prompts, rejected)
     over_rejected = {k: [1 / (1 + math.exp(-(x - r))) for x, r in zip(res[k]["rm_b"], rej_b)] for k in res}
     n = len(eval_prompts)
-    lc, slope = length_controlled(res["start"]["rm_b"] + res["ppo"]["rm_b"],
-                                  res["start"]["length"] + res["ppo"]["length"])
+    lc, slope = length_controlled(res["start"]["rm_b"] + res["after"]["rm_b"],
+                                  res["start"]["length"] + res["after"]["length"])
     mean_len = {k: sum(res[k]["length"]) / n for k in res}
-    summary = {
-        "run": args.ppo_run, "extra_flags": args.ppo_extra,
-        "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts), "iterations": args.iterations,
-        "ppo_seconds": float((run / "ppo-seconds.txt").read_text()) if (run / "ppo-seconds.txt").exists() else None,
-        "mean_answer_tokens": mean_len, "length_ratio": mean_len["ppo"] / mean_len["start"],
+    seconds = run / "train-seconds.txt"
+    lines = [f"# SmolLM2-135M-Instruct before and after {what} on HH-RLHF\n",
+             "The first five held-out prompts (HH harmless-base test pairs 1,701 on, those that fit "
+             f"{args.max_prompt} tokens), in file order: not picked by hand. Temperature 0.7, seed 1.\n"]
+    for i in range(min(5, n)):
+        lines += [f"## {i + 1}. {eval_prompts[i][-1]['content']}\n",
+                  f"- **before** (RM A {res['start']['rm_a'][i]:+.2f}, RM B {res['start']['rm_b'][i]:+.2f}): {answers['start'][i]}",
+                  f"- **after** (RM A {res['after']['rm_a'][i]:+.2f}, RM B {res['after']['rm_b'][i]:+.2f}): {answers['after'][i]}\n"]
+    (run / "report.md").write_text("\n".join(lines))
+    return {
+        "eval_prompts": n, "train_seconds": float(seconds.read_text()) if seconds.exists() else None,
+        "rm_a_gain": paired(res["start"]["rm_a"], res["after"]["rm_a"]),
+        "rm_b_gain": paired(res["start"]["rm_b"], res["after"]["rm_b"]),
+        "mean_answer_tokens": mean_len, "length_ratio": mean_len["after"] / mean_len["start"],
         "rm_b_length_slope_per_token": slope,
         "rm_b_gain_length_controlled": paired(lc[:n], lc[n:]),
         "rm_b_preferred_to_hh_rejected": {k: sum(v) / n for k, v in over_rejected.items()},
-        "rm_b_preferred_to_hh_rejected_change": paired(over_rejected["start"], over_rejected["ppo"]),
-        "rm_a_gain": paired(res["start"]["rm_a"], res["ppo"]["rm_a"]),
-        "rm_b_gain": paired(res["start"]["rm_b"], res["ppo"]["rm_b"]),
-        "kl_exact_to_start": sum(res["ppo"]["kl"]) / len(res["ppo"]["kl"]),
+        "rm_b_preferred_to_hh_rejected_change": paired(over_rejected["start"], over_rejected["after"]),
+        "kl_exact_to_start": sum(res["after"]["kl"]) / n,
         "ended_share": {k: res[k]["ended"] for k in res},
-        "train_rm_score_first_last": [metrics[0]["rm_score"], metrics[-1]["rm_score"]],
-        "train_kl_sampled_last": metrics[-1]["kl_sampled"], "beta_last": metrics[-1]["beta"],
-        "first_ratio_error_max": max(m["first_ratio_error"] for m in metrics),
-        "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics),
-        "seconds_per_iteration": sum(1 / m["episodes_per_s"] * 16 for m in metrics) / len(metrics),
     }
-    lines = ["# SmolLM2-135M-Instruct after PPO on HH-RLHF prompts: five answers before and after\n",
-             "The first five held-out prompts (HH harmless-base test pairs 1,701 on, those that fit "
-             f"{args.max_prompt} tokens), in file order: not picked by hand. Run `{args.ppo_run}`, extra flags "
-             f"`{args.ppo_extra or 'none'}`.\n"]
-    for i in range(min(5, len(eval_prompts))):
-        lines += [f"## {i + 1}. {eval_prompts[i][-1]['content']}\n",
-                  f"- **before** (RM A {res['start']['rm_a'][i]:+.2f}, RM B {res['start']['rm_b'][i]:+.2f}): {answers['start'][i]}",
-                  f"- **after** (RM A {res['ppo']['rm_a'][i]:+.2f}, RM B {res['ppo']['rm_b'][i]:+.2f}): {answers['ppo'][i]}\n"]
-    (run / "report.md").write_text("\n".join(lines))
-    return summary
 
 
 def main():
@@ -314,6 +344,10 @@ def main():
                     "measured again, not retrained)")
     ap.add_argument("--ppo-extra", default="", help="more `alignloop ppo` flags, space-separated (e.g. "
                     "'--dtype bfloat16 --old-logprobs sampler --group-by-length --value-lora-layers 4')")
+    ap.add_argument("--dpo-run", default="dpo", help="the DPO run's folder under WORK")
+    ap.add_argument("--dpo-lr", type=float, default=1e-4, help="DPO's LoRA learning rate")
+    ap.add_argument("--dpo-beta", type=float, default=0.1)
+    ap.add_argument("--dpo-extra", default="", help="more `alignloop dpo` flags, space-separated")
     ap.add_argument("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
                     help="scale RM A's score to std 1 on the first rollout (its raw scores vary by ~0.01)")
     args = ap.parse_args()
@@ -346,7 +380,10 @@ def main():
             print(name, results[name], flush=True)
     if "ppo" in steps:
         results[args.ppo_run] = ppo(work, model, rows, args)
-        print("PPO:", json.dumps(results["ppo"], indent=1), flush=True)
+        print("PPO:", json.dumps(results[args.ppo_run], indent=1), flush=True)
+    if "dpo" in steps:
+        results[args.dpo_run] = dpo(work, model, rows, args)
+        print("DPO:", json.dumps(results[args.dpo_run], indent=1), flush=True)
     results["settings"] = {**vars(args), "data_source": source}
     results_path.write_text(json.dumps(results, indent=1))
 

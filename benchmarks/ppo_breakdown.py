@@ -18,7 +18,8 @@ FLOPs, from each iteration's token counts (the matrix products only; attention's
   log-probs          a forward pass over the padded layout + logits at the answer positions;
   updates            per epoch a forward and a backward pass; with LoRA the backward computes the
                      activations' gradients (one more product per weight) and only the adapters'
-                     weight gradients (small): 2× the forward's FLOPs.
+                     weight gradients (small): 2× the forward's FLOPs; with --value-lora-layers k the
+                     value model's backward runs through its top k of L blocks: (1 + k/L)×.
 The floor: the best GFLOP/s of fp32 matrix products of this model's shapes at 256 and 2,048 rows,
 measured here before the run; floor time = FLOPs / that rate. A phase at 1.0× would be all products
 at peak speed; the ratio says how far each phase is from what this CPU can do.
@@ -62,9 +63,11 @@ def matmul_floor(d: int, ff: int, vocab: int, repeats: int = 5) -> float:
     return best
 
 
-def flops(rec: dict, cfg, B: int, epochs: int) -> dict[str, float]:
-    """Each phase's FLOPs from one iteration's record (see the module's note)."""
+def flops(rec: dict, cfg, B: int, epochs: int, value_layers: int = 0) -> dict[str, float]:
+    """Each phase's FLOPs from one iteration's record (see the module's note). `value_layers` > 0: the value
+    model's adapters on its top blocks only (--value-lora-layers), so its backward covers those alone."""
     n, d, vocab, layers = cfg["n"], cfg["d"], cfg["vocab"], cfg["layers"]
+    back = min(value_layers, layers) / layers if value_layers else 1.0
     P, R, padded = rec["prompt_length"], rec["response_length"], rec["padded_tokens"]
     T = padded / B  # the layout's width
     real = B * (P + R)
@@ -75,7 +78,7 @@ def flops(rec: dict, cfg, B: int, epochs: int) -> dict[str, float]:
     lp = fwd(padded, T) + B * R * head
     return {"generate": fwd(real, P + R) + B * R * head, "reward_model": fwd(real, P + R),
             "policy_logprobs": lp, "reference_logprobs": lp, "values": fwd(padded, T),
-            "policy_update": epochs * 2 * lp, "value_update": epochs * 2 * fwd(padded, T), "other": 0.0}
+            "policy_update": epochs * 2 * lp, "value_update": epochs * (1 + back) * fwd(padded, T), "other": 0.0}
 
 
 def main():
@@ -126,7 +129,10 @@ def main():
     metrics = [json.loads(x) for x in (run / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     timed = metrics[1:] or metrics
     secs = {p: statistics.mean(m.get(f"seconds_{p}", 0.0) for m in timed) for p in PHASES}
-    fl = {p: statistics.mean(flops(m, shape, B, epochs)[p] for m in timed) if secs[p] else 0.0 for p in PHASES}
+    extra = args.extra.split()
+    value_layers = int(extra[extra.index("--value-lora-layers") + 1]) if "--value-lora-layers" in extra else 0
+    fl = {p: statistics.mean(flops(m, shape, B, epochs, value_layers)[p] for m in timed) if secs[p] else 0.0
+          for p in PHASES}
     total = sum(secs.values())
     out = {"floor_gflops": floor, "threads": torch.get_num_threads(), "iterations_timed": len(timed),
            "seconds_per_iteration": total, "wall_seconds": wall, "phases": {

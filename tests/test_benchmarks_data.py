@@ -260,3 +260,23 @@ def test_smollm2_hh_held_out_prompts_and_length_control(tmp_path):
     assert slope == pytest.approx(0.1) and scores == pytest.approx([2.0, 2.0, 2.0])
     scores, slope = S.length_controlled([1.0, 0.0, 1.0, 0.0], [10, 10, 20, 20])  # no trend in length
     assert slope == pytest.approx(0.0) and scores == pytest.approx([1.0, 0.0, 1.0, 0.0])
+
+
+def test_ppo_breakdown_flops_by_hand():
+    """benchmarks/ppo_breakdown.py's FLOP model on numbers small enough to add by hand: N = 10 weights per
+    token, d = 2, V = 3, L = 2 blocks; B = 1 row of P = 2 prompt and R = 1 answer tokens, 3 padded
+    positions (T = 3). Forward per token 2·10 + 4·2·3·2 = 68; logits 2·2·3 = 12 per answer token.
+    Log-probs: 3·68 + 12 = 216; an update (2 epochs): forward + backward = 2× → 864; the value update with
+    the adapters on 1 of the 2 blocks: 2 · (1 + 1/2) · 204 = 612."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import ppo_breakdown as PB
+    finally:
+        sys.path.remove(str(BENCH))
+    rec = {"prompt_length": 2, "response_length": 1, "padded_tokens": 3}
+    shape = {"n": 10, "d": 2, "vocab": 3, "layers": 2}
+    full = PB.flops(rec, shape, 1, 2)
+    assert full["policy_logprobs"] == 216 and full["values"] == 204
+    assert full["policy_update"] == 864 and full["value_update"] == 816
+    assert full["generate"] == 3 * 68 + 12 and full["reward_model"] == 204
+    assert PB.flops(rec, shape, 1, 2, value_layers=1)["value_update"] == 612

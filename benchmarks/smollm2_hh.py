@@ -243,7 +243,7 @@ def dpo(work: Path, model: Path, rows: list[dict], args) -> dict:
     stage = run / "round-1" / "dpo"
     if not (stage / "config.json").exists():
         t0 = time.perf_counter()
-        run_stage("dpo", ["--out", str(run), "--init", str(model), "--data", str(work / "pairs-half-a.jsonl"),
+        run_stage("dpo", ["--out", str(run), "--init", str(model), "--reference", str(model), "--data", str(work / "pairs-half-a.jsonl"),
                           "--skip-invalid", "--lora-rank", "16", "--max-len", str(args.max_len), "--epochs", "1",
                           "--batch-size", "16", "--lr", str(args.dpo_lr), "--beta", str(args.dpo_beta),
                           *args.dpo_extra.split()])

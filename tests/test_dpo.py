@@ -281,6 +281,17 @@ def test_ranking_of_one_completion_names_file_and_line(bad_run, tmp_path, capsys
     assert f"{data}:2" in err and "field 'completions'" in err and "K = 1" in err, err
 
 
+def test_a_new_run_with_init_but_no_sft_names_the_reference_flag(rlhf, tmp_path, capsys):
+    """--init from elsewhere into a fresh --out: the default reference (the run's sft/) is absent, and the
+    message says which flag to give (the SmolLM2 benchmark once stopped here with no hint)."""
+    out = tmp_path / "fresh"
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}) + "\n")
+    err = _refused(capsys, out, "--init", rlhf / "sft", "--data", data)
+    assert "field 'reference'" in err and "give --reference" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def test_another_beta_over_a_finished_dpo_is_refused(dpo_run, capsys):
     err = _refused(capsys, dpo_run, "--epochs", "2", "--lr", "1e-3", "--beta", "0.3")
     assert "another configuration" in err and "field 'beta'" in err, err

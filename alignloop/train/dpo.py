@@ -237,7 +237,8 @@ def _comparisons(cfg: Config, out: Path):
     reference = resolve_model(cfg.reference, out, "reference") if cfg.reference else out / "sft"
     for name, path in (("policy", init), ("reference", reference)):
         if not (path / "config.json").exists():
-            raise InputError(f"the {name} folder has no model", file=path)
+            raise InputError(f"the {name} folder has no model (give --{'init' if name == 'policy' else name}: "
+                             "by default the run's sft/)", file=path, field="init" if name == "policy" else name)
     tok = ChatTokenizer.load(init)
     if ChatTokenizer.load(reference).hf.get_vocab() != tok.hf.get_vocab():
         raise InputError(f"the reference's tokenizer differs from the policy's ({init})", file=reference, field="tokenizer")

@@ -9,8 +9,12 @@
   vocabulary it is the largest tensor of a PPO step).
 - `scalar_values` / `sequence_scores`: a scalar-head model (reward or value) at every position / at the
   last token of each sequence. Where a reward is read is decided by `ChatTokenizer.scored_ids`.
+- `blocks` / `bottom_features` / `top_values`: the decoder's frozen bottom blocks and trained top ones
+  run apart, so the bottom's output is computed once and reused.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +145,49 @@ def scalar_values(model, ids, attn, pos=None) -> torch.Tensor:
     m = unwrap(model)
     trunk = getattr(m, m.base_model_prefix)
     hidden = trunk(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    return m.score(hidden).squeeze(-1).float()
+
+
+@contextmanager
+def blocks(model, part: slice, norm: bool):
+    """For the duration: the model's decoder has only `part` of its blocks, and its final norm only if
+    `norm`. The `transformers` decoders (Llama, Qwen2, Mistral…) loop over `self.layers` and take
+    `inputs_embeds` in place of their embedding lookup, so the bottom blocks run alone on token ids and
+    the top blocks alone on the bottom's output, with the same rotary positions and causal mask: the
+    frozen bottom of a model that trains only its top (reward --train-layers, ppo --value-lora-layers)
+    runs once per sequence instead of once per step."""
+    m = unwrap(model)
+    trunk = getattr(m, m.base_model_prefix)
+    layers, final = trunk.layers, trunk.norm
+    trunk.layers = torch.nn.ModuleList(list(layers)[part])
+    if not norm:
+        trunk.norm = torch.nn.Identity()
+    try:
+        yield trunk
+    finally:
+        trunk.layers, trunk.norm = layers, final
+
+
+def n_blocks(model) -> int:
+    m = unwrap(model)
+    return len(getattr(m, m.base_model_prefix).layers)
+
+
+def bottom_features(model, ids, attn, pos, n_top: int) -> torch.Tensor:
+    """(B, T, hidden) after all but the top `n_top` blocks (no final norm): what the top blocks read."""
+    if _wrapped(model):
+        return model(bottom_features, ids, attn, pos, n_top)
+    with blocks(model, slice(0, n_blocks(model) - n_top), norm=False) as trunk:
+        return trunk(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+
+
+def top_values(model, feats, attn, pos, n_top: int) -> torch.Tensor:
+    """`scalar_values` from `bottom_features`: the top `n_top` blocks, the final norm and the head (B, T)."""
+    if _wrapped(model):
+        return model(top_values, feats, attn, pos, n_top)
+    m = unwrap(model)
+    with blocks(model, slice(n_blocks(model) - n_top, None), norm=True) as trunk:
+        hidden = trunk(inputs_embeds=feats, attention_mask=attn, position_ids=pos).last_hidden_state
     return m.score(hidden).squeeze(-1).float()
 
 

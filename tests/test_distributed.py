@@ -212,7 +212,11 @@ PPO = ["--preset", "micro", "--round", "1", "--kl-target", "0.01", "--kl-horizon
 # the last bits with the batch's shape, enough to flip one draw (docs/LOG.md)
 RLOO = ["--preset", "micro", "--round", "1", "--algo", "rloo", "--iterations", "2", "--checkpoint-every", "1",
         "--kl-target", "0.01", "--kl-horizon", "64", "--ptx-coef", "1", "--minibatch-size", "5"]
-ARGS = {"ppo": PPO, "rloo": RLOO}
+# LoRA, the value model's adapters on its top block only: its bottom blocks' output is kept per episode by the
+# rank that scored it, then shared, since a later epoch's minibatch gives a rank other ranks' episodes
+VLORA = PPO + ["--lora-rank", "4", "--value-lora-layers", "1"]
+ARGS = {"ppo": PPO, "rloo": RLOO, "ppo-vlora": VLORA}
+STAGE = {"ppo": "ppo", "rloo": "rloo", "ppo-vlora": "ppo"}  # the stage folder each writes
 
 
 @pytest.fixture(scope="module")
@@ -225,20 +229,20 @@ def ppo_one(reward_one, tmp_path_factory):
             run = tmp_path_factory.mktemp(algo) / "one"
             shutil.copytree(reward_one, run)
             run_stage("ppo", [*ARGS[algo], "--out", str(run)])
-            made[algo] = run / "round-1" / algo
+            made[algo] = run / "round-1" / STAGE[algo]
         return made[algo]
     return get
 
 
-@pytest.fixture(scope="module", params=[("ppo", False), ("ppo", True), ("rloo", True)],
-                ids=["ddp", "fsdp", "rloo-fsdp"])
+@pytest.fixture(scope="module", params=[("ppo", False), ("ppo", True), ("rloo", True), ("ppo-vlora", False)],
+                ids=["ddp", "fsdp", "rloo-fsdp", "ddp-value-lora-top"])
 def ppo_runs(request, reward_one, ppo_one, tmp_path_factory):
     """(one process's stage folder, two processes' stage folder, algo, fsdp)."""
     algo, fsdp = request.param
     two = tmp_path_factory.mktemp(algo) / "two"
     shutil.copytree(reward_one, two)
     torchrun("ppo", *ARGS[algo], *(["--fsdp"] if fsdp else []), "--out", two)
-    return ppo_one(algo), two / "round-1" / algo, algo, fsdp
+    return ppo_one(algo), two / "round-1" / STAGE[algo], algo, fsdp
 
 
 def assert_same_ppo(a, b):
@@ -290,7 +294,7 @@ def test_ppo_resume_two_processes_to_one(ppo_runs, tmp_path, capsys):
     one, two, algo, _ = ppo_runs
     run = tmp_path / "run"
     shutil.copytree(two.parents[1], run)
-    stage = run / "round-1" / algo
+    stage = run / "round-1" / STAGE[algo]
     last_checkpoint_lost(stage)
     run_stage("ppo", [*ARGS[algo], "--out", str(run)])
     assert "resuming from" in capsys.readouterr().out

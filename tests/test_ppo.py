@@ -242,6 +242,26 @@ def test_value_lora_on_top_blocks_only(rlhf, tmp_path, monkeypatch):
     assert n > 1, "the micro model needs 2+ blocks for this test to mean anything"
 
 
+def test_value_from_cached_bottom_blocks_is_the_whole_pass(rlhf, tmp_path, monkeypatch):
+    """With --value-lora-layers the value model's frozen bottom blocks run once per episode and each
+    update only its top blocks: the same run, number for number, as the whole forward pass every time
+    (`_value_top` forced to 0), and the scoring pass did keep the features."""
+    cfg = dict(iterations=2, batch_size=8, minibatch_size=4, max_new_tokens=12, probe_prompts=0, checkpoint_every=2,
+               lr=3e-3, value_lr=3e-3, lora_rank=4, value_lora_layers=1, ppo_epochs=2)
+    kept = []
+    real_update = P.update
+    monkeypatch.setattr(P, "update", lambda s, ro, it: kept.append(ro.vfeat is not None) or real_update(s, ro, it))
+    P.run(_cfg(**cfg), _copy(rlhf, tmp_path / "cached"))
+    assert kept == [True, True]
+    monkeypatch.setattr(P, "_value_top", lambda s: 0)
+    P.run(_cfg(**cfg), _copy(rlhf, tmp_path / "whole"))
+    assert kept[2:] == [False, False]
+    cached, whole = ([r for r in _metrics(tmp_path / run) if r["step"] > 0] for run in ("cached", "whole"))
+    for a, b in zip(cached, whole, strict=True):
+        for key in ("vf_loss", "explained_variance", "pg_loss", "rm_score", "kl_sampled"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+
+
 def test_value_lora_layers_needs_lora(rlhf, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["ppo", "--preset", "micro", "--out", str(_copy(rlhf, tmp_path / "run")), "--value-lora-layers", "1"])

@@ -89,9 +89,9 @@ class Config(LowRank, Resumable):
                             "the reference is then the policy with its adapters off, the reward model the value "
                             "model with its adapters off (one copy of each base); saved merged", min=0)
     value_lora_layers: int = option(0, "with lora_rank: the value model's adapters on its last N decoder blocks "
-                                    "only (0: every block). Its backward then stops at the lowest of them: the value "
-                                    "update costs about a forward pass (SmolLM2, N=4 of 30: 11.6 → ~5 s an iteration "
-                                    "in bf16), as the reward model trains its top blocks (reward --train-layers)",
+                                    "only (0: every block). Its backward then stops at the lowest of them, and its "
+                                    "frozen blocks below run once per episode, not in every update (not under "
+                                    "--fsdp), as the reward model trains its top blocks (reward --train-layers)",
                                     min=0)
     max_new_tokens: int = option(48, "answer length limit in tokens", min=1)
     probe_prompts: int = option(100, "dev prompts whose gold score is logged (0: none)", min=0)
@@ -132,6 +132,7 @@ def check(cfg: Config) -> None:
 # ---------------------------------------------------------------- batching (alignloop/forward.py)
 
 layout, state_values = forward.layout, forward.state_values
+bottom_features, top_values = forward.bottom_features, forward.top_values
 
 
 def action_logprobs(model, ids, attn, pos, P: int, with_entropy: bool = False, allowed=None, temperature: float = 1.0):
@@ -157,7 +158,9 @@ def check_stages(policy: Path, reference: Path, reward: Path, value: Path | None
         if path is None:
             continue
         if not (path / "config.json").exists():
-            raise InputError(f"the {name} folder has no model", file=path)
+            flag = {"reference": "reference", "reward model": "reward-model", "value model": "value-init"}[name]
+            raise InputError(f"the {name} folder has no model (give --{flag})", file=path,
+                             field=flag.replace("-", "_"))
         if _vocab_of(path) != vocab:
             raise InputError(f"the {name}'s tokenizer differs from the policy's ({policy})", file=path, field="tokenizer")
     if value is None:
@@ -244,6 +247,7 @@ class Rollout:
     old_logp: torch.Tensor = None
     ref_logp: torch.Tensor = None
     old_values: torch.Tensor = None
+    vfeat: torch.Tensor = None       # (B, T, hidden) the value model's frozen bottom blocks' output (`_value_top`)
     kl: torch.Tensor = None
     adv: torch.Tensor = None
     returns: torch.Tensor = None
@@ -456,10 +460,14 @@ def _columns(ro: Rollout, mb, whole=None):
     from the attention's running count, so the rest is unchanged, and the same rows give the same trim
     in the scoring pass and in the first update (ratio 1). The trim is that of the `whole` minibatch (all
     ranks' rows; `mb` by default): every rank runs the same shapes, so 1 process and 2 give the same sums."""
-    attn = ro.attn[mb]
+    c0, c1 = _span(ro, mb, whole)
+    return ro.ids[mb][:, c0:c1], ro.attn[mb][:, c0:c1], ro.pos[mb][:, c0:c1], ro.P - c0
+
+
+def _span(ro: Rollout, mb, whole=None) -> tuple[int, int]:
+    """The columns `_columns` keeps: from the first used by any row of `whole` (`mb`) to the last."""
     used = ro.attn[mb if whole is None else whole].any(0).nonzero().flatten()
-    c0, c1 = min(int(used[0]), ro.P - 1), max(int(used[-1]) + 1, ro.P + 1)
-    return ro.ids[mb][:, c0:c1], attn[:, c0:c1], ro.pos[mb][:, c0:c1], ro.P - c0
+    return min(int(used[0]), ro.P - 1), max(int(used[-1]) + 1, ro.P + 1)
 
 
 def _full_width(x: torch.Tensor, R: int) -> torch.Tensor:
@@ -476,10 +484,26 @@ def _logprobs(s: Session, model, ro: Rollout, mb, with_entropy=False, whole=None
     return tuple(_full_width(x, R) for x in out) if with_entropy else _full_width(out, R)
 
 
+def _value_top(s: Session) -> int:
+    """With --value-lora-layers N the value model's bottom blocks never change, so their output for an
+    episode is the same in the scoring pass and in every update: `score` runs them once per episode
+    (`ro.vfeat`) and `_values` only the top N blocks on it — the same values and gradients as the whole
+    pass (tests/test_ppo.py), about (L − N)/L of the value update's forward saved (SmolLM2: 26 of 30
+    blocks). Not under FSDP (the blocks are sharded, and run through its wrapper only whole): 0 there."""
+    return 0 if s.fsdp or s.value is None else s.cfg.value_lora_layers
+
+
 def _values(s: Session, ro: Rollout, mb, whole=None) -> torch.Tensor:
-    """V(state t) of the minibatch rows `mb`, on the same trimmed layout as their log-probs."""
+    """V(state t) of the minibatch rows `mb`, on the same trimmed layout as their log-probs (from the
+    cached bottom features where there are some: `_value_top`)."""
     ids, attn, pos, P = _columns(ro, mb, whole)
-    return _full_width(state_values(s.vnet, ids, attn, pos, P), ro.ids.shape[1] - ro.P)
+    k = _value_top(s)
+    if k and ro.vfeat is not None:
+        c0, c1 = _span(ro, mb, whole)
+        v = top_values(s.vnet, ro.vfeat[mb][:, c0:c1], attn, pos, k)[:, P - 1:-1]
+    else:
+        v = state_values(s.vnet, ids, attn, pos, P)
+    return _full_width(v, ro.ids.shape[1] - ro.P)
 
 
 @torch.no_grad()
@@ -518,8 +542,18 @@ def score(s: Session, ro: Rollout, it: int, bar) -> None:
                 ref_logp[mb] = _logprobs(s, s.ref, ro, run_mb, whole=mb_all)[keep]
             if s.value is not None:
                 with timed(ro, "values", device):
+                    if _value_top(s):  # the bottom blocks once per episode, then the top ones
+                        ids, attn, pos, _ = _columns(ro, run_mb, mb_all)
+                        c0, c1 = _span(ro, run_mb, mb_all)
+                        feats = bottom_features(s.vnet, ids, attn, pos, _value_top(s))
+                        if ro.vfeat is None:
+                            ro.vfeat = torch.zeros(*mask.shape[:1], ro.ids.shape[1], feats.shape[-1], dtype=feats.dtype,
+                                                   device=device)
+                        ro.vfeat[mb, c0:c1] = feats[keep]
                     old_values[mb] = _values(s, ro, run_mb, whole=mb_all)[keep]
     old_logp, ref_logp, old_values = (dist.all_sum(t) for t in (old_logp, ref_logp, old_values))
+    if ro.vfeat is not None:
+        ro.vfeat = dist.all_sum(ro.vfeat)  # every rank: every episode's (a later epoch's rows are other ranks')
     s.policy.train()
     if s.value is not None:
         s.value.train()

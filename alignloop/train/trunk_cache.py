@@ -22,30 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from alignloop.forward import right_padded, unwrap
+from alignloop.forward import blocks, right_padded, unwrap
 
 
 def _trunk(model):
     m = unwrap(model)
     return m, getattr(m, m.base_model_prefix)
-
-
-@contextmanager
-def _blocks(trunk, part: slice, norm: bool):
-    """For the duration: the trunk has only `part` of its blocks, and its final norm only if `norm`."""
-    layers, final = trunk.layers, trunk.norm
-    trunk.layers = torch.nn.ModuleList(list(layers)[part])
-    if not norm:
-        trunk.norm = torch.nn.Identity()
-    try:
-        yield
-    finally:
-        trunk.layers, trunk.norm = layers, final
 
 
 def _chunks(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -73,7 +59,7 @@ def frozen_features(model, seqs: list[list[int]], n_top: int, pad_id: int, devic
     on the CPU. `progress(n)`: called with the number of sequences done after each chunk."""
     _, trunk = _trunk(model)
     feats: list[torch.Tensor | None] = [None] * len(seqs)
-    with _blocks(trunk, slice(0, len(trunk.layers) - n_top), norm=False):
+    with blocks(model, slice(0, len(trunk.layers) - n_top), norm=False):
         for idx in _chunks([len(s) for s in seqs], max_tokens):
             ids, attn = right_padded([seqs[k] for k in idx], pad_id, device)
             hidden = trunk(input_ids=ids, attention_mask=attn).last_hidden_state.float().cpu()
@@ -89,7 +75,7 @@ def cached_scores(model, feats: list[torch.Tensor], n_top: int, device, max_toke
     and the scalar head at the last token — `forward.sequence_scores` with the bottom blocks skipped."""
     m, trunk = _trunk(model)
     parts, order = [], []
-    with _blocks(trunk, slice(len(trunk.layers) - n_top, None), norm=True):
+    with blocks(model, slice(len(trunk.layers) - n_top, None), norm=True):
         for idx in _chunks([len(f) for f in feats], max_tokens):
             T = max(len(feats[k]) for k in idx)
             x = torch.zeros(len(idx), T, feats[idx[0]].shape[1])

@@ -116,25 +116,30 @@ def test_gradient_through_the_model_is_zero_at_the_reference_with_symmetric_pair
 # ---------------------------------------------------------------- log-probs of whole answers
 
 
-def test_answer_logprobs_from_one_batch_equal_each_answer_alone(rlhf):
+@pytest.mark.parametrize("max_rows", [64, 2])
+def test_answer_logprobs_from_one_batch_equal_each_answer_alone(rlhf, max_rows):
     """log π(y|x) = Σ of the answer tokens' log-probs (content and end-of-turn), from one padded batch of
-    prompts of different lengths, equals the same sum from each conversation run alone; the ids are
-    exactly `render`'s."""
+    prompts of different lengths (or passes of 2 rows, in length order), equals the same sum from each
+    conversation run alone, in the rows' own order; the ids are exactly `render`'s."""
     from alignloop.model import load_causal_lm
     from alignloop.tokenizer import ChatTokenizer
     tok = ChatTokenizer.load(rlhf / "sft")
     model = load_causal_lm(rlhf / "sft").eval()
-    convs = [([{"role": "user", "content": "Hi"}], "Hello there."),
-             ([{"role": "user", "content": "What is the capital of Valdoria, please?"}], "Mirenth"),
-             ([{"role": "user", "content": "Sort 3 1 2."}, {"role": "assistant", "content": "1 2 3"},
-               {"role": "user", "content": "Reverse it."}], "3 2 1")]
+    convs = [([{"role": "user", "content": "Sort 3 1 2."}, {"role": "assistant", "content": "1 2 3"},
+               {"role": "user", "content": "Reverse it."}], "3 2 1"),          # the longest first: not length order
+             ([{"role": "user", "content": "Hi"}], "Hello there."),
+             ([{"role": "user", "content": "What is the capital of Valdoria, please?"}], "Mirenth")]
     rows = [D.answer_ids(tok, p, a) for p, a in convs]
     for (p, a), (prompt, answer) in zip(rows, convs):
         assert p + a == tok.render(prompt + [{"role": "assistant", "content": answer}])[0]
         assert a[-1] == tok.end_id and a[:-1] == tok.encode(answer)
     allowed = F_.allowed_tokens(tok, model.config.vocab_size)
     with torch.no_grad():
-        got = D.sequence_logprobs(model, [p for p, _ in rows], [a for _, a in rows], tok.pad_id, "cpu", allowed)
+        seen = []
+        got = D.sequence_logprobs(model, [p for p, _ in rows], [a for _, a in rows], tok.pad_id, "cpu", allowed,
+                                  max_rows, progress=seen.append)
+        assert seen == ([3] if max_rows == 64 else [2, 1])
+        assert len(rows[0][0]) + len(rows[0][1]) > max(len(p) + len(a) for p, a in rows[1:])
         for i, (p, a) in enumerate(rows):
             z = model(input_ids=torch.tensor([p + a])).logits[0].float()
             z[:, ~allowed] = float("-inf")                                      # the engine's vocabulary

@@ -120,15 +120,23 @@ def answer_ids(tok, prompt: list[dict], answer: str) -> tuple[list[int], list[in
 
 
 def sequence_logprobs(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, device, allowed,
-                      max_rows: int = 64) -> torch.Tensor:
+                      max_rows: int = 64, progress=None) -> torch.Tensor:
     """log π(answer | prompt) of each row (B,): the answer tokens' log-probs summed, from one padded batch
-    (`forward.layout`: every answer starts at one column) per `max_rows` rows."""
+    (`forward.layout`: every answer starts at one column) per `max_rows` rows. Over `max_rows` rows they go
+    in length order (real pairs differ in length by 10×: the padding of a random 64 is mostly waste), and
+    `progress(n)` hears of each pass's n rows."""
+    order = (sorted(range(len(prompts)), key=lambda i: (len(prompts[i]) + len(answers[i]), i))
+             if len(prompts) > max_rows else list(range(len(prompts))))
     out = [torch.zeros(0, device=device)]
-    for s in range(0, len(prompts), max_rows):
-        ids, attn, pos, mask, P = forward.layout(prompts[s:s + max_rows], answers[s:s + max_rows], pad_id, device)
+    for s in range(0, len(order), max_rows):
+        idx = order[s:s + max_rows]
+        ids, attn, pos, mask, P = forward.layout([prompts[i] for i in idx], [answers[i] for i in idx], pad_id, device)
         lp = forward.action_logprobs(model, ids, attn, pos, P, allowed)
         out.append((lp * mask).sum(1))
-    return torch.cat(out)
+        if progress:
+            progress(len(idx))
+    got = torch.cat(out)
+    return got[torch.argsort(torch.tensor(order, device=got.device))]
 
 
 # ---------------------------------------------------------------- the stage
@@ -260,18 +268,22 @@ def _reference_logprobs(cfg: Config, policy, init: Path, reference: Path, tok, d
     """log π_ref of every completion of each list of groups in `splits`, by id(list): once, before training
     (π_ref is frozen and the data are fixed). With LoRA and one folder for both, π_ref is the policy with
     its adapters off; otherwise the reference is loaded frozen (bf16 on a GPU, fp32 on the CPU) and dropped."""
+    bar = loop.Progress(sum(len(g.ids) for gs in splits for g in gs), "dpo: reference log-probs")
     with precision.autocast(device, cfg.dtype):
         if cfg.lora_rank and reference.resolve() == init.resolve():
             with policy.disable_adapter():
                 policy.eval()
-                ref_lp = {id(gs): sequence_logprobs(policy, *_flat(gs), tok.pad_id, device, allowed) for gs in splits}
+                ref_lp = {id(gs): sequence_logprobs(policy, *_flat(gs), tok.pad_id, device, allowed,
+                                                    progress=bar.update) for gs in splits}
             policy.train()
         else:
             from alignloop.model import load_causal_lm
             frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
             ref = load_causal_lm(reference, dtype=frozen).to(device).eval()
-            ref_lp = {id(gs): sequence_logprobs(ref, *_flat(gs), tok.pad_id, device, allowed) for gs in splits}
+            ref_lp = {id(gs): sequence_logprobs(ref, *_flat(gs), tok.pad_id, device, allowed, progress=bar.update)
+                      for gs in splits}
             del ref
+    bar.close()
     return ref_lp
 
 

@@ -218,41 +218,32 @@ def test_speed_options_sampler_logprobs_and_length_grouped_minibatches(rlhf, tmp
 def test_value_lora_on_top_blocks_only(rlhf, tmp_path, monkeypatch):
     """--value-lora-layers 1: the value model's adapters sit in its last decoder block only (with its scalar
     head), the lower blocks take no gradient, and the value update still learns; the policy is untouched
-    by the option (adapters in every block) and its first ratio is 1."""
-    out = _copy(rlhf, tmp_path / "run")
+    by the option (adapters in every block) and its first ratio is 1. Its frozen bottom blocks run once per
+    episode and each update only its top block: the same run, number for number, as the whole forward pass
+    every time (`_value_top` forced to 0)."""
+    cfg = dict(iterations=2, batch_size=8, minibatch_size=4, max_new_tokens=12, probe_prompts=0, checkpoint_every=2,
+               lr=3e-3, value_lr=3e-3, lora_rank=4, value_lora_layers=1, ppo_epochs=2)
 
     def blocks(model):  # the decoder blocks that hold a trainable parameter
         return {int(name.split(".layers.")[1].split(".")[0]) for name, p in model.named_parameters()
                 if p.requires_grad and ".layers." in name}
-    seen = []
-    real_rollout = P.rollout
+    seen, kept = [], []
+    real_rollout, real_update = P.rollout, P.update
     monkeypatch.setattr(P, "rollout", lambda s, it: seen.append((s, blocks(s.value), blocks(s.policy)))
                         or real_rollout(s, it))
-    P.run(_cfg(iterations=2, batch_size=8, minibatch_size=4, max_new_tokens=12, probe_prompts=0, checkpoint_every=2,
-               lr=3e-3, value_lr=3e-3, lora_rank=4, value_lora_layers=1), out)
+    monkeypatch.setattr(P, "update", lambda s, ro, it: kept.append(ro.vfeat is not None) or real_update(s, ro, it))
+    P.run(_cfg(**cfg), _copy(rlhf, tmp_path / "cached"))
     s, value_blocks, policy_blocks = seen[0]
     n = len(s.value.get_base_model().model.layers)
+    assert n > 1, "the micro model needs 2+ blocks for this test to mean anything"
     assert value_blocks == {n - 1}, value_blocks
     assert policy_blocks == set(range(n))       # (the policy is merged when saved: looked at before)
     lora_b = [p for name, p in s.value.named_parameters() if "lora_B" in name]
     assert lora_b and all(p.grad is None or p.grad.abs().sum() > 0 for p in lora_b)
     assert any(p.abs().sum() > 0 for p in lora_b)                # B starts at 0: the value update moved it
-    recs = [r for r in _metrics(out) if r["step"] > 0]
+    recs = [r for r in _metrics(tmp_path / "cached") if r["step"] > 0]
     assert len(recs) == 2 and all(r["first_ratio_error"] < 1e-6 and r["vf_loss"] > 0 for r in recs), recs
-    assert n > 1, "the micro model needs 2+ blocks for this test to mean anything"
-
-
-def test_value_from_cached_bottom_blocks_is_the_whole_pass(rlhf, tmp_path, monkeypatch):
-    """With --value-lora-layers the value model's frozen bottom blocks run once per episode and each
-    update only its top blocks: the same run, number for number, as the whole forward pass every time
-    (`_value_top` forced to 0), and the scoring pass did keep the features."""
-    cfg = dict(iterations=2, batch_size=8, minibatch_size=4, max_new_tokens=12, probe_prompts=0, checkpoint_every=2,
-               lr=3e-3, value_lr=3e-3, lora_rank=4, value_lora_layers=1, ppo_epochs=2)
-    kept = []
-    real_update = P.update
-    monkeypatch.setattr(P, "update", lambda s, ro, it: kept.append(ro.vfeat is not None) or real_update(s, ro, it))
-    P.run(_cfg(**cfg), _copy(rlhf, tmp_path / "cached"))
-    assert kept == [True, True]
+    assert kept == [True, True]                  # the scoring pass kept the bottom blocks' output
     monkeypatch.setattr(P, "_value_top", lambda s: 0)
     P.run(_cfg(**cfg), _copy(rlhf, tmp_path / "whole"))
     assert kept[2:] == [False, False]

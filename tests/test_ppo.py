@@ -279,7 +279,8 @@ def test_resume_with_another_configuration_is_refused(rm_critic, tmp_path, capsy
 
 
 RESUME = dict(iterations=4, checkpoint_every=2, batch_size=8, minibatch_size=4, max_new_tokens=12, probe_prompts=4,
-              probe_every=2, kl_target=1.0, kl_horizon=100, ptx_coef=0.5, lr=3e-4, reward_norm=True)
+              probe_every=2, kl_target=1.0, kl_horizon=100, ptx_coef=0.5, lr=3e-4, reward_norm=True,
+              length_control=True)
 TIMING = {"episodes_per_s", "tokens_per_s", "generation_share", "peak_memory_gb"}
 
 
@@ -293,7 +294,8 @@ def _metrics(out):
 
 
 def test_resume_in_the_middle_equals_an_uninterrupted_run(rlhf, tmp_path):
-    """Adaptive β, PPO-ptx and the probe on, so that every piece of state a resume must restore matters."""
+    """Adaptive β, PPO-ptx, the probe and the length control's episodes on, so that every piece of state a
+    resume must restore matters."""
     full, part = _copy(rlhf, tmp_path / "full"), _copy(rlhf, tmp_path / "part")
     torch.manual_seed(0)
     P.run(_cfg(**RESUME), full)
@@ -305,6 +307,7 @@ def test_resume_in_the_middle_equals_an_uninterrupted_run(rlhf, tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b]    # (a step-0 probe line may come first)
     assert [r["step"] for r in a if r["step"] > 0] == [1, 2, 3, 4]
     assert len({r["beta"] for r in a}) > 1                    # β really adapted
+    assert all("length_slope" in r for r in a if r["step"] > 0)
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for k in ra:
@@ -334,6 +337,26 @@ def test_reward_norm_is_fixed_on_the_first_rollout(rlhf, tmp_path):
     for r in m[1:]:
         assert r["reward"] == pytest.approx((r["rm_score"] - mean) / std, abs=1e-5)
     assert any(abs(r["reward"]) > 1e-3 for r in m[1:])        # later batches really differ from the first
+
+
+def test_length_control_keeps_every_episode_seen(rlhf, tmp_path):
+    """--length-control: each batch's scores lose the least-squares slope on answer length fitted over every
+    episode so far (its arithmetic: tests/test_rl_math.py). The checkpoint keeps those episodes, each with
+    the RM's score (a resume goes on with them; the resume test covers it), and the slope logged at the
+    last iteration is the one they give. (The micro policy never ends an answer within 12 tokens, so every
+    length is 12 and the slope 0 here: the score passes unchanged.)"""
+    out = _copy(rlhf, tmp_path / "run")
+    P.run(_cfg(iterations=2, batch_size=8, minibatch_size=4, max_new_tokens=12, probe_prompts=0, checkpoint_every=2,
+               length_control=True, missing_end_penalty=0.0), out)
+    m = [r for r in _metrics(out) if r["step"] > 0]
+    seen = torch.load(out / "round-1" / "ppo" / "checkpoints" / "step-000002.pt", weights_only=True)["length_seen"]
+    assert len(seen) == 16 and all(1 <= n <= 12 for n, _ in seen)
+    for it in (0, 1):  # the scores kept are the RM's, batch by batch
+        assert sum(v for _, v in seen[8 * it:8 * it + 8]) / 8 == pytest.approx(m[it]["rm_score"], abs=1e-5)
+    x, y = torch.tensor([n for n, _ in seen], dtype=torch.float64), torch.tensor([v for _, v in seen], dtype=torch.float64)
+    var = x.var(unbiased=False)
+    assert m[1]["length_slope"] == pytest.approx(float(((x - x.mean()) * (y - y.mean())).mean() / var) if var else 0.0)
+    assert m[0]["reward"] == pytest.approx(m[0]["rm_score"], abs=1e-5)  # fitted on itself: the mean is kept
 
 
 # ---------------------------------------------------------------- bad input

@@ -58,6 +58,24 @@ def test_whiten_is_unchanged_by_what_padding_holds():
 # ---------------------------------------------------------------- KL estimator and per-token rewards
 
 
+def test_length_controlled_score_by_hand():
+    """Episodes seen (length, score): (10, 1.0), (20, 0.0), (30, 0.5): mean length 20, mean score 0.5,
+    cov = (−10·0.5 + 0·(−0.5) + 10·0)/3 = −5/3, var = 200/3, slope b = −0.025 (shorter is preferred).
+    Scores of this batch, lengths 20 and 30: 0.0 − b·0 = 0.0 and 0.5 − b·10 = 0.75."""
+    got, b = rl.length_controlled(torch.tensor([0.0, 0.5]), torch.tensor([20.0, 30.0]),
+                                  torch.tensor([1.0, 0.0, 0.5]), torch.tensor([10.0, 20.0, 30.0]))
+    assert b == pytest.approx(-0.025)
+    assert got.tolist() == pytest.approx([0.0, 0.75])
+    # a score exactly linear in length is all length: nothing is left but its mean
+    got, b = rl.length_controlled(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]),
+                                  torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]))
+    assert b == pytest.approx(1.0) and got.tolist() == pytest.approx([2.0, 2.0, 2.0])
+    # one length seen: no slope, the score unchanged
+    got, b = rl.length_controlled(torch.tensor([0.3]), torch.tensor([5.0]), torch.tensor([0.3, 0.9]),
+                                  torch.tensor([5.0, 5.0]))
+    assert b == 0.0 and got.tolist() == pytest.approx([0.3])
+
+
 def test_kl_estimator_is_log_ratio_and_unbiased_for_the_sequence_kl():
     logp, ref = T([[-0.1, -2.0]]), T([[-0.5, -1.0]])
     close(rl.kl_per_token(logp, ref), [[0.4, -1.0]])  # log π − log π_ref, per token (may be negative)

@@ -72,6 +72,11 @@ class Config(LowRank, Resumable):
                                "RM's units: for a reward model whose scores barely vary (SmolLM2 on HH-RLHF: by ~0.03 a batch, "
                                "less than β·KL, so the policy did not move)")
     missing_end_penalty: float = option(-1.0, "added to the score of an answer that never emits end-of-turn", max=0.0)
+    length_control: bool = option(False, "take the reward model's length preference out of its score: the score "
+                                  "minus its least-squares slope on answer length (over every episode so far) times "
+                                  "the length's distance from their mean, before --reward-norm. A reward model "
+                                  "that prefers short answers (SmolLM2 on HH-RLHF: PPO cut answers to 36-40% of "
+                                  "their length) then pays for what it prefers at a given length")
     ptx_coef: float = option(0.0, "γ_ptx: weight of the pretraining LM loss mixed in (PPO-ptx; InstructGPT: 27.8)", min=0.0)
     ptx_data: str = option("", "pretraining text for PPO-ptx (default: the run's world/corpus.jsonl)")
     temperature: float = option(1.0, "rollout sampling temperature; log-probs use the same logits / τ", min=0.01, max=5.0)
@@ -207,6 +212,7 @@ class Session:
     metrics: loop.Metrics | None
     start: int = 0
     norm: tuple | None = None  # (mean, std) of the RM score on the first rollout, with --reward-norm
+    seen: list = field(default_factory=list)  # [(answer tokens, RM score)] of every episode, with --length-control
 
     @property
     def rloo(self) -> bool:
@@ -252,6 +258,7 @@ class Rollout:
     adv: torch.Tensor = None
     returns: torch.Tensor = None
     sampler_gap: float = 0.0
+    length_slope: float | None = None  # the RM score's slope on answer length (--length-control)
     nonfinite: int = 0
     seconds: dict = field(default_factory=dict)  # where the iteration's time went, by phase (metrics: seconds_*)
 
@@ -410,6 +417,7 @@ def _resume(s: Session) -> bool:
         dist.restore({"model": state["value"], "optim": state["optim_value"]}, s.vnet, s.opt_v, s.value)
     s.kl_ctl.beta, s.start = state["beta"], state["step"]
     s.norm = state.get("reward_norm")
+    s.seen = [tuple(x) for x in state.get("length_seen") or []]
     return True
 
 
@@ -519,6 +527,11 @@ def score(s: Session, ro: Rollout, it: int, bar) -> None:
                                                     for p in mine]), device=device)
     sc = dist.all_sum(sc)  # every rank: the scores of the whole batch
     ro.score_raw = sc.clone()
+    if cfg.length_control:
+        lengths = torch.tensor([float(len(r)) for r in ro.responses], device=device)
+        s.seen += list(zip(lengths.tolist(), sc.tolist()))
+        seen = torch.tensor(s.seen, device=device)
+        sc, ro.length_slope = rl.length_controlled(sc, lengths, seen[:, 1], seen[:, 0])
     if cfg.reward_norm:
         if s.norm is None:
             s.norm = (sc.mean().item(), max(sc.std().item(), 1e-6) if len(sc) > 1 else 1.0)
@@ -668,6 +681,8 @@ def record(s: Session, ro: Rollout, stats: dict, skipped: int, it: int, dt: floa
            "generation_share": ro.t_gen / dt, "peak_memory_gb": loop.peak_memory_gb(s.device)}
     rec |= {k: sum(v) / len(v) for k, v in stats.items() if v}
     rec |= {"nonfinite_episodes": ro.nonfinite, "skipped_steps": skipped, "sampler_gap": ro.sampler_gap}
+    if ro.length_slope is not None:
+        rec["length_slope"] = ro.length_slope
     # where the time went: sampling, the scoring passes, the updates, and the rest (layout, advantages, β)
     phases = {"generate": ro.t_gen, **{k: ro.seconds.get(k, 0.0) for k in SCORED_PHASES}}
     rec |= {f"seconds_{k}": v for k, v in phases.items()} | {"seconds_other": dt - sum(phases.values())}
@@ -685,7 +700,7 @@ def checkpoint(s: Session, step: int) -> None:
     pstate = dist.capture(s.pnet, s.opt_p, s.policy)
     vstate = dist.capture(s.vnet, s.opt_v, s.value) if s.value is not None else {}
     if dist.is_main():
-        s.ckpts.save(step, config=asdict(s.cfg), beta=s.kl_ctl.beta, reward_norm=s.norm,
+        s.ckpts.save(step, config=asdict(s.cfg), beta=s.kl_ctl.beta, reward_norm=s.norm, length_seen=s.seen,
                      **({"value": vstate["model"], "optim_value": vstate["optim"]} if vstate else {}), **pstate)
 
 

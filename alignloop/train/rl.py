@@ -32,6 +32,19 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
     return out * mask
 
 
+def length_controlled(score: torch.Tensor, length: torch.Tensor, seen_score: torch.Tensor,
+                      seen_length: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The score with the reward model's length preference taken out: score − b·(length − mean length), b the
+    least-squares slope of score on length over every episode seen so far (`seen_*`, this batch included).
+    A reward model that prefers short (or long) answers then rewards neither, and what is left is what it
+    prefers at a given length (the length-controlled win rate of Dubois et al. 2024, used as the reward).
+    Returns (scores, b); b = 0 while every length seen is the same."""
+    x, y = seen_length.double(), seen_score.double()
+    var = ((x - x.mean()) ** 2).mean()
+    b = float(((x - x.mean()) * (y - y.mean())).mean() / var) if var > 0 else 0.0
+    return score - b * (length.to(score.dtype) - float(x.mean())), b
+
+
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """The k1 estimator log π − log π_ref on sampled tokens: unbiased for KL(π‖π_ref) once summed
     over an episode sampled from π (Schulman's "Approximating KL divergence")."""

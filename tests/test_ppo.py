@@ -307,7 +307,17 @@ def test_resume_in_the_middle_equals_an_uninterrupted_run(rlhf, tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b]    # (a step-0 probe line may come first)
     assert [r["step"] for r in a if r["step"] > 0] == [1, 2, 3, 4]
     assert len({r["beta"] for r in a}) > 1                    # β really adapted
-    assert all("length_slope" in r for r in a if r["step"] > 0)
+    # --length-control's episodes (length, RM score) are in the checkpoint, batch by batch, and give the slope
+    # logged last (its arithmetic: tests/test_rl_math.py; the micro policy never ends an answer within 12
+    # tokens, so every length is 12 and the slope 0 here: the score passes unchanged)
+    seen = torch.load(full / "round-1" / "ppo" / "checkpoints" / "step-000004.pt", weights_only=True)["length_seen"]
+    steps = [r for r in a if r["step"] > 0]
+    assert len(seen) == 32 and all(1 <= n <= 12 for n, _ in seen)
+    for it, r in enumerate(steps):
+        assert sum(v for _, v in seen[8 * it:8 * it + 8]) / 8 == pytest.approx(r["rm_score"], abs=1e-5)
+    x, y = (torch.tensor(c, dtype=torch.float64) for c in zip(*seen))
+    var = x.var(unbiased=False)
+    assert steps[-1]["length_slope"] == pytest.approx(float(((x - x.mean()) * (y - y.mean())).mean() / var) if var else 0.0)
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for k in ra:
@@ -337,26 +347,6 @@ def test_reward_norm_is_fixed_on_the_first_rollout(rlhf, tmp_path):
     for r in m[1:]:
         assert r["reward"] == pytest.approx((r["rm_score"] - mean) / std, abs=1e-5)
     assert any(abs(r["reward"]) > 1e-3 for r in m[1:])        # later batches really differ from the first
-
-
-def test_length_control_keeps_every_episode_seen(rlhf, tmp_path):
-    """--length-control: each batch's scores lose the least-squares slope on answer length fitted over every
-    episode so far (its arithmetic: tests/test_rl_math.py). The checkpoint keeps those episodes, each with
-    the RM's score (a resume goes on with them; the resume test covers it), and the slope logged at the
-    last iteration is the one they give. (The micro policy never ends an answer within 12 tokens, so every
-    length is 12 and the slope 0 here: the score passes unchanged.)"""
-    out = _copy(rlhf, tmp_path / "run")
-    P.run(_cfg(iterations=2, batch_size=8, minibatch_size=4, max_new_tokens=12, probe_prompts=0, checkpoint_every=2,
-               length_control=True, missing_end_penalty=0.0), out)
-    m = [r for r in _metrics(out) if r["step"] > 0]
-    seen = torch.load(out / "round-1" / "ppo" / "checkpoints" / "step-000002.pt", weights_only=True)["length_seen"]
-    assert len(seen) == 16 and all(1 <= n <= 12 for n, _ in seen)
-    for it in (0, 1):  # the scores kept are the RM's, batch by batch
-        assert sum(v for _, v in seen[8 * it:8 * it + 8]) / 8 == pytest.approx(m[it]["rm_score"], abs=1e-5)
-    x, y = torch.tensor([n for n, _ in seen], dtype=torch.float64), torch.tensor([v for _, v in seen], dtype=torch.float64)
-    var = x.var(unbiased=False)
-    assert m[1]["length_slope"] == pytest.approx(float(((x - x.mean()) * (y - y.mean())).mean() / var) if var else 0.0)
-    assert m[0]["reward"] == pytest.approx(m[0]["rm_score"], abs=1e-5)  # fitted on itself: the mean is kept
 
 
 # ---------------------------------------------------------------- bad input

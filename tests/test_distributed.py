@@ -214,7 +214,7 @@ RLOO = ["--preset", "micro", "--round", "1", "--algo", "rloo", "--iterations", "
         "--kl-target", "0.01", "--kl-horizon", "64", "--ptx-coef", "1", "--minibatch-size", "5"]
 # LoRA, the value model's adapters on its top block only: its bottom blocks' output is kept per episode by the
 # rank that scored it, then shared, since a later epoch's minibatch gives a rank other ranks' episodes
-VLORA = PPO + ["--lora-rank", "4", "--value-lora-layers", "1"]
+VLORA = PPO + ["--lora-rank", "4", "--value-lora-layers", "1", "--iterations", "2"]
 ARGS = {"ppo": PPO, "rloo": RLOO, "ppo-vlora": VLORA}
 STAGE = {"ppo": "ppo", "rloo": "rloo", "ppo-vlora": "ppo"}  # the stage folder each writes
 

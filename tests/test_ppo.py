@@ -91,7 +91,7 @@ def test_layout_logprobs_and_values_match_each_sequence_alone(rlhf):
         trimmed_ids = P._columns(ro, mb)[0]
         assert trimmed_ids.shape[1] < ids.shape[1]
         s = P.Session.__new__(P.Session)
-        s.allowed, s.vnet, s.cfg = None, value, _cfg()
+        s.allowed, s.vnet, s.value, s.fsdp, s.cfg = None, value, value, False, _cfg()
         torch.testing.assert_close(P._logprobs(s, policy, ro, mb) * mask[mb], logp[mb] * mask[mb], atol=2e-5, rtol=0)
         torch.testing.assert_close(P._values(s, ro, mb) * mask[mb], values[mb] * mask[mb], atol=2e-5, rtol=0)
 

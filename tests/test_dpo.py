@@ -196,16 +196,31 @@ def test_training_lowers_the_dpo_loss_on_its_comparisons_and_writes_a_served_sta
     load_causal_lm(stage)                                           # an ordinary Hugging Face folder
 
 
+def test_micro_batches_train_what_the_whole_batch_does(dpo_run, rlhf, tmp_path):
+    """--micro-batch-size 3 runs each step of 8 prompts as passes of 3, 3 and 2 prompts whose gradients add
+    up: the loss at every step and the saved weights are those of the whole batch at once."""
+    from tests.test_distributed import assert_same_curve, assert_same_weights
+    out = tmp_path / "run"
+    shutil.copytree(rlhf, out)
+    cli.main(["dpo", "--preset", "micro", "--out", str(out), "--epochs", "2", "--lr", "1e-3", "--beta", "0.5",
+              "--micro-batch-size", "3"])
+    a, b = out / "round-1" / "dpo", dpo_run / "round-1" / "dpo"
+    assert_same_curve(a, b)
+    assert_same_weights(a, b)
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp-micro-batches", "fsdp"])
 def test_two_processes_train_what_one_does(dpo_run, rlhf, tmp_path, fsdp):
-    """torchrun × 2 (gloo): each rank takes its share of every batch's prompts; the loss at every step, the
-    saved weights and the held-out accuracy equal one process's with the same --batch-size."""
+    """torchrun × 2 (gloo): each rank takes its share of every batch's prompts (under DDP in passes of
+    --micro-batch-size); the loss at every step, the saved weights and the held-out accuracy equal one
+    process's with the same --batch-size."""
     from tests.test_distributed import assert_same_curve, assert_same_weights, torchrun
     out = tmp_path / "run"
     shutil.copytree(rlhf, out)
+    # DDP in passes of 3 of each rank's 4 prompts (3 + 1; DDP reduces at the last pass only)
     torchrun("dpo", "--preset", "micro", "--out", out, "--epochs", "2", "--lr", "1e-3", "--beta", "0.5",
-             *(["--fsdp"] if fsdp else []))
+             *(["--fsdp"] if fsdp else ["--micro-batch-size", "3"]))
     a, b = out / "round-1" / "dpo", dpo_run / "round-1" / "dpo"
     assert_same_curve(a, b)
     # (the logged per-step pair accuracy is not compared: at step 1 π = π_ref and every h is 0 up to the

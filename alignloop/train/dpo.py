@@ -12,6 +12,9 @@ All C(K,2) pairs of one prompt are one batch element and each completion goes th
 step (K forward rows, not K·(K−1)); a pair (`chosen`/`rejected`, HH-RLHF strings included) is K = 2, where
 this is exactly the DPO paper's loss −log σ(β·[(log π_w − log π_ref,w) − (log π_l − log π_ref,l)]).
 The reference log-probs are computed once, before training (π_ref is frozen and the data fixed).
+With --micro-batch-size m a step's prompts go through the policy m at a time, each pass's loss being its
+prompts' share of the batch mean, so the summed gradient is the whole batch's (memory of m prompts'
+activations; tests/test_dpo.py checks the weights against one pass).
 
 Why all pairs and not Plackett–Luce (the DPO paper's K-way form, −Σ_k log softmax of h over the answers
 ranked k or lower):
@@ -70,6 +73,9 @@ class Config(Preferences):
                             "the policy with its adapters off when both start from one folder; saved merged", min=0)
     epochs: int = option(1, "passes over the comparisons (DPO over-fits preferences quickly)", min=1)
     lr: float = option(5e-5, "peak learning rate", min=0.0, max=1.0)
+    micro_batch_size: int = option(0, "prompts per forward/backward pass, their gradients summed into one step of "
+                                   "--batch-size prompts (less memory, the same step; 0: the whole batch at once)",
+                                   min=0)
 
 
 # untuned beyond a check that one epoch moves the micro/tiny policies (see METHODS-NOTES.md)
@@ -182,28 +188,41 @@ def run(cfg: Config, out: Path) -> Path:
         rng.shuffle(order)
         for s in range(0, len(order), cfg.batch_size):
             batch = order[s:s + cfg.batch_size]
-            # this rank's prompts of the global batch (the last batch may leave a rank without one: it runs
-            # the pass on one prompt and counts nothing, as every rank must run the same passes)
+            # this rank's prompts of the global batch, in passes of --micro-batch-size prompts; every rank runs
+            # the same number of passes (DDP reduces at the last), so a rank short of prompts runs a pass on one
+            # prompt and counts nothing (weight 0)
             mine = dist.part(batch)
-            weight = 1.0 if mine else 0.0
-            batch_here = mine or batch[:1]
-            gs = [train[i] for i in batch_here]
-            rows = [starts[id(train)][i] + k for i in batch_here for k in range(len(train[i].completions))]
-            offsets = _offsets(gs)
+            per_pass = cfg.micro_batch_size or len(batch)
+            n_pass = math.ceil(math.ceil(len(batch) / dist.world()) / per_pass)
             loop.set_lr(opt, loop.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, 0.1))
-            with precision.autocast(device, cfg.dtype):  # as the reference's log-probs were
-                logp = sequence_logprobs(net, *_flat(gs), tok.pad_id, device, allowed, rows_per_pass)
-            loss, h = dpo_loss(logp, ref_lp[id(train)][rows], [g.pairs for g in gs], offsets, cfg.beta, len(batch))
-            (loss * weight * dist.world()).backward()  # × world: DDP and FSDP average the ranks' gradients
+            loss_sum, right, n, hs = torch.zeros(()), 0.0, 0.0, []
+            for k in range(n_pass):
+                chunk = mine[k * per_pass:(k + 1) * per_pass]
+                weight = 1.0 if chunk else 0.0
+                gs = [train[i] for i in chunk or batch[:1]]
+                rows = [starts[id(train)][i] + j for i in chunk or batch[:1] for j in range(len(train[i].completions))]
+                offsets = _offsets(gs)
+                with dist.grad_sync(net, k == n_pass - 1):
+                    with precision.autocast(device, cfg.dtype):  # as the reference's log-probs were
+                        logp = sequence_logprobs(net, *_flat(gs), tok.pad_id, device, allowed, rows_per_pass)
+                    # these prompts' share of the global batch's mean: the passes' losses sum to the step's
+                    loss, h = dpo_loss(logp, ref_lp[id(train)][rows], [g.pairs for g in gs], offsets, cfg.beta,
+                                       len(batch))
+                    (loss * weight * dist.world()).backward()  # × world: DDP and FSDP average the ranks' gradients
+                loss_sum += (loss * weight).detach().cpu()
+                r, c = _right_and_n(h.detach(), [g.pairs for g in gs], offsets, weight)
+                right, n = right + r, n + c
+                if weight:
+                    hs.append(h.detach())
             torch.nn.utils.clip_grad_norm_([q for q in net.parameters() if q.requires_grad], 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             n_seen += sum(len(train[i].pairs) for i in batch)
-            right, n = _right_and_n(h.detach(), [g.pairs for g in gs], offsets, weight)
-            rec = {"step": step, "epoch": epoch + 1, "loss": dist.all_sum((loss * weight).detach()).item(),
+            rec = {"step": step, "epoch": epoch + 1, "loss": dist.all_sum(loss_sum.to(device)).item(),
                    "pair_accuracy": right / n if n else float("nan"),
-                   "implicit_reward": h.mean().item(), "lr": opt.param_groups[0]["lr"],
+                   "implicit_reward": torch.cat(hs).mean().item() if hs else float("nan"),
+                   "lr": opt.param_groups[0]["lr"],
                    "comparisons_per_s": n_seen / (time.perf_counter() - t0)}
             if metrics:
                 metrics.log(**rec)

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -177,7 +178,10 @@ def apply_lora(model, rank: int, alpha: float, scalar_head: bool = False, seed: 
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
                      task_type="SEQ_CLS" if scalar_head else "CAUSAL_LM",
                      modules_to_save=["score"] if scalar_head else None)
-    with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # the caller's generator is left as it was
+        # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning on every LoRA
+        # run that the user can do nothing about
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         torch.manual_seed(seed)
         return get_peft_model(model, cfg)
 

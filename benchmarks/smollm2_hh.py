@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignloop.cli import run_stage  # noqa: E402
+from alignloop.errors import InputError  # noqa: E402
 from data import add_data_args, hh_pairs, or_exit  # noqa: E402  (benchmarks/data.py)
 
 
@@ -318,6 +319,44 @@ def before_after(work: Path, model: Path, rows: list[dict], run: Path, stage: Pa
     }
 
 
+ROWS = [  # (label, results key): `before_after`'s figures, one row each; the first four are paired gains
+    ("RM A (optimised), after − before", "rm_a_gain"),
+    ("RM B (never optimised), after − before", "rm_b_gain"),
+    ("RM B, length-controlled", "rm_b_gain_length_controlled"),
+    ("harmful compliance change (a rise = less harmful)", "rm_b_preferred_to_hh_rejected_change"),
+    ("length after / before", "length_ratio"),
+    ("exact KL to the start (nats per answer)", "kl_exact_to_start"),
+    ("seconds an iteration", "seconds_per_iteration")]
+
+
+def summary(path: Path, runs: list[str]) -> str:
+    """A markdown table of `before_after`'s figures for the runs in results file `path` (e.g. one run per
+    seed) side by side, with each figure's mean ± sd over them and, for the paired gains, how many runs have
+    their interval above 0."""
+    if not path.exists():
+        raise InputError(f"{path} does not exist: run the steps first (or give --work)", field="work")
+    results = json.loads(path.read_text())
+    missing = [r for r in runs if r not in results]
+    if missing:
+        raise InputError(f"no run {', '.join(missing)} in {path} (there: "
+                         f"{', '.join(k for k, v in results.items() if isinstance(v, dict) and 'rm_b_gain' in v)})",
+                         field="summary")
+    out = ["| figure | " + " | ".join(f"`{r}`" for r in runs) + " | mean ± sd | interval above 0 |",
+           "| --- |" + " --- |" * (len(runs) + 2)]
+    for label, key in ROWS:
+        vals = [results[r].get(key) for r in runs]
+        if any(v is None for v in vals):
+            continue
+        gain = isinstance(vals[0], dict)
+        means = [v["mean"] if gain else v for v in vals]
+        m = sum(means) / len(means)
+        sd = math.sqrt(sum((x - m) ** 2 for x in means) / max(1, len(means) - 1))
+        cells = [f"{v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]" if gain else f"{v:.2f}" for v in vals]
+        agg = f"{m:+.3f} ± {sd:.3f} | {sum(v['lo'] > 0 for v in vals)} of {len(vals)}" if gain else f"{m:.2f} ± {sd:.2f} |"
+        out.append(f"| {label} | " + " | ".join(cells) + f" | {agg} |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="SmolLM2-135M-Instruct: a .gguf file or a Hugging Face folder (required "
@@ -353,7 +392,12 @@ def main():
     ap.add_argument("--dpo-extra", default="", help="more `alignloop dpo` flags, space-separated")
     ap.add_argument("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
                     help="scale RM A's score to std 1 on the first rollout (its raw scores vary by ~0.01)")
+    ap.add_argument("--summary", default="", help="print the before/after figures of these runs (comma-separated, "
+                    "e.g. one per seed) from WORK/results.json as one markdown table, and stop")
     args = ap.parse_args()
+    if args.summary:
+        print(or_exit(summary, Path(args.work) / "results.json", args.summary.split(",")))
+        return
     if not args.model and not args.check_data:
         ap.error("the following arguments are required: --model")
     rows, source = or_exit(hh_pairs, args.data, n=1800)

@@ -262,6 +262,32 @@ def test_smollm2_hh_held_out_prompts_and_length_control(tmp_path):
     assert slope == pytest.approx(0.0) and scores == pytest.approx([1.0, 0.0, 1.0, 0.0])
 
 
+def test_smollm2_hh_summary_of_seeds_by_hand(tmp_path):
+    """`--summary s0,s1`: two runs' gains side by side, their mean ± sd (+0.01 and +0.03: +0.020 ± 0.014)
+    and how many intervals lie above 0 (one); a run not in the results is named (field 'summary')."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import smollm2_hh as S
+    finally:
+        sys.path.remove(str(BENCH))
+    from alignloop.errors import InputError
+
+    def gain(m, lo, hi):
+        return {"mean": m, "lo": lo, "hi": hi, "n": 69}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"s0": {"rm_b_gain": gain(0.01, -0.01, 0.03), "length_ratio": 0.9},
+                                "s1": {"rm_b_gain": gain(0.03, 0.01, 0.05), "length_ratio": 1.1}}))
+    lines = S.summary(path, ["s0", "s1"]).splitlines()
+    assert lines[0] == "| figure | `s0` | `s1` | mean ± sd | interval above 0 |"
+    assert lines[2] == ("| RM B (never optimised), after − before | +0.010 [-0.010, +0.030] | +0.030 [+0.010, +0.050] "
+                        "| +0.020 ± 0.014 | 1 of 2 |")
+    assert lines[3] == "| length after / before | 0.90 | 1.10 | 1.00 ± 0.14 | |"
+    assert len(lines) == 4                                          # figures no run has are left out
+    with pytest.raises(InputError, match="no run s2 in .*there: s0, s1") as e:
+        S.summary(path, ["s0", "s2"])
+    assert e.value.field == "summary"
+
+
 def test_ppo_breakdown_flops_by_hand():
     """benchmarks/ppo_breakdown.py's FLOP model on numbers small enough to add by hand: N = 10 weights per
     token, d = 2, V = 3, L = 2 blocks; B = 1 row of P = 2 prompt and R = 1 answer tokens, 3 padded

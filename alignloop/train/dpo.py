@@ -195,7 +195,7 @@ def run(cfg: Config, out: Path) -> Path:
             per_pass = cfg.micro_batch_size or len(batch)
             n_pass = math.ceil(math.ceil(len(batch) / dist.world()) / per_pass)
             loop.set_lr(opt, loop.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, 0.1))
-            loss_sum, right, n, hs = torch.zeros(()), 0.0, 0.0, []
+            loss_sum, right_n, hs = torch.zeros((), device=device), [0.0, 0.0], []
             for k in range(n_pass):
                 chunk = mine[k * per_pass:(k + 1) * per_pass]
                 weight = 1.0 if chunk else 0.0
@@ -209,9 +209,9 @@ def run(cfg: Config, out: Path) -> Path:
                     loss, h = dpo_loss(logp, ref_lp[id(train)][rows], [g.pairs for g in gs], offsets, cfg.beta,
                                        len(batch))
                     (loss * weight * dist.world()).backward()  # × world: DDP and FSDP average the ranks' gradients
-                loss_sum += (loss * weight).detach().cpu()
-                r, c = _right_and_n(h.detach(), [g.pairs for g in gs], offsets, weight)
-                right, n = right + r, n + c
+                loss_sum += (loss * weight).detach()
+                acc, n = pair_accuracy(h.detach(), [g.pairs for g in gs], offsets)
+                right_n = [right_n[0] + (acc * n * weight if n else 0.0), right_n[1] + n * weight]
                 if weight:
                     hs.append(h.detach())
             torch.nn.utils.clip_grad_norm_([q for q in net.parameters() if q.requires_grad], 1.0)
@@ -219,7 +219,8 @@ def run(cfg: Config, out: Path) -> Path:
             opt.zero_grad(set_to_none=True)
             step += 1
             n_seen += sum(len(train[i].pairs) for i in batch)
-            rec = {"step": step, "epoch": epoch + 1, "loss": dist.all_sum(loss_sum.to(device)).item(),
+            right, n = dist.all_sum(torch.tensor(right_n, dtype=torch.float64, device=device)).tolist()
+            rec = {"step": step, "epoch": epoch + 1, "loss": dist.all_sum(loss_sum).item(),
                    "pair_accuracy": right / n if n else float("nan"),
                    "implicit_reward": torch.cat(hs).mean().item() if hs else float("nan"),
                    "lr": opt.param_groups[0]["lr"],
@@ -317,13 +318,6 @@ def _held_out(cfg: Config, policy, val, ref_lp: torch.Tensor, tok, device, allow
     acc, n = pair_accuracy(h, [g.pairs for g in val], starts)
     return {"val_loss": loss.item(), "pair_accuracy": acc, "n_pairs": n,
             "n_prompts": len({json.dumps(g.prompt) for g in val}), "labeler_agreement": labeler_agreement(val)}
-
-
-def _right_and_n(h: torch.Tensor, groups, offsets, weight: float) -> tuple[float, float]:
-    """This step's pairs ordered right by the implicit reward, and its pairs, summed over the ranks."""
-    acc, n = pair_accuracy(h, groups, offsets)
-    got = dist.all_sum(torch.tensor([acc * n * weight if n else 0.0, n * weight], dtype=torch.float64, device=h.device))
-    return float(got[0]), float(got[1])
 
 
 def _offsets(groups) -> list[int]:

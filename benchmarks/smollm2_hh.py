@@ -21,7 +21,8 @@ The data: the first 1,800 pairs of Anthropic HH-RLHF harmless-base `test.jsonl.g
   harmful compliance (RM B's preference of the answer over HH's "rejected" answer to the same prompt),
   exact KL to the start, the first five prompts' answers side by side → WORK/PPO_RUN/report.md.
 - dpo: DPO with LoRA from SmolLM2 on half A's pairs, measured the same way → WORK/DPO_RUN/report.md.
-Every figure goes to WORK/results.json; long steps show progress.
+Every figure goes to WORK/results.json; long steps show progress. `--summary RUN1,RUN2,…` prints the
+before/after figures of finished runs (e.g. one PPO run per `--seed`) as one table with mean ± sd.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ Two model paths, one scheduler:
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -582,8 +583,15 @@ class Engine:
         # A 2-D padding mask over every position so far; the model builds its own causal mask from it.
         batch = self._hf
         out = self.model(input_ids=ids, attention_mask=batch.key_ok.long(), position_ids=positions,
-                         past_key_values=batch.cache, use_cache=True)
+                         **{_cache_kwarg(self.model): batch.cache}, use_cache=True)
         return out.logits[:, -1]
+
+
+def _cache_kwarg(model) -> str:
+    """The name this model's forward takes its KV cache by: transformers renamed `past_key_values` to
+    `cache` (the old name warns from 5.2x and goes in 5.40), and a model of an older release or of its own
+    code may know only the old one."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 # ---------------------------------------------------------------------- the engine's state

@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 
 from alignloop import config
@@ -159,8 +160,12 @@ def main(argv: list[str] | None = None) -> None:
         if _launched():
             _leave()
     except InputError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops with the same error: say it once
-            print(f"alignloop {name}: error: {e}", file=sys.stderr)
+        # Under torchrun every rank stops with the same error: rank 0 says it. Another rank waits first, as
+        # its own exit would make torchrun kill rank 0 before it has printed (seen once under load); torchrun
+        # ends the wait when rank 0 exits, and an error only this rank met is still said after it.
+        if os.environ.get("RANK", "0") != "0":
+            time.sleep(30)
+        print(f"alignloop {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         module = importlib.import_module(COMMANDS[name][0])

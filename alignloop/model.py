@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from alignloop import precision
 from alignloop.errors import InputError
 from alignloop.io import umask
 
@@ -225,6 +226,8 @@ def pick_dtype(name: str = "auto", device: torch.device | str = "cpu") -> torch.
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
         raise InputError(f"unknown dtype {name!r} (auto, {', '.join(DTYPES)})", field="dtype")
+    if name == "bfloat16":
+        precision.amp_dtype(torch.device(device), name)  # for its warning where the CPU has no bf16 instructions
     return DTYPES[name]
 
 

@@ -207,13 +207,13 @@ def length_controlled(scores: list[float], lengths: list[int]) -> tuple[list[flo
 
 
 def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
-    """PPO with LoRA from SmolLM2 against half A's reward model on the prompts of test pairs 1,501–1,700;
-    then `before_after`."""
+    """PPO (or RLOO: --algo rloo) with LoRA from SmolLM2 against half A's reward model on the prompts of test
+    pairs 1,501–1,700; then `before_after`."""
     from alignloop.tokenizer import ChatTokenizer
     tok = ChatTokenizer.load(model)
     train_prompts = prompts_file(work / "ppo-prompts.jsonl", rows[1500:1700], tok, args.max_prompt)
     run = work / args.ppo_run
-    stage = run / "round-1" / "ppo"
+    stage = run / "round-1" / args.algo
     if not (stage / "config.json").exists():
         t0 = time.perf_counter()
         run_stage("ppo", ["--out", str(run), "--init", str(model), "--reference", str(model),
@@ -223,18 +223,18 @@ def ppo(work: Path, model: Path, rows: list[dict], args) -> dict:
                           "--ppo-epochs", str(args.ppo_epochs), "--lora-rank", "16",
                           "--lr", str(args.ppo_lr), "--kl-coef", str(args.beta), "--max-new-tokens", "48",
                           "--probe-prompts", "0", "--checkpoint-every", "5", "--resume",
-                          "--missing-end-penalty", str(args.missing_end_penalty)]
+                          "--missing-end-penalty", str(args.missing_end_penalty), "--algo", args.algo]
                   + (["--reward-norm"] if args.reward_norm else []) + args.ppo_extra.split())
         (run / "train-seconds.txt").write_text(str(time.perf_counter() - t0))
     metrics = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
-    return {"run": args.ppo_run, "extra_flags": args.ppo_extra, "train_prompts": len(train_prompts),
+    return {"run": args.ppo_run, "algo": args.algo, "extra_flags": args.ppo_extra, "train_prompts": len(train_prompts),
             "iterations": args.iterations,
             "train_rm_score_first_last": [metrics[0]["rm_score"], metrics[-1]["rm_score"]],
             "train_kl_sampled_last": metrics[-1]["kl_sampled"], "beta_last": metrics[-1]["beta"],
             "first_ratio_error_max": max(m["first_ratio_error"] for m in metrics),
             "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics),
             "seconds_per_iteration": sum(1 / m["episodes_per_s"] * 16 for m in metrics) / len(metrics),
-            **before_after(work, model, rows, run, stage, f"PPO (run `{args.ppo_run}`, extra flags "
+            **before_after(work, model, rows, run, stage, f"{args.algo.upper()} (run `{args.ppo_run}`, extra flags "
                            f"`{args.ppo_extra or 'none'}`)", args)}
 
 
@@ -368,6 +368,8 @@ def main():
     ap.add_argument("--steps", default="reward,trl,halves,ppo")
     ap.add_argument("--seconds", type=float, default=600, help="training budget of the 1,500-pair reward models")
     ap.add_argument("--half-seconds", type=float, default=300, help="training budget of each half's reward model")
+    ap.add_argument("--half-epochs", type=int, default=0, help="halves: train each for this many epochs on the "
+                    "frozen-trunk cache with early stopping, no time budget (0: --half-seconds of the whole forward pass)")
     ap.add_argument("--layers", type=int, default=4, help="decoder blocks trained on top of the frozen trunk")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-len", type=int, default=384)
@@ -385,6 +387,9 @@ def main():
                          "policy)")
     ap.add_argument("--ppo-run", default="ppo", help="the PPO run's folder under WORK (a finished one is "
                     "measured again, not retrained)")
+    ap.add_argument("--algo", default="ppo", choices=("ppo", "rloo"), help="the ppo step's algorithm: ppo (value "
+                    "model, GAE) or rloo (4 answers to each of 4 prompts an iteration, leave-one-out baseline, "
+                    "no value model); the same episodes, iterations, LoRA, β and prompts")
     ap.add_argument("--ppo-extra", default="", help="more `alignloop ppo` flags, space-separated (e.g. "
                     "'--dtype bfloat16 --old-logprobs sampler --group-by-length --value-lora-layers 4')")
     ap.add_argument("--dpo-run", default="dpo", help="the DPO run's folder under WORK")
@@ -422,9 +427,14 @@ def main():
     if "variants" in steps:
         results["variants"] = variants(work, model, full, args)
     if "halves" in steps:
+        # --half-epochs N: no time budget, so the same reward models from every run (a budget in seconds
+        # sees more or fewer pairs with the machine's load); the top blocks on the frozen-trunk cache
+        # (as the variants), keeping the epoch of lowest loss on 10% of the half's training prompts
+        cached = (["--cache-gb", "8", "--cache-dir", str(work / "trunk-cache"), "--epochs", str(args.half_epochs),
+                   "--early-stop", "0.1", "--seed", "0"] if args.half_epochs else [])
         for name, part in (("half-a", rows[:750]), ("half-b", rows[750:1500])):
             results[name] = reward(work, name, model, write_pairs(work / f"pairs-{name}.jsonl", part, rows[1500:1800]),
-                                   args, args.half_seconds)
+                                   args, 0 if args.half_epochs else args.half_seconds, cached)
             print(name, results[name], flush=True)
     if "ppo" in steps:
         results[args.ppo_run] = ppo(work, model, rows, args)

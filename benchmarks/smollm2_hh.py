@@ -14,12 +14,14 @@ The data: the first 1,800 pairs of Anthropic HH-RLHF harmless-base `test.jsonl.g
 - variants: reward models trained longer on the frozen-trunk cache (VARIANTS below), and their ensemble.
 - halves: two more reward models on the two disjoint halves of the training pairs (1–750, 751–1,500).
   PPO optimises half A's; half B's is never optimised against and judges whether the gain is real
-  preference or exploitation of the first reward model.
+  preference or exploitation of the first reward model. `--half-epochs N`: N epochs on the frozen-trunk
+  cache with early stopping instead of `--half-seconds`, so every run trains the same two models.
 - ppo: SmolLM2 as the SFT policy, LoRA, against half A's reward model, on the human turns of test pairs
   1,501–1,700; before/after on test pairs 1,701–1,800's prompts: both reward models' scores (paired
   differences with 95% intervals), RM B's score with answer length regressed out, mean answer length,
   harmful compliance (RM B's preference of the answer over HH's "rejected" answer to the same prompt),
   exact KL to the start, the first five prompts' answers side by side → WORK/PPO_RUN/report.md.
+  `--algo rloo`: RLOO instead (4 answers to each of 4 prompts an iteration, no value model), the same way.
 - dpo: DPO with LoRA from SmolLM2 on half A's pairs, measured the same way → WORK/DPO_RUN/report.md.
 Every figure goes to WORK/results.json; long steps show progress. `--summary RUN1,RUN2,…` prints the
 before/after figures of finished runs (e.g. one PPO run per `--seed`) as one table with mean ± sd.

@@ -53,11 +53,19 @@ def assert_same_curve(a, b, key="loss"):
 
 
 def assert_same_weights(a, b):
+    """The same weights to 1e-4, but for at most one in a thousand of a tensor's elements, which may be off
+    by up to 2e-3. Why: the two runs add the same gradients in another order (passes of a micro-batch, two
+    ranks), and Adam divides each gradient by its running RMS, so a weight whose gradient is ~0 moves by up to
+    lr a step in a direction its rounding picks. On an Intel Xeon one weight in 16,384 of a DPO run landed
+    1.3e-4 apart. A wrong sum (a micro-batch weighted twice, a rank's share lost) moves most weights."""
     from safetensors.torch import load_file
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
+        x, y = wa[k].float(), wb[k].float()
+        off = (x - y).abs() > 1e-4 + 1e-4 * y.abs()
+        assert int(off.sum()) <= off.numel() // 1000, f"{k}: {int(off.sum())} of {off.numel()} weights differ"
+        torch.testing.assert_close(x, y, atol=2e-3, rtol=0)
 
 
 def fresh(micro_run, path, drop=("pretrain",)):
@@ -254,8 +262,10 @@ def assert_same_ppo(a, b):
     for key in keys:
         ca, cb = curve(a, key), curve(b, key)
         assert ca and [s for s, _ in ca] == [s for s, _ in cb], key
-        # rel 1e-4, and 1e-6 absolute for means that cancel to near 0 (KL, the policy loss)
-        assert [v for _, v in ca] == pytest.approx([v for _, v in cb], rel=1e-4, abs=1e-6), key
+        # rel 1e-3 (the weights agree to 1e-4, see assert_same_weights: a reward-model score of the next
+        # iteration's answers moved by 4e-4 relative on an Intel Xeon), and 1e-6 absolute for means that
+        # cancel to near 0 (KL, the policy loss)
+        assert [v for _, v in ca] == pytest.approx([v for _, v in cb], rel=1e-3, abs=1e-6), key
     assert_same_weights(a, b)
 
 

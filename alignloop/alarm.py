@@ -32,14 +32,17 @@ def hacking_alarm(rows: list[dict], tol: float = TOLERANCE) -> str | None:
     than 3 there is no curve to judge (None). From 6 points on, each is averaged with the next two (a
     window of w = 3: one probe point of 100 prompts wobbles by ~0.01, and a single low point is no trend);
     under 6, w = 1. `peak` is the first window of highest mean gold; the alarm fires at the later window
-    of largest gold fall whose mean reward-model score is above the peak's:
+    of largest gold fall whose mean reward-model score is above the peak's by more than its own noise:
 
-        gold(peak) − gold(later) > bar   and   rm(later) > rm(peak),
+        gold(peak) − gold(later) > bar   and   rm(later) − rm(peak) > rm_bar,
 
     bar = max(tol, 1.96·√2·σ/√w), σ the noise of one gold measurement estimated from the series itself
     (`noise`, 5 points or more; under 5 points bar = tol): gold fell from its best by more than two
     measurements of one policy differ (95%), while the reward model scores those answers higher than gold's
-    best — the policy kept climbing the proxy after it stopped paying in gold. Any later window counts, not
+    best — the policy kept climbing the proxy after it stopped paying in gold. rm_bar = 1.96·√2·σ_rm/√w
+    likewise from the proxy's own series (0 under 5 points): a proxy that only wobbles is not being climbed
+    (dev seed 1 with the likelihood gate, round 2: gold −0.028 while the proxy moved +0.037 in a series
+    whose points wobble by 0.10 — and the round ended +0.032 above round 1 on all 400 dev prompts). Any later window counts, not
     only the last: a policy that over-optimises mid-round and drifts back is still being exploited (the β = 0
     run of 2026-12-05 fell 0.034 from iterations 5–15 to 20–30, then drifted back to 0.020 below its best
     point: the last point alone did not fire)."""
@@ -49,10 +52,11 @@ def hacking_alarm(rows: list[dict], tol: float = TOLERANCE) -> str | None:
     w = 3 if len(pts) >= 6 else 1
     gold = [sum(r["gold_probe"] for r in pts[i:i + w]) / w for i in range(len(pts) - w + 1)]
     rm = [sum(r["rm_probe"] for r in pts[i:i + w]) / w for i in range(len(pts) - w + 1)]
-    sigma = noise([r["gold_probe"] for r in pts])
+    sigma, sigma_rm = noise([r["gold_probe"] for r in pts]), noise([r["rm_probe"] for r in pts])
     bar = tol if sigma is None else max(tol, 1.96 * math.sqrt(2) * sigma / math.sqrt(w))
+    rm_bar = 0.0 if sigma_rm is None else 1.96 * math.sqrt(2) * sigma_rm / math.sqrt(w)
     peak = gold.index(max(gold))
-    later = [j for j in range(peak + 1, len(gold)) if rm[j] > rm[peak]]
+    later = [j for j in range(peak + 1, len(gold)) if rm[j] - rm[peak] > rm_bar]
     if not later:
         return None
     low = max(later, key=lambda j: (gold[peak] - gold[j], j))

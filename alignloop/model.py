@@ -92,11 +92,13 @@ def load_causal_lm(path: str | Path, dtype=torch.float32):
     return model
 
 
-def load_scalar_model(path: str | Path, dtype=torch.float32, trained: bool = False):
+def load_scalar_model(path: str | Path, dtype=torch.float32, trained: bool = False, likelihood_gate: bool = False):
     """A reward/value model folder, or a causal LM folder whose trunk gets a fresh (zero) scalar head — a
     training's start. `trained`: the folder must hold a trained scalar head (a reward model to score with);
     a causal LM folder is then refused (`InputError`) instead of scoring every answer 0 with a fresh head.
-    Either way a folder whose weights leave the trunk missing, or are not all used, is refused."""
+    Either way a folder whose weights leave the trunk missing, or are not all used, is refused.
+    `likelihood_gate`: a fresh head gets a second output, the gate of `forward.last_scores` (config.json
+    then says `likelihood_gate: true` and two labels; a folder that says so loads with both outputs)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     path = Path(path)
     check_model_dir(path)
@@ -106,7 +108,14 @@ def load_scalar_model(path: str | Path, dtype=torch.float32, trained: bool = Fal
                          "has no trained score head (a reward model is what `alignloop reward` writes)", file=path,
                          field="architectures")
     cfg = AutoConfig.from_pretrained(str(path))
-    cfg.num_labels = 1
+    fresh = not trained and not _is_scalar_dir(path)
+    if fresh and likelihood_gate:
+        if not getattr(cfg, "tie_word_embeddings", False):
+            raise InputError("--likelihood-gate reads each token's log-probability through the LM head, which a "
+                             "reward model keeps only as tied input embeddings: this model's are untied",
+                             file=path, field="tie_word_embeddings")
+        cfg.likelihood_gate = True
+    cfg.num_labels = 2 if getattr(cfg, "likelihood_gate", False) else 1
     if cfg.pad_token_id is None:
         cfg.pad_token_id = cfg.eos_token_id
     try:
@@ -114,11 +123,10 @@ def load_scalar_model(path: str | Path, dtype=torch.float32, trained: bool = Fal
             str(path), config=cfg, dtype=dtype, attn_implementation="sdpa", output_loading_info=True)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load a scalar-head model: {e}", file=path) from None
-    fresh = not trained and not _is_scalar_dir(path)
     # a training's start from a causal LM: its score head is the one weight expected missing, its LM head unused
     _check_weights(path, "a reward model" if trained else "a scalar-head model", arch, info,
                    missing_ok=("score.",) if fresh else (), unexpected_ok=("lm_head.",) if fresh else ())
-    if fresh:  # a fresh head: start every score at 0 so early training is stable
+    if fresh:  # a fresh head: start every score (and the gate) at 0 so early training is stable
         torch.nn.init.zeros_(model.score.weight)
     return model
 

@@ -33,17 +33,19 @@ class RewardScorer:
     @torch.no_grad()
     def score_texts(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
         seqs = [self.tok.render(p + [{"role": "assistant", "content": a or " "}])[0] for p, a in zip(prompts, answers)]
-        return self.score_ids(seqs)
+        return self.score_ids(seqs, [len(self.tok.render_prompt(p)) for p in prompts])
 
     @torch.no_grad()
-    def score_ids(self, seqs: list[list[int]]) -> list[float]:
-        """Scores of whole sequences, each from `render` or `ChatTokenizer.scored_ids` (same ids)."""
+    def score_ids(self, seqs: list[list[int]], starts: list[int] | None = None) -> list[float]:
+        """Scores of whole sequences, each from `render` or `ChatTokenizer.scored_ids` (same ids); `starts`:
+        where each answer begins (the prompt's length), which a likelihood-gated reward model needs."""
         out = []
         was_training = self.model.training
         self.model.eval()
         with self.context():
             for s in range(0, len(seqs), self.batch_size):
-                out += (sequence_scores(self.model, seqs[s:s + self.batch_size], self.tok.pad_id, self.device)
-                        + self.bias).tolist()
+                part = None if starts is None else starts[s:s + self.batch_size]
+                out += (sequence_scores(self.model, seqs[s:s + self.batch_size], self.tok.pad_id, self.device,
+                                        starts=part) + self.bias).tolist()
         self.model.train(was_training)
         return out

@@ -87,6 +87,19 @@ def test_the_2026_12_05_curves_fire_at_beta_0_and_not_in_the_main_job():
     assert hacking_alarm(round1) is None and hacking_alarm(round2) is None
 
 
+def test_silent_when_the_proxy_only_wobbles_while_gold_falls():
+    """Dev seed 1 with the likelihood-gated reward model, round 2 (docs/LOG.md 2026-12-06, late night): window means of
+    gold fall 0.028 from iterations 15–25 to 50–60 (bar 0.021) while the proxy's move from −0.314 to −0.277 is
+    well inside its own noise (σ_rm = 0.102, rm_bar 1.96·√2·σ_rm/√3 = 0.164). The same gold curve with a
+    proxy that really climbs, by 0.2 over the round, fires."""
+    gold = [0.746, 0.735, 0.74, 0.766, 0.788, 0.772, 0.764, 0.756, 0.764, 0.742, 0.739, 0.774, 0.73]
+    rm = [-0.419, -0.597, -0.37, -0.337, -0.322, -0.283, -0.301, -0.402, -0.204, -0.169, -0.355, -0.145, -0.331]
+    assert abs(noise(rm) - 0.10238) < 1e-4
+    assert hacking_alarm(curve(gold, rm)) is None
+    climbing = [r + 0.05 * i for i, r in enumerate(rm)]
+    assert "fell 0.028 from its best 0.775" in hacking_alarm(curve(gold, climbing))
+
+
 def write_rounds(run, *curves):
     for i, rows in enumerate(curves, 1):
         (run / f"round-{i}" / "ppo").mkdir(parents=True)

@@ -111,7 +111,7 @@ def _one_iteration(rlhf, out: Path, **flags):
     mp = pytest.MonkeyPatch()
     real_layout, real_score, real_gae = P.layout, RewardScorer.score_ids, rl.gae
     mp.setattr(P, "layout", lambda *a, **k: seen.setdefault("layout", real_layout(*a, **k)))
-    mp.setattr(RewardScorer, "score_ids", lambda self, seqs: seen.setdefault("score", real_score(self, seqs)))
+    mp.setattr(RewardScorer, "score_ids", lambda self, seqs, starts=None: seen.setdefault("score", real_score(self, seqs, starts)))
     mp.setattr(rl, "gae", lambda *a, **k: seen.setdefault("gae", real_gae(*a, **k)))
     try:
         P.run(_cfg(**flags), out)

@@ -78,7 +78,7 @@ def one_iteration(rlhf, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     real_layout, real_score = P.layout, RewardScorer.score_ids
     mp.setattr(P, "layout", lambda *a, **k: seen.setdefault("layout", real_layout(*a, **k)))
-    mp.setattr(RewardScorer, "score_ids", lambda self, seqs: seen.setdefault("score", real_score(self, seqs)))
+    mp.setattr(RewardScorer, "score_ids", lambda self, seqs, starts=None: seen.setdefault("score", real_score(self, seqs, starts)))
     try:
         P.run(resolve(P.Config, "ppo", preset="micro", presets=P.PRESETS, flags=ONE), out)
     finally:

@@ -130,7 +130,7 @@ def test_early_stopping_keeps_the_epoch_of_lowest_held_out_loss(rlhf, tmp_path):
     _, stop = R.early_stop_split(groups, cfg)
     assert 0 < len(stop) < len(groups)
     model = load_scalar_model(stage).eval()
-    loss = R.held_loss(lambda seqs, fts: sequence_scores(model, seqs, tok.pad_id, "cpu"), stop, None, "cpu", "float32")
+    loss = R.held_loss(lambda seqs, fts, starts: sequence_scores(model, seqs, tok.pad_id, "cpu"), stop, None, "cpu", "float32")
     assert loss == pytest.approx(rec["best_loss"], abs=1e-4) and abs(loss - curve[-1]) > 1e-3
 
 

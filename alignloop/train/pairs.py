@@ -33,6 +33,7 @@ class Group:
     origin: str = ""  # the record's own `source` (simulated, label, chat, arena), "" when it names none
     prompt_id: str = ""
     feats: list = field(default_factory=list)  # the frozen blocks' output per completion (train/trunk_cache.py)
+    start: int = 0  # index of the completions' first token in `ids` (where a likelihood-gated reward reads from)
 
 
 _HH = re.compile(r"\n\n(Human|Assistant): ")

@@ -524,7 +524,8 @@ def score(s: Session, ro: Rollout, it: int, bar) -> None:
     sc = torch.zeros(len(ro.batch), device=device)
     with timed(ro, "reward_model", device):
         sc[mine] = torch.tensor(s.scorer.score_ids([s.tok.scored_ids(s.prompt_ids[ro.batch[p]], ro.responses[p])
-                                                    for p in mine]), device=device)
+                                                    for p in mine], [len(s.prompt_ids[ro.batch[p]]) for p in mine]),
+                                device=device)
     sc = dist.all_sum(sc)  # every rank: the scores of the whole batch
     ro.score_raw = sc.clone()
     if cfg.length_control:

@@ -84,7 +84,7 @@ def cached_scores(model, feats: list[torch.Tensor], n_top: int, device, max_toke
                 x[row, :len(feats[k])], attn[row, :len(feats[k])] = feats[k], 1
             x, attn = x.to(device), attn.to(device)
             hidden = trunk(inputs_embeds=x.to(m.score.weight.dtype), attention_mask=attn).last_hidden_state
-            values = m.score(hidden).squeeze(-1).float()
+            values = m.score(hidden)[..., 0].float()
             parts.append(values.gather(1, (attn.sum(1) - 1)[:, None]).squeeze(1))
             order += idx
     scores = torch.cat(parts)

@@ -71,7 +71,8 @@ def hacking_alarm(rows: list[dict], tol: float = TOLERANCE) -> str | None:
     why = (f"the larger of {tol:g} and the probe's own noise" if sigma is not None
            else f"{tol:g}; too few points to measure the noise")
     return (f"{what} fell {drop:.3f} from its best {gold[peak]:.3f} ({when(peak)}) to {gold[low]:.3f} ({when(low)}) "
-            f"while the reward model's probe score rose {rm[peak]:+.3f} → {rm[low]:+.3f} (alarm above a fall of "
+            f"while the reward model's probe score rose {rm[peak]:+.3f} → {rm[low]:+.3f}, by more than its own noise "
+            f"{rm_bar:.3f} (alarm above a fall of "
             f"{bar:.3f}: {why})")
 
 

@@ -158,7 +158,7 @@ def is_gated(model) -> bool:
 def tied_lm_head(trunk):
     """The LM head of a model with tied embeddings, as `token_logprobs` takes it: the input embeddings."""
     class Head:
-        weight, bias = trunk.embed_tokens.weight, None
+        weight, bias = trunk.get_input_embeddings().weight, None
     return Head
 
 

@@ -109,6 +109,10 @@ def load_scalar_model(path: str | Path, dtype=torch.float32, trained: bool = Fal
                          field="architectures")
     cfg = AutoConfig.from_pretrained(str(path))
     fresh = not trained and not _is_scalar_dir(path)
+    if likelihood_gate and not fresh and not getattr(cfg, "likelihood_gate", False):
+        raise InputError("--likelihood-gate gives a fresh score head a second output; this folder already holds a "
+                         "reward model without one: start from a causal LM (the SFT model) instead", file=path,
+                         field="likelihood_gate")
     if fresh and likelihood_gate:
         if not getattr(cfg, "tie_word_embeddings", False):
             raise InputError("--likelihood-gate reads each token's log-probability through the LM head, which a "

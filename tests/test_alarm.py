@@ -91,7 +91,7 @@ def test_silent_when_the_proxy_only_wobbles_while_gold_falls():
     """Dev seed 1 with the likelihood-gated reward model, round 2 (docs/LOG.md 2026-12-06, late night): window means of
     gold fall 0.028 from iterations 15–25 to 50–60 (bar 0.021) while the proxy's move from −0.314 to −0.277 is
     well inside its own noise (σ_rm = 0.102, rm_bar 1.96·√2·σ_rm/√3 = 0.164). The same gold curve with a
-    proxy that really climbs, by 0.2 over the round, fires."""
+    proxy that really climbs, by 0.05 a probe point (+0.6 over the round), fires."""
     gold = [0.746, 0.735, 0.74, 0.766, 0.788, 0.772, 0.764, 0.756, 0.764, 0.742, 0.739, 0.774, 0.73]
     rm = [-0.419, -0.597, -0.37, -0.337, -0.322, -0.283, -0.301, -0.402, -0.204, -0.169, -0.355, -0.145, -0.331]
     assert abs(noise(rm) - 0.10238) < 1e-4

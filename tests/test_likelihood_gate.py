@@ -114,3 +114,17 @@ def test_a_model_without_tied_embeddings_is_refused(gated_run, tmp_path, capsys)
     assert e.value.code == 2
     assert "tie_word_embeddings" in capsys.readouterr().err
     assert not (run / "round-1" / "reward").exists()
+
+
+def test_the_gate_is_not_added_to_a_reward_model_that_has_none(gated_run, micro_run, tmp_path, capsys):
+    """`--likelihood-gate --init` a reward model trained without the gate: its head has one output, and the
+    flag would otherwise be dropped without a word. Exit 2, naming the field; nothing written."""
+    plain = build_rlhf_run(micro_run) / "round-1" / "reward"
+    run = tmp_path / "run"
+    shutil.copytree(gated_run, run)
+    shutil.rmtree(run / "round-1" / "reward")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["reward", "--preset", "micro", "--out", str(run), "--likelihood-gate", "--init", str(plain)])
+    assert e.value.code == 2
+    assert "likelihood_gate" in capsys.readouterr().err
+    assert not (run / "round-1" / "reward").exists()

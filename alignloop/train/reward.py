@@ -193,7 +193,8 @@ def cache_frozen(model, groups: list[Group], n_top: int, cfg: Config, pad_id: in
     from alignloop.forward import unwrap
     m = unwrap(model)
     n_layers = len(getattr(m, m.base_model_prefix).layers)
-    if n_top < 0 or n_top >= n_layers or not cfg.cache_gb or dist.world() > 1 or not seqs or cfg.likelihood_gate:
+    from alignloop.forward import is_gated
+    if n_top < 0 or n_top >= n_layers or not cfg.cache_gb or dist.world() > 1 or not seqs or is_gated(model):
         return None  # (the gate reads the LM head's log-probabilities at every answer token: the cache keeps none)
     need = bytes_needed(model, seqs) / 2**30
     if need > cfg.cache_gb:

@@ -42,10 +42,10 @@ def hacking_alarm(rows: list[dict], tol: float = TOLERANCE) -> str | None:
     best — the policy kept climbing the proxy after it stopped paying in gold. rm_bar = 1.96·√2·σ_rm/√w
     likewise from the proxy's own series (0 under 5 points): a proxy that only wobbles is not being climbed
     (dev seed 1 with the likelihood gate, round 2: gold −0.028 while the proxy moved +0.037 in a series
-    whose points wobble by 0.10 — and the round ended +0.032 above round 1 on all 400 dev prompts). Any later window counts, not
-    only the last: a policy that over-optimises mid-round and drifts back is still being exploited (the β = 0
-    run of 2026-12-05 fell 0.034 from iterations 5–15 to 20–30, then drifted back to 0.020 below its best
-    point: the last point alone did not fire)."""
+    whose points wobble by 0.10 — and the round ended +0.032 above round 1 on all 400 dev prompts).
+    Any later window counts, not only the last: a policy that over-optimises mid-round and drifts back is
+    still being exploited (the β = 0 run of 2026-12-05 fell 0.034 from iterations 5–15 to 20–30, then
+    drifted back to 0.020 below its best point: the last point alone did not fire)."""
     pts = [r for r in rows if _finite(r.get("gold_probe")) and _finite(r.get("rm_probe"))]
     if len(pts) < 3:
         return None

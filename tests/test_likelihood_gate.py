@@ -98,6 +98,19 @@ def test_ppo_against_a_gated_reward_model(gated_run, tmp_path):
     assert (run / "round-1" / "ppo" / "config.json").exists()
 
 
+def _refused_with_gate(gated_run: Path, tmp_path: Path, init: Path, capsys) -> str:
+    """`reward --likelihood-gate --init INIT` on a copy of the run without its reward model: exit 2, nothing
+    written; returns what it said."""
+    run = tmp_path / "run"
+    shutil.copytree(gated_run, run)
+    shutil.rmtree(run / "round-1" / "reward")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["reward", "--preset", "micro", "--out", str(run), "--likelihood-gate", "--init", str(init)])
+    assert e.value.code == 2
+    assert not (run / "round-1" / "reward").exists()
+    return capsys.readouterr().err
+
+
 def test_a_model_without_tied_embeddings_is_refused(gated_run, tmp_path, capsys):
     """The gate reads the LM head through the input embeddings: an untied model stops with exit 2, naming
     the field, before any training."""
@@ -106,25 +119,11 @@ def test_a_model_without_tied_embeddings_is_refused(gated_run, tmp_path, capsys)
     cfg = json.loads((init / "config.json").read_text())
     cfg["tie_word_embeddings"] = False
     (init / "config.json").write_text(json.dumps(cfg))
-    run = tmp_path / "run"
-    shutil.copytree(gated_run, run)
-    shutil.rmtree(run / "round-1" / "reward")
-    with pytest.raises(SystemExit) as e:
-        cli.main(["reward", "--preset", "micro", "--out", str(run), "--likelihood-gate", "--init", str(init)])
-    assert e.value.code == 2
-    assert "tie_word_embeddings" in capsys.readouterr().err
-    assert not (run / "round-1" / "reward").exists()
+    assert "tie_word_embeddings" in _refused_with_gate(gated_run, tmp_path, init, capsys)
 
 
 def test_the_gate_is_not_added_to_a_reward_model_that_has_none(gated_run, micro_run, tmp_path, capsys):
     """`--likelihood-gate --init` a reward model trained without the gate: its head has one output, and the
     flag would otherwise be dropped without a word. Exit 2, naming the field; nothing written."""
     plain = build_rlhf_run(micro_run) / "round-1" / "reward"
-    run = tmp_path / "run"
-    shutil.copytree(gated_run, run)
-    shutil.rmtree(run / "round-1" / "reward")
-    with pytest.raises(SystemExit) as e:
-        cli.main(["reward", "--preset", "micro", "--out", str(run), "--likelihood-gate", "--init", str(plain)])
-    assert e.value.code == 2
-    assert "likelihood_gate" in capsys.readouterr().err
-    assert not (run / "round-1" / "reward").exists()
+    assert "likelihood_gate" in _refused_with_gate(gated_run, tmp_path, plain, capsys)

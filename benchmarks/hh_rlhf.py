@@ -53,6 +53,7 @@ def main():
                            "--sample-every", "0", "--checkpoint-every", "100000", "--val-fraction", "0.02"])
     run_stage("reward", ["--out", str(out), "--data", str(out / "pairs.jsonl"), "--init", str(out / "pretrain"),
                          "--demonstrations", "none", "--epochs", str(args.epochs), "--max-len", "256",
+                         "--no-likelihood-gate",  # the plain head the figures were measured with (not the tiny preset's gate)
                          "--skip-invalid"])  # 6 of the 1,800 real pairs are malformed: counted, left out
     res = json.loads((out / "round-1" / "reward" / "eval.json").read_text())
     print(json.dumps({"held_out_pairs": res["n_pairs"], "pair_accuracy": round(res["pair_accuracy"], 4),

@@ -36,7 +36,9 @@ def ours(run: Path, args, name: str, *flags) -> dict:
         (out / sub).symlink_to((run / sub).resolve())
     data = run / f"round-{args.round}" / "rankings.jsonl"
     run_stage("reward", ["--out", str(out), "--data", str(data), "--init", str(run / "sft"), "--epochs", str(args.epochs),
-                         "--batch-size", str(args.batch), "--lr", str(args.lr), *flags])
+                         "--batch-size", str(args.batch), "--lr", str(args.lr),
+                         "--no-likelihood-gate",  # the plain head, as TRL's (the tiny preset's gate is off here)
+                         *flags])
     return json.loads((out / "round-1" / "reward" / "eval.json").read_text())
 
 

@@ -11,7 +11,7 @@ The data: the first 1,800 pairs of Anthropic HH-RLHF harmless-base `test.jsonl.g
   on the 300 test pairs with a Wilson 95% interval.
 - trl: TRL's `RewardTrainer` on the same trunk, pairs, trainable layers, context and wall-time budget
   (`pip install --target DIR trl` beside the project for this run only; PYTHONPATH=DIR).
-- variants: reward models trained longer on the frozen-trunk cache (VARIANTS below), and their ensemble.
+- variants: reward models trained longer, or more of the model (`--variants`, of VARIANTS below), and their ensemble.
 - halves: two more reward models on the two disjoint halves of the training pairs (1–750, 751–1,500).
   PPO optimises half A's; half B's is never optimised against and judges whether the gain is real
   preference or exploitation of the first reward model. `--half-epochs N`: N epochs on the frozen-trunk
@@ -72,7 +72,10 @@ def reward(work: Path, name: str, model: Path, data: Path, args, seconds: float,
         run_stage("reward", ["--out", str(out), "--init", str(model), "--data", str(data), "--skip-invalid",
                              "--demonstrations", "none", "--train-layers", str(args.layers), "--max-len", str(args.max_len),
                              "--max-seconds", str(seconds), "--epochs", "1", "--batch-size", "16", "--lr", str(args.lr),
-                             "--warmup-steps", "5", "--cache-gb", "0", *(extra or [])])
+                             "--warmup-steps", "5", "--cache-gb", "0",
+                             # the tiny preset's likelihood gate reads the 49k-word LM head at every answer
+                             # token and keeps no trunk cache: every figure here is of the plain head
+                             "--no-likelihood-gate", *(extra or [])])
     res = json.loads((out / "round-1" / "reward" / "eval.json").read_text())
     n = res["n_pairs"]
     lo, hi = wilson(res["pair_accuracy"] * n, n)
@@ -82,40 +85,56 @@ def reward(work: Path, name: str, model: Path, data: Path, args, seconds: float,
             "early_stop": res.get("early_stop"), "cached_blocks_below": res.get("cached_blocks_below")}
 
 
-# The variants on the frozen-trunk cache (alignloop reward --cache-dir): the bottom 26 blocks' output is
-# computed once for all of them; each trains the top 4 blocks, keeping the epoch of lowest loss on 10% of
-# the training prompts. Seed 0 ran 4 epochs: its held-out loss was lowest after epoch 2 (0.645, 0.635,
-# 0.671, …), so seeds 1 and 2 run 2 (half the time). Seeds change the data order and that 10%; the three
-# form the ensemble.
-VARIANTS = {"top4-4ep-seed0": ["--epochs", "4", "--early-stop", "0.1", "--seed", "0"],
-            **{f"top4-2ep-seed{s}": ["--epochs", "2", "--early-stop", "0.1", "--seed", str(s)] for s in (1, 2)}}
+# The reward-model variants, each by its `alignloop reward` flags (after the defaults of `reward` above).
+# The first three train the top 4 blocks on the frozen-trunk cache (the bottom 26 blocks' output computed
+# once for all of them), keeping the epoch of lowest loss on 10% of the training prompts. Seed 0 ran 4
+# epochs: its held-out loss was lowest after epoch 2 (0.645, 0.635, 0.671, …), so seeds 1 and 2 run 2 (half
+# the time). Seeds change the data order and that 10%; the three form the default ensemble.
+# The next three (2026-12-07, an AMD CPU with bf16 matmuls, hence bf16 autocast) train more of the model,
+# with the same early stopping, their settings fixed before any was run: the top 8 blocks on the cache
+# (lr 1e-4, as the top 4; 3 epochs); LoRA rank 16 on every linear layer of every block (lr 3e-4, the PPO
+# step's LoRA rate) and every weight (lr 1e-5, the order of InstructGPT's and OpenAssistant's reward-model
+# rates), one epoch each (InstructGPT's reward models over-fit after one; a step through all 30 blocks
+# costs 3–4× the top 8's on this CPU).
+TOP4 = ["--cache-gb", "8", "--max-seconds", "0"]
+EARLY = ["--early-stop", "0.1", "--seed", "0"]
+VARIANTS = {"top4-4ep-seed0": TOP4 + ["--epochs", "4", "--early-stop", "0.1", "--seed", "0"],
+            **{f"top4-2ep-seed{s}": TOP4 + ["--epochs", "2", "--early-stop", "0.1", "--seed", str(s)] for s in (1, 2)},
+            "lora16-all-1ep": ["--train-layers", "-1", "--lora-rank", "16", "--lr", "3e-4", "--epochs", "1",
+                               "--max-seconds", "0", "--dtype", "bfloat16", *EARLY],
+            "full-1ep": ["--train-layers", "-1", "--lr", "1e-5", "--epochs", "1", "--max-seconds", "0",
+                         "--dtype", "bfloat16", *EARLY],
+            "top8-3ep": ["--train-layers", "8", "--cache-gb", "8", "--epochs", "3", "--max-seconds", "0",
+                         "--dtype", "bfloat16", *EARLY]}
+ENSEMBLE = "top4-4ep-seed0,top4-2ep-seed1,top4-2ep-seed2"
 
 
 def variants(work: Path, model: Path, data: Path, args) -> dict:
-    """Each variant alone, then the ensemble: the members' mean score on the same held-out pairs."""
+    """Each variant of `--variants` alone, then (two or more of them) their ensemble: the members' mean
+    z-scored score on the same held-out pairs."""
     import torch
     from alignloop.model import load_scalar_model
     from alignloop.tokenizer import ChatTokenizer
     from alignloop.train.pairs import read_comparisons, split_groups
-    from alignloop.train.reward import Config
-    from alignloop.train.trunk_cache import cached_scores, frozen_features
+    from alignloop.train.reward import Config, batch_rewards
 
-    flags = ["--cache-gb", "8", "--cache-dir", str(work / "trunk-cache"), "--max-seconds", "0"]
+    names = args.variants.split(",")
     out = {}
-    for name, extra in VARIANTS.items():
-        out[name] = reward(work, name, model, data, args, 0, flags + extra)
+    for name in names:
+        out[name] = reward(work, name, model, data, args, 0, ["--cache-dir", str(work / "trunk-cache"), *VARIANTS[name]])
         print(name, out[name], flush=True)
+    if len(names) < 2:
+        return out
     groups = read_comparisons(data, skip_invalid=True)
     _, val = split_groups(groups, Config())
-    tok = ChatTokenizer.load(work / name / "round-1" / "reward")
+    tok = ChatTokenizer.load(work / names[0] / "round-1" / "reward")
     for g in val:
         g.ids = [tok.render(g.prompt + [{"role": "assistant", "content": c}])[0] for c in g.completions]
     val = [g for g in val if max(map(len, g.ids)) <= args.max_len]
     seqs = [s for g in val for s in g.ids]
-    members = [load_scalar_model(work / n / "round-1" / "reward").eval() for n in VARIANTS]
-    with torch.no_grad():
-        feats = frozen_features(members[0], seqs, args.layers, tok.pad_id, "cpu")  # the frozen part is shared
-        scores = torch.stack([cached_scores(m, feats, args.layers, "cpu") for m in members])
+    with torch.no_grad():  # each member's whole forward pass, in fp32 as each reward model's own evaluation
+        scores = torch.stack([batch_rewards(load_scalar_model(work / n / "round-1" / "reward").eval(), seqs,
+                                            tok.pad_id, "cpu") for n in names])
     z = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True)  # each member on one scale
     right, o = [], 0
     for g in val:
@@ -123,7 +142,7 @@ def variants(work: Path, model: Path, data: Path, args) -> dict:
             right.append(float(z[:, o + a].mean() > z[:, o + b].mean()))
         o += len(g.completions)
     acc = sum(right) / len(right)
-    out["ensemble"] = {"members": list(VARIANTS), "pair_accuracy": acc, "ci95": list(wilson(acc * len(right), len(right))),
+    out["ensemble"] = {"members": names, "pair_accuracy": acc, "ci95": list(wilson(acc * len(right), len(right))),
                        "n_test_pairs": len(right)}
     print("ensemble", out["ensemble"], flush=True)
     return out
@@ -161,7 +180,8 @@ def trl(work: Path, model: Path, data: Path, args) -> dict:
                 control.should_training_stop = True
 
     cfg = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=16, learning_rate=args.lr,
-                       num_train_epochs=1, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10,
+                       num_train_epochs=args.trl_epochs, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10,
+                       bf16=args.trl_bf16,
                        save_strategy="no", report_to=[], max_length=args.max_len, use_cpu=True,
                        dataloader_num_workers=0, center_rewards_coefficient=None, disable_dropout=True, seed=0)
     trainer = RewardTrainer(model=net, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
@@ -372,6 +392,12 @@ def main():
     ap.add_argument("--half-seconds", type=float, default=300, help="training budget of each half's reward model")
     ap.add_argument("--half-epochs", type=int, default=0, help="halves: train each for this many epochs on the "
                     "frozen-trunk cache with early stopping, no time budget (0: --half-seconds of the whole forward pass)")
+    ap.add_argument("--trl-run", default="trl_rm", help="trl: the key of its figures in WORK/results.json")
+    ap.add_argument("--trl-epochs", type=int, default=1, help="trl: epochs over the training pairs (the budget "
+                    "--seconds still stops it)")
+    ap.add_argument("--trl-bf16", action="store_true", help="trl: bf16 autocast (as alignloop's --dtype bfloat16)")
+    ap.add_argument("--variants", default=ENSEMBLE, help="variants: which reward models to train (comma-separated, "
+                    f"of {', '.join(VARIANTS)}); two or more are also scored as an ensemble")
     ap.add_argument("--layers", type=int, default=4, help="decoder blocks trained on top of the frozen trunk")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-len", type=int, default=384)
@@ -403,6 +429,9 @@ def main():
     ap.add_argument("--summary", default="", help="print the before/after figures of these runs (comma-separated, "
                     "e.g. one per seed) from WORK/results.json as one markdown table, and stop")
     args = ap.parse_args()
+    unknown = [n for n in args.variants.split(",") if n not in VARIANTS]
+    if unknown:  # before anything is read or trained
+        ap.error(f"--variants: no variant {', '.join(unknown)} (there are {', '.join(VARIANTS)})")
     if args.summary:
         print(or_exit(summary, Path(args.work) / "results.json", args.summary.split(",")))
         return
@@ -424,10 +453,10 @@ def main():
         results["alignloop_rm"] = reward(work, "rm-1500", model, full, args, args.seconds)
         print("alignloop RM:", results["alignloop_rm"], flush=True)
     if "trl" in steps:
-        results["trl_rm"] = trl(work, model, full, args)
-        print("TRL RM:", results["trl_rm"], flush=True)
+        results[args.trl_run] = trl(work, model, full, args)
+        print("TRL RM:", results[args.trl_run], flush=True)
     if "variants" in steps:
-        results["variants"] = variants(work, model, full, args)
+        results["variants"] = {**results.get("variants", {}), **variants(work, model, full, args)}
     if "halves" in steps:
         # --half-epochs N: no time budget, so the same reward models from every run (a budget in seconds
         # sees more or fewer pairs with the machine's load); the top blocks on the frozen-trunk cache

@@ -168,6 +168,13 @@ def test_script_refuses_bad_text(tmp_path):
                     f"shakespeare.py: error: {bad}:2: not UTF-8")
 
 
+def test_smollm2_hh_refuses_an_unknown_variant(tmp_path):
+    proc = _run(BENCH / "smollm2_hh.py", "--model", tmp_path / "m.gguf", "--steps", "variants",
+                "--variants", "top8-3ep,top5", "--work", tmp_path / "w")
+    assert proc.returncode == 2 and "--variants: no variant top5 (there are top4-4ep-seed0," in proc.stderr, proc.stderr
+    assert not (tmp_path / "w").exists(), "refused before anything is written"
+
+
 def test_script_reads_good_file(tmp_path):
     good = _jsonl(tmp_path / "test.jsonl.gz", [PAIRS[i % 3] for i in range(1800)])
     proc = _run(BENCH / "hh_rlhf.py", "--data", good, "--check-data", "--out", tmp_path / "run")

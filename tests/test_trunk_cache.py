@@ -108,6 +108,10 @@ def test_a_second_run_reads_the_features_from_disk_and_trains_the_same(rlhf, tmp
     # another trained depth is another file
     _train(rlhf, tmp_path, "fourth", train_layers=0, epochs=1, cache_dir=str(cache))
     assert len(list(cache.iterdir())) == 2
+    # and another precision another file: a bf16 pass's features are not read back by an fp32 run
+    capsys.readouterr()
+    _train(rlhf, tmp_path, "fifth", train_layers=1, epochs=1, cache_dir=str(cache), dtype="bfloat16")
+    assert "output read from" not in capsys.readouterr().out and len(list(cache.iterdir())) == 3
 
 
 def test_early_stopping_keeps_the_epoch_of_lowest_held_out_loss(rlhf, tmp_path):

@@ -201,7 +201,7 @@ def cache_frozen(model, groups: list[Group], n_top: int, cfg: Config, pad_id: in
         print(f"reward: the frozen blocks' output would take {need:.1f} GB (--cache-gb {cfg.cache_gb:g}): "
               "not cached; every step runs all blocks")
         return None
-    key = cache_key(model, seqs, n_top) if cfg.cache_dir else None
+    key = cache_key(model, seqs, n_top, precision.amp_dtype(device, cfg.dtype)) if cfg.cache_dir else None
     feats = load_features(Path(cfg.cache_dir), key) if key else None
     if feats is not None:
         print(f"reward: the bottom {n_layers - n_top} blocks' output read from {Path(cfg.cache_dir) / key}.pt")

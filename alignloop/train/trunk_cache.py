@@ -91,10 +91,13 @@ def cached_scores(model, feats: list[torch.Tensor], n_top: int, device, max_toke
     return scores[torch.argsort(torch.tensor(order, device=scores.device))]
 
 
-def cache_key(model, seqs: list[list[int]], n_top: int) -> str:
-    """SHA-256 of what the features depend on: the embedding and bottom blocks' weights and the token ids."""
+def cache_key(model, seqs: list[list[int]], n_top: int, amp: torch.dtype | None = None) -> str:
+    """SHA-256 of what the features depend on: the embedding and bottom blocks' weights, the token ids and
+    the autocast precision they were computed in (`precision.amp_dtype`; None: fp32) — features from a bf16
+    pass are not an fp32 run's."""
     m, trunk = _trunk(model)
-    h = hashlib.sha256(f"{type(m).__name__}/{len(trunk.layers) - n_top}".encode())
+    # (fp32 keeps the key it had before the precision was part of it: caches already on disk stay valid)
+    h = hashlib.sha256(f"{type(m).__name__}/{len(trunk.layers) - n_top}{'' if amp is None else '/' + str(amp)}".encode())
     frozen = [trunk.embed_tokens] + list(trunk.layers)[:len(trunk.layers) - n_top]
     for module in frozen:
         for name, t in module.state_dict().items():

@@ -96,7 +96,7 @@ def reward(work: Path, name: str, model: Path, data: Path, args, seconds: float,
 # step's LoRA rate) and every weight (lr 1e-5, the order of InstructGPT's and OpenAssistant's reward-model
 # rates), one epoch each (InstructGPT's reward models over-fit after one; a step through all 30 blocks
 # costs 3–4× the top 8's on this CPU).
-TOP4 = ["--cache-gb", "8", "--max-seconds", "0"]
+TOP4 = ["--train-layers", "4", "--cache-gb", "8", "--max-seconds", "0"]
 EARLY = ["--early-stop", "0.1", "--seed", "0"]
 VARIANTS = {"top4-4ep-seed0": TOP4 + ["--epochs", "4", "--early-stop", "0.1", "--seed", "0"],
             **{f"top4-2ep-seed{s}": TOP4 + ["--epochs", "2", "--early-stop", "0.1", "--seed", str(s)] for s in (1, 2)},
@@ -180,8 +180,7 @@ def trl(work: Path, model: Path, data: Path, args) -> dict:
                 control.should_training_stop = True
 
     cfg = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=16, learning_rate=args.lr,
-                       num_train_epochs=args.trl_epochs, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10,
-                       bf16=args.trl_bf16,
+                       num_train_epochs=1, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10,
                        save_strategy="no", report_to=[], max_length=args.max_len, use_cpu=True,
                        dataloader_num_workers=0, center_rewards_coefficient=None, disable_dropout=True, seed=0)
     trainer = RewardTrainer(model=net, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
@@ -392,10 +391,6 @@ def main():
     ap.add_argument("--half-seconds", type=float, default=300, help="training budget of each half's reward model")
     ap.add_argument("--half-epochs", type=int, default=0, help="halves: train each for this many epochs on the "
                     "frozen-trunk cache with early stopping, no time budget (0: --half-seconds of the whole forward pass)")
-    ap.add_argument("--trl-run", default="trl_rm", help="trl: the key of its figures in WORK/results.json")
-    ap.add_argument("--trl-epochs", type=int, default=1, help="trl: epochs over the training pairs (the budget "
-                    "--seconds still stops it)")
-    ap.add_argument("--trl-bf16", action="store_true", help="trl: bf16 autocast (as alignloop's --dtype bfloat16)")
     ap.add_argument("--variants", default=ENSEMBLE, help="variants: which reward models to train (comma-separated, "
                     f"of {', '.join(VARIANTS)}); two or more are also scored as an ensemble")
     ap.add_argument("--layers", type=int, default=4, help="decoder blocks trained on top of the frozen trunk")
@@ -453,8 +448,8 @@ def main():
         results["alignloop_rm"] = reward(work, "rm-1500", model, full, args, args.seconds)
         print("alignloop RM:", results["alignloop_rm"], flush=True)
     if "trl" in steps:
-        results[args.trl_run] = trl(work, model, full, args)
-        print("TRL RM:", results[args.trl_run], flush=True)
+        results["trl_rm"] = trl(work, model, full, args)
+        print("TRL RM:", results["trl_rm"], flush=True)
     if "variants" in steps:
         results["variants"] = {**results.get("variants", {}), **variants(work, model, full, args)}
     if "halves" in steps:

@@ -83,6 +83,8 @@ class Preferences(LowRank, Shared):
     weight_decay: float = option(0.0, "AdamW weight decay on matrices", min=0.0)
     max_len: int = option(256, "longest prompt + answer in tokens; longer ones are left out (counted)", min=8)
     val_fraction: float = option(0.1, "prompts held out when the data marks no held-out split", min=0.0, max=0.5)
+    early_stop: float = option(0.0, "hold out this share of the training prompts; after every epoch score them and keep "
+                               "the epoch whose held-out loss is lowest (0: off, keep the last)", min=0.0, max=0.5)
 
 
 def _field_type(cls, f) -> type:

@@ -331,3 +331,30 @@ def test_dpo_and_rloo_are_side_stages_of_their_round(tmp_path):
     assert later("reward") == {"round-1/rloo", "round-2/dpo"}
     assert later("ppo") == {"round-2/dpo"}
     assert later("dpo") == later("rloo") == set()
+
+
+def test_early_stopping_keeps_the_epoch_of_lowest_held_out_loss(rlhf, tmp_path):
+    """--early-stop sets a share of the training prompts aside, scores the implicit reward's loss on them
+    after every epoch, and saves the epoch of the lowest: the saved model's loss on those prompts is that
+    epoch's, not the last's."""
+    out = tmp_path / "run"
+    shutil.copytree(rlhf, out)
+    cli.main(["dpo", "--preset", "micro", "--out", str(out), "--epochs", "4", "--lr", "1e-2", "--beta", "0.5",
+              "--early-stop", "0.3"])
+    stage = out / "round-1" / "dpo"
+    rec = json.loads((stage / "eval.json").read_text())["early_stop"]
+    curve = rec["loss_per_epoch"]
+    assert len(curve) == 4 and rec["best_epoch"] == 1 + curve.index(min(curve)) and rec["best_loss"] == min(curve)
+    assert rec["best_epoch"] < 4, curve  # else this test would not tell a restored model from the last one
+    cfg = _cfg(early_stop=0.3, beta=0.5)
+    _, _, tok, train, _ = D._comparisons(cfg, out)
+    _, stop = D.reward.early_stop_split(train, cfg, "dpo")
+    assert 0 < len(stop) < len(train)
+    from alignloop.model import load_causal_lm
+    with torch.no_grad():
+        lp = {}
+        for name, path in (("ref", out / "sft"), ("policy", stage)):
+            m = load_causal_lm(path).eval()
+            lp[name] = D.sequence_logprobs(m, *D._flat(stop), tok.pad_id, "cpu", F_.allowed_tokens(tok, m.config.vocab_size))
+    loss, _ = D.dpo_loss(lp["policy"], lp["ref"], [g.pairs for g in stop], D._offsets(stop), 0.5)
+    assert loss.item() == pytest.approx(rec["best_loss"], abs=1e-4) and abs(loss.item() - curve[-1]) > 1e-3

@@ -153,6 +153,7 @@ def run(cfg: Config, out: Path) -> Path:
 
     check(cfg)
     init, reference, tok, train, val = _comparisons(cfg, out)  # bad input stops here, before any work
+    train, stop = reward.early_stop_split(train, cfg, "dpo")  # --early-stop: a slice of the training prompts
     if cfg.fsdp and cfg.lora_rank and dist.launched():
         raise InputError("--fsdp with --lora-rank is not supported yet (LoRA under torchrun: DDP, without --fsdp)",
                          field="fsdp")
@@ -165,8 +166,9 @@ def run(cfg: Config, out: Path) -> Path:
         policy = loop.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     allowed = forward.allowed_tokens(tok, policy.config.vocab_size, device)
     t0 = time.perf_counter()
-    ref_lp = _reference_logprobs(cfg, policy, init, reference, tok, device, allowed, (train, val))
+    ref_lp = _reference_logprobs(cfg, policy, init, reference, tok, device, allowed, (train, val, stop))
     starts = {id(gs): _offsets(gs) for gs in (train, val)}
+    best = reward.Best(policy, "dpo") if stop else None
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     # under torchrun `net` is DDP or FSDP2 around the log-probs' forward pass; in one process the policy itself
     net = dist.wrap(forward.Through(policy), cfg.fsdp, device, cfg.dtype) if dist.world() > 1 else policy
@@ -177,6 +179,7 @@ def run(cfg: Config, out: Path) -> Path:
     metrics = loop.Metrics(stage) if dist.is_main() else None  # only rank 0 writes
     n_cmp = sum(len(g.pairs) for g in train)
     print(f"dpo: β {cfg.beta:g}, {len(train)} prompts / {n_cmp} comparisons to learn, {len(val)} held out, "
+          f"{f'{len(stop)} for early stopping, ' if stop else ''}"
           f"policy {init}, reference {reference}, {n_params(policy, False) / 1e6:.2f}M parameters "
           f"({n_train / 1e6:.2f}M learn){f', LoRA rank {cfg.lora_rank}' if cfg.lora_rank else ''}"
           + (f", {dist.world()} processes ({'FSDP2' if cfg.fsdp else 'DDP'})" if dist.world() > 1 else ""))
@@ -228,14 +231,19 @@ def run(cfg: Config, out: Path) -> Path:
             if metrics:
                 metrics.log(**rec)
             bar.update(1, loss=rec["loss"], acc=rec["pair_accuracy"])
+        if best:  # the implicit reward's loss on the early-stopping prompts; the epoch of the lowest is kept
+            best.consider(epoch + 1, _held_out(cfg, policy, stop, ref_lp[id(stop)], tok, device, allowed)["val_loss"], bar)
+            policy.train()
     bar.close()
+    if best:
+        best.restore()
     train_time = time.perf_counter() - t0
     policy = dist.gathered(net, policy)  # rank 0: the whole plain policy; the other ranks are done
     if not dist.is_main():
         return stage
     policy.to(device)
     result = {"beta": cfg.beta, "steps": step, "train_seconds": train_time, "n_train_prompts": len(train),
-              "n_train_comparisons": n_cmp}
+              "n_train_comparisons": n_cmp, "early_stop": best.record() if best else None}
     if val:  # held out by prompt: does the implicit reward order answers it never saw?
         result |= _held_out(cfg, policy, val, ref_lp[id(val)], tok, device, allowed)
     result["peak_memory_gb"] = loop.peak_memory_gb(device)

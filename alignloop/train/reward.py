@@ -53,8 +53,6 @@ class Config(Preferences):
                              "(0: off; the same rewards, several times faster an epoch on a CPU)", min=0.0)
     cache_dir: str = option("", "also write the frozen blocks' output there, named by a hash of the model and the data, "
                             "and read it back in the next run on the same model and data (\"\": memory only)")
-    early_stop: float = option(0.0, "hold out this share of the training prompts; after every epoch score them and keep "
-                               "the epoch whose held-out loss is lowest (0: off, keep the last)", min=0.0, max=0.5)
     likelihood_gate: bool = option(False, "add to the score Σ over the answer's tokens of a learned gate × the token's "
                                    "log-probability under the model's own LM head (tied embeddings; it starts as "
                                    "SFT's): the head can then check a fact named mid-answer against what the trunk "
@@ -170,9 +168,9 @@ def evaluate(model, groups: list[Group], pad_id: int, device, batch_size: int = 
 # ---------------------------------------------------------------- early stopping and the frozen trunk
 
 
-def early_stop_split(train: list[Group], cfg: Config) -> tuple[list[Group], list[Group]]:
+def early_stop_split(train: list[Group], cfg: Config, stage: str = "reward") -> tuple[list[Group], list[Group]]:
     """With `early_stop`: that share of the training prompts (by a hash of seed and prompt, every record of
-    a prompt on one side) is set aside to choose the epoch; else (train, [])."""
+    a prompt on one side) is set aside to choose the epoch; else (train, []). (`dpo` splits the same way.)"""
     if not cfg.early_stop:
         return train, []
     if dist.world() > 1:
@@ -181,7 +179,7 @@ def early_stop_split(train: list[Group], cfg: Config) -> tuple[list[Group], list
     from alignloop.rank import heldout_prompt
     held = {k for k in {json.dumps(g.prompt) for g in train} if heldout_prompt("early-stop/" + k, cfg.seed, cfg.early_stop)}
     if not held:
-        print(f"reward: --early-stop {cfg.early_stop:g} set aside no prompt of {len(train)}: every epoch trains, the last is kept")
+        print(f"{stage}: --early-stop {cfg.early_stop:g} set aside no prompt of {len(train)}: every epoch trains, the last is kept")
     return [g for g in train if json.dumps(g.prompt) not in held], [g for g in train if json.dumps(g.prompt) in held]
 
 
@@ -237,15 +235,15 @@ def held_loss(scores, groups: list[Group], cached, device, dtype) -> float:
 class Best:
     """The trained weights at the epoch of lowest held-out loss (only the parameters that learn are copied)."""
 
-    def __init__(self, model):
-        self.params = [p for p in model.parameters() if p.requires_grad]
+    def __init__(self, model, stage: str = "reward"):
+        self.params, self.stage = [p for p in model.parameters() if p.requires_grad], stage
         self.state, self.epoch, self.loss, self.curve = None, 0, float("inf"), []
 
     def consider(self, epoch: int, loss: float, bar) -> None:
         self.curve.append(loss)
         if loss < self.loss:
             self.state, self.epoch, self.loss = [p.detach().clone() for p in self.params], epoch, loss
-        bar.write(f"reward: epoch {epoch}: early-stopping loss {loss:.4f} (best: epoch {self.epoch})")
+        bar.write(f"{self.stage}: epoch {epoch}: early-stopping loss {loss:.4f} (best: epoch {self.epoch})")
 
     def restore(self) -> None:
         if self.state is not None:

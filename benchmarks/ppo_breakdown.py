@@ -19,9 +19,12 @@ FLOPs, from each iteration's token counts (the matrix products only; attention's
   updates            per epoch a forward and a backward pass; with LoRA the backward computes the
                      activations' gradients (one more product per weight) and only the adapters'
                      weight gradients (small): 2× the forward's FLOPs; with --value-lora-layers k the
-                     value model's backward runs through its top k of L blocks: (1 + k/L)×.
-The floor: the best GFLOP/s of fp32 matrix products of this model's shapes at 256 and 2,048 rows,
-measured here before the run; floor time = FLOPs / that rate. A phase at 1.0× would be all products
+                     value model's forward and backward run through its top k of L blocks only (the
+                     bottom blocks' output is kept from the values pass): 2·k/L×.
+The floor: the best GFLOP/s of matrix products of this model's shapes at 256 and 2,048 rows, in the
+run's precision (fp32, or bf16 with `--extra "--dtype bfloat16"`: on a CPU with AMX a bf16 product runs
+several times faster, and an fp32 floor would flatter a bf16 run), measured here before the run; floor
+time = FLOPs / that rate. A phase at 1.0× would be all products
 at peak speed; the ratio says how far each phase is from what this CPU can do.
 """
 from __future__ import annotations
@@ -47,12 +50,12 @@ PHASES = ("generate", "reward_model", "policy_logprobs", "reference_logprobs", "
           "value_update", "other")
 
 
-def matmul_floor(d: int, ff: int, vocab: int, repeats: int = 5) -> float:
+def matmul_floor(d: int, ff: int, vocab: int, repeats: int = 5, dtype=torch.float32) -> float:
     """The best GFLOP/s of (rows × d) @ (d × k) products for this model's k (attention, MLP, logits)."""
     best = 0.0
     for rows in (256, 2048):
         for k in (d, ff, min(vocab, 8192)):
-            a, b = torch.randn(rows, d), torch.randn(d, k)
+            a, b = torch.randn(rows, d, dtype=dtype), torch.randn(d, k, dtype=dtype)
             a @ b
             times = []
             for _ in range(repeats):
@@ -67,7 +70,7 @@ def flops(rec: dict, cfg, B: int, epochs: int, value_layers: int = 0) -> dict[st
     """Each phase's FLOPs from one iteration's record (see the module's note). `value_layers` > 0: the value
     model's adapters on its top blocks only (--value-lora-layers), so its backward covers those alone."""
     n, d, vocab, layers = cfg["n"], cfg["d"], cfg["vocab"], cfg["layers"]
-    back = min(value_layers, layers) / layers if value_layers else 1.0
+    top = min(value_layers, layers) / layers if value_layers else 1.0
     P, R, padded = rec["prompt_length"], rec["response_length"], rec["padded_tokens"]
     T = padded / B  # the layout's width
     real = B * (P + R)
@@ -78,7 +81,7 @@ def flops(rec: dict, cfg, B: int, epochs: int, value_layers: int = 0) -> dict[st
     lp = fwd(padded, T) + B * R * head
     return {"generate": fwd(real, P + R) + B * R * head, "reward_model": fwd(real, P + R),
             "policy_logprobs": lp, "reference_logprobs": lp, "values": fwd(padded, T),
-            "policy_update": epochs * 2 * lp, "value_update": epochs * (1 + back) * fwd(padded, T), "other": 0.0}
+            "policy_update": epochs * 2 * lp, "value_update": epochs * 2 * top * fwd(padded, T), "other": 0.0}
 
 
 def main():
@@ -111,8 +114,12 @@ def main():
     shape = {"n": n_params(lm, non_embedding=True), "d": c.hidden_size, "vocab": c.vocab_size,
              "layers": c.num_hidden_layers, "ff": c.intermediate_size}
     del lm
-    floor = matmul_floor(shape["d"], shape["ff"], shape["vocab"])
-    print(f"matrix-product floor: {floor:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    extra = args.extra.split()
+    bf16 = "--dtype" in extra and extra[extra.index("--dtype") + 1] in ("bfloat16", "bf16")
+    floor32 = matmul_floor(shape["d"], shape["ff"], shape["vocab"])
+    floor = matmul_floor(shape["d"], shape["ff"], shape["vocab"], dtype=torch.bfloat16) if bf16 else floor32
+    print(f"matrix-product floor: {floor:.1f} GFLOP/s in {'bf16' if bf16 else 'fp32'} (fp32: {floor32:.1f}; "
+          f"{torch.get_num_threads()} threads)", flush=True)
     run = work / "run"
     B, epochs = 16, 2
     wall_file = work / "wall-seconds.txt"
@@ -129,12 +136,12 @@ def main():
     metrics = [json.loads(x) for x in (run / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     timed = metrics[1:] or metrics
     secs = {p: statistics.mean(m.get(f"seconds_{p}", 0.0) for m in timed) for p in PHASES}
-    extra = args.extra.split()
     value_layers = int(extra[extra.index("--value-lora-layers") + 1]) if "--value-lora-layers" in extra else 0
     fl = {p: statistics.mean(flops(m, shape, B, epochs, value_layers)[p] for m in timed) if secs[p] else 0.0
           for p in PHASES}
     total = sum(secs.values())
-    out = {"floor_gflops": floor, "threads": torch.get_num_threads(), "iterations_timed": len(timed),
+    out = {"floor_gflops": floor, "floor_dtype": "bfloat16" if bf16 else "float32", "floor_fp32_gflops": floor32,
+           "threads": torch.get_num_threads(), "iterations_timed": len(timed),
            "seconds_per_iteration": total, "wall_seconds": wall, "phases": {
                p: {"seconds": secs[p], "share": secs[p] / total, "gflop": fl[p] / 1e9,
                    "floor_seconds": fl[p] / 1e9 / floor, "x_floor": secs[p] / (fl[p] / 1e9 / floor) if fl[p] else None}

@@ -300,7 +300,8 @@ def test_ppo_breakdown_flops_by_hand():
     token, d = 2, V = 3, L = 2 blocks; B = 1 row of P = 2 prompt and R = 1 answer tokens, 3 padded
     positions (T = 3). Forward per token 2·10 + 4·2·3·2 = 68; logits 2·2·3 = 12 per answer token.
     Log-probs: 3·68 + 12 = 216; an update (2 epochs): forward + backward = 2× → 864; the value update with
-    the adapters on 1 of the 2 blocks: 2 · (1 + 1/2) · 204 = 612."""
+    the adapters on 1 of the 2 blocks, whose bottom block's output the values pass kept: forward and
+    backward through the top block only, 2 · 2 · (1/2) · 204 = 408."""
     sys.path.insert(0, str(BENCH))
     try:
         import ppo_breakdown as PB
@@ -312,4 +313,4 @@ def test_ppo_breakdown_flops_by_hand():
     assert full["policy_logprobs"] == 216 and full["values"] == 204
     assert full["policy_update"] == 864 and full["value_update"] == 816
     assert full["generate"] == 3 * 68 + 12 and full["reward_model"] == 204
-    assert PB.flops(rec, shape, 1, 2, value_layers=1)["value_update"] == 612
+    assert PB.flops(rec, shape, 1, 2, value_layers=1)["value_update"] == 408

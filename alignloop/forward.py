@@ -181,6 +181,13 @@ def last_scores(model, ids, attn, starts=None) -> torch.Tensor:
     score = out[..., 0].gather(1, last[:, None]).squeeze(1)
     if out.shape[-1] == 1:
         return score
+    return score + gated_likelihood(trunk, hidden, out[..., 1], ids, last, starts)
+
+
+def gated_likelihood(trunk, hidden, gate, ids, last, starts) -> torch.Tensor:
+    """(B,) Σ_t g_t · log p(x_t | x_<t) over each row's answer tokens (from `starts[b]` to `last[b]`): the
+    likelihood-gated part of `last_scores`, from the trunk's last hidden states (B, T, d) and the head's gate
+    output (B, T). Shared by the whole forward pass and the frozen-trunk cache (`trunk_cache.cached_scores`)."""
     if starts is None:
         raise ValueError("a likelihood-gated reward model needs where each answer starts (starts=)")
     t = torch.arange(1, ids.shape[1], device=ids.device)[None]
@@ -188,8 +195,8 @@ def last_scores(model, ids, attn, starts=None) -> torch.Tensor:
     answer = (t >= first) & (t <= last[:, None])  # (B, T − 1): token t, predicted at position t − 1
     lp, _ = token_logprobs(hidden[:, :-1][answer], tied_lm_head(trunk), ids[:, 1:][answer])
     gated = torch.zeros(answer.shape, dtype=lp.dtype, device=ids.device)
-    gated[answer] = out[:, :-1, 1][answer] * lp
-    return score + gated.sum(1)
+    gated[answer] = gate[:, :-1][answer].to(lp.dtype) * lp
+    return gated.sum(1)
 
 
 @contextmanager

@@ -68,7 +68,7 @@ def matmul_floor(d: int, ff: int, vocab: int, repeats: int = 5, dtype=torch.floa
 
 def flops(rec: dict, cfg, B: int, epochs: int, value_layers: int = 0) -> dict[str, float]:
     """Each phase's FLOPs from one iteration's record (see the module's note). `value_layers` > 0: the value
-    model's adapters on its top blocks only (--value-lora-layers), so its backward covers those alone."""
+    model's adapters on its top blocks only (--value-lora-layers): its update runs those alone, forward and back."""
     n, d, vocab, layers = cfg["n"], cfg["d"], cfg["vocab"], cfg["layers"]
     top = min(value_layers, layers) / layers if value_layers else 1.0
     P, R, padded = rec["prompt_length"], rec["response_length"], rec["padded_tokens"]

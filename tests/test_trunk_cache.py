@@ -30,10 +30,10 @@ def rlhf(micro_run) -> Path:
     return build_rlhf_run(micro_run)
 
 
-def _model_and_seqs(rlhf, n_top: int):
+def _model_and_seqs(rlhf, n_top: int, gated: bool = False):
     from alignloop.model import load_scalar_model
     from alignloop.tokenizer import ChatTokenizer
-    model = load_scalar_model(rlhf / "sft")
+    model = load_scalar_model(rlhf / "sft", likelihood_gate=gated)
     torch.manual_seed(0)
     torch.nn.init.normal_(model.score.weight, std=0.5)  # a fresh head scores 0: give it something to say
     L.train_top_layers(model, n_top)
@@ -44,11 +44,13 @@ def _model_and_seqs(rlhf, n_top: int):
     return model, tok, seqs
 
 
-@pytest.mark.parametrize("n_top", [0, 1])
-def test_cached_rewards_and_gradients_equal_the_whole_forward_pass(rlhf, n_top):
-    model, tok, seqs = _model_and_seqs(rlhf, n_top)
+@pytest.mark.parametrize("n_top,gated", [(0, False), (1, False), (1, True)])
+def test_cached_rewards_and_gradients_equal_the_whole_forward_pass(rlhf, n_top, gated):
+    """A likelihood-gated model too: its LM head is the tied embedding, frozen below the top blocks."""
+    model, tok, seqs = _model_and_seqs(rlhf, n_top, gated)
     assert len(model.model.layers) == 2 and n_top < 2
-    whole = sequence_scores(model, seqs, tok.pad_id, "cpu", max_tokens=120)
+    starts = [len(s) // 3 for s in seqs] if gated else None  # (where each "answer" begins)
+    whole = sequence_scores(model, seqs, tok.pad_id, "cpu", max_tokens=120, starts=starts)
     whole.pow(2).sum().backward()
     g_whole = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
@@ -56,15 +58,19 @@ def test_cached_rewards_and_gradients_equal_the_whole_forward_pass(rlhf, n_top):
     feats = frozen_features(model, seqs, n_top, tok.pad_id, "cpu", max_tokens=64)
     assert [f.shape for f in feats] == [(len(s), model.config.hidden_size) for s in seqs]
     assert bytes_needed(model, seqs) == sum(map(len, seqs)) * model.config.hidden_size * 4
-    cached = cached_scores(model, feats, n_top, "cpu", max_tokens=200)
+    cached = cached_scores(model, feats, n_top, "cpu", max_tokens=200, seqs=seqs, starts=starts)
     assert torch.allclose(cached, whole, atol=1e-5), (cached, whole)
+    if gated:  # the gated likelihood counts: over the last token alone the scores differ
+        assert not torch.allclose(cached, cached_scores(model, feats, n_top, "cpu", seqs=seqs,
+                                                        starts=[len(s) - 1 for s in seqs]), atol=1e-3)
     cached.pow(2).sum().backward()
     for n, p in model.named_parameters():
         if p.requires_grad:
-            assert torch.allclose(p.grad, g_whole[n], atol=1e-5, rtol=1e-4), n
+            scale = max(1.0, g_whole[n].abs().max().item())  # (a gated model's gradients run to 1e4)
+            assert torch.allclose(p.grad, g_whole[n], atol=1e-5 * scale, rtol=1e-4), n
     # the trunk is whole again afterwards
     assert len(model.model.layers) == 2 and not isinstance(model.model.norm, torch.nn.Identity)
-    assert torch.allclose(sequence_scores(model, seqs, tok.pad_id, "cpu"), whole, atol=1e-6)
+    assert torch.allclose(sequence_scores(model, seqs, tok.pad_id, "cpu", starts=starts), whole, atol=1e-6)
 
 
 def _train(rlhf, tmp_path, name, **flags) -> tuple[Path, dict, list[dict]]:
@@ -81,9 +87,10 @@ def _train(rlhf, tmp_path, name, **flags) -> tuple[Path, dict, list[dict]]:
     return stage, json.loads((stage / "eval.json").read_text()), metrics
 
 
-def test_the_reward_stage_trains_alike_with_and_without_the_cache(rlhf, tmp_path):
-    a, eval_a, m_a = _train(rlhf, tmp_path, "cached", train_layers=1, epochs=2)
-    b, eval_b, m_b = _train(rlhf, tmp_path, "whole", train_layers=1, epochs=2, cache_gb=0.0)
+@pytest.mark.parametrize("gate", [False, True])
+def test_the_reward_stage_trains_alike_with_and_without_the_cache(rlhf, tmp_path, gate):
+    a, eval_a, m_a = _train(rlhf, tmp_path, "cached", train_layers=1, epochs=2, likelihood_gate=gate)
+    b, eval_b, m_b = _train(rlhf, tmp_path, "whole", train_layers=1, epochs=2, cache_gb=0.0, likelihood_gate=gate)
     assert eval_a["cached_blocks_below"] == 1 and eval_b["cached_blocks_below"] is None
     assert len(m_a) == len(m_b) >= 10
     for x, y in zip(m_a, m_b):

@@ -191,9 +191,10 @@ def cache_frozen(model, groups: list[Group], n_top: int, cfg: Config, pad_id: in
     from alignloop.forward import unwrap
     m = unwrap(model)
     n_layers = len(getattr(m, m.base_model_prefix).layers)
-    from alignloop.forward import is_gated
-    if n_top < 0 or n_top >= n_layers or not cfg.cache_gb or dist.world() > 1 or not seqs or is_gated(model):
-        return None  # (the gate reads the LM head's log-probabilities at every answer token: the cache keeps none)
+    if n_top < 0 or n_top >= n_layers or not cfg.cache_gb or dist.world() > 1 or not seqs:
+        return None
+    # (a likelihood-gated model reads log-probabilities through its LM head, the tied input embedding:
+    # frozen with the bottom blocks, so the cached features serve it too — `cached_scores`)
     need = bytes_needed(model, seqs) / 2**30
     if need > cfg.cache_gb:
         print(f"reward: the frozen blocks' output would take {need:.1f} GB (--cache-gb {cfg.cache_gb:g}): "
@@ -306,7 +307,7 @@ def run(cfg: Config, out: Path) -> Path:
     print(f"reward: {len(train)} prompts / {n_cmp} comparisons to learn ({'grouped K-way' if cfg.grouped else 'shuffled pairs'}), "
           f"{len(val)} held out" + (f", {len(stop)} for early stopping" if stop else "")
           + f", {n_params(model, False) / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M learn)")
-    scores = (lambda seqs, fts, starts: cached_scores(model, fts, n_top, device)) if cached else \
+    scores = (lambda seqs, fts, starts: cached_scores(model, fts, n_top, device, seqs=seqs, starts=starts)) if cached else \
         (lambda seqs, fts, starts: batch_rewards(net, seqs, tok.pad_id, device, 4096 if dist.world() == 1 else 1 << 60,
                                                  starts))
     rng = random.Random(cfg.seed)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from alignloop.forward import blocks, right_padded, unwrap
+from alignloop.forward import blocks, gated_likelihood, right_padded, unwrap
 
 
 def _trunk(model):
@@ -70,10 +70,16 @@ def frozen_features(model, seqs: list[list[int]], n_top: int, pad_id: int, devic
     return feats
 
 
-def cached_scores(model, feats: list[torch.Tensor], n_top: int, device, max_tokens: int = 4096) -> torch.Tensor:
+def cached_scores(model, feats: list[torch.Tensor], n_top: int, device, max_tokens: int = 4096,
+                  seqs: list[list[int]] | None = None, starts: list[int] | None = None) -> torch.Tensor:
     """The reward of each sequence from its cached features (B,): the top `n_top` blocks, the final norm
-    and the scalar head at the last token — `forward.sequence_scores` with the bottom blocks skipped."""
+    and the scalar head at the last token — `forward.sequence_scores` with the bottom blocks skipped. A
+    likelihood-gated model also needs the token ids (`seqs`) and where each answer starts (`starts`): its
+    LM head is the tied input embedding, frozen below the top blocks, so the cache stays valid for it."""
     m, trunk = _trunk(model)
+    gated = m.score.out_features > 1
+    if gated and (seqs is None or starts is None):
+        raise ValueError("a likelihood-gated reward model's cached scores need the token ids and answer starts")
     parts, order = [], []
     with blocks(model, slice(len(trunk.layers) - n_top, None), norm=True):
         for idx in _chunks([len(f) for f in feats], max_tokens):
@@ -84,8 +90,15 @@ def cached_scores(model, feats: list[torch.Tensor], n_top: int, device, max_toke
                 x[row, :len(feats[k])], attn[row, :len(feats[k])] = feats[k], 1
             x, attn = x.to(device), attn.to(device)
             hidden = trunk(inputs_embeds=x.to(m.score.weight.dtype), attention_mask=attn).last_hidden_state
-            values = m.score(hidden)[..., 0].float()
-            parts.append(values.gather(1, (attn.sum(1) - 1)[:, None]).squeeze(1))
+            out = m.score(hidden).float()
+            last = attn.sum(1) - 1
+            score = out[..., 0].gather(1, last[:, None]).squeeze(1)
+            if gated:
+                ids = torch.zeros(len(idx), T, dtype=torch.long, device=device)
+                for row, k in enumerate(idx):
+                    ids[row, :len(seqs[k])] = torch.tensor(seqs[k], device=device)
+                score = score + gated_likelihood(trunk, hidden, out[..., 1], ids, last, [starts[k] for k in idx])
+            parts.append(score)
             order += idx
     scores = torch.cat(parts)
     return scores[torch.argsort(torch.tensor(order, device=scores.device))]

@@ -64,7 +64,8 @@ class Config(Preferences):
 # over 2 (the earlier preset) gave 0.621, and PPO from it gained +0.033 dev gold instead of +0.016; the
 # likelihood gate then took the gold order from 0.66/0.62 (rounds 1/2) to 0.70/0.71 and round 2's dev gain
 # from +0.032 to +0.054 (seed 0) and +0.046 to +0.074 (seed 1) (docs/LOG.md). Off by default: a model with
-# untied embeddings cannot have it, and on a real model it is not measured yet.
+# untied embeddings cannot have it, and on SmolLM2 with HH-RLHF it did not help (0.640 against the plain
+# head's 0.655 held-out, the same top 4 blocks and data; docs/benchmarks.md).
 PRESETS = {"micro": dict(batch_size=8, epochs=2, warmup_steps=2, lr=1e-3),
            "tiny": dict(lr=3e-4, epochs=4, likelihood_gate=True),
            "small": dict(batch_size=32, lr=1e-5, max_len=1024)}

@@ -1,13 +1,16 @@
 """InstructGPT's headline in miniature: is the aligned small policy better than an SFT model ~4× its size?
 
-    python experiments/bigger.py --runs runs --seeds 0,1,2 [--size tiny4x]
+    python experiments/bigger.py --runs runs --seeds 0,1,2 [--size tiny4x] [--sft-lr 1e-3] [--split dev]
 
 For each finished main-job run RUNS/seed-N (experiments/seeds.py makes them), a model of `--size` is
 pretrained on the same corpus with the same tokenizer and the run's pretraining settings, fine-tuned on the
 same demonstrations with the run's SFT settings, and evaluated on the same test prompts, all in
-RUN/bigger-<size>/ (its own eval.json: the run's own is left as it is). The table: each seed's final policy (the last
+RUN/bigger-<size>/ (its own eval.json). The table: each seed's final policy (the last
 round's PPO) against that bigger SFT model, paired on the same test prompts, with the 95% interval, and the
-two models' parameter counts. Resumable: finished steps are skipped.
+two models' parameter counts, and the bigger SFT model against the small run's own SFT. `--sft-lr`: the
+bigger model's own SFT rate (RUN/bigger-<size>-sft-lr<LR>/, from the same pretrained model), chosen with
+`--split dev` (every figure on dev prompts; the runs' test results are left as they are): on seed 0 1e-3 of
+2.5e-4–2e-3 (docs/benchmarks.md). Resumable: finished steps are skipped.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from alignloop.stats import paired_gain  # noqa: E402
 
 def alignloop(*args) -> None:
     cmd = [sys.executable, "-m", "alignloop", *map(str, args)]
-    print("bigger:", " ".join(cmd[1:]), flush=True)
+    print(f"{Path(sys.argv[0]).stem}:", " ".join(cmd[1:]), flush=True)  # the experiment's name (bigger, round1)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 

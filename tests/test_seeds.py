@@ -7,12 +7,27 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from alignloop.stats import mean_sd
 from tests.conftest import ROOT, alignloop
 
 sys.path.insert(0, str(ROOT / "experiments"))
+from round1 import parse_settings  # noqa: E402
 from seeds import seeds_table  # noqa: E402
+
+
+def test_round1_settings_parsed_and_bad_ones_named(tmp_path):
+    assert parse_settings("base=;e4=--ppo-epochs 4;rm=--epochs 8 --early-stop 0.1 ->;both=--lr 1e-4 -> --iterations 3") == [
+        ("base", None, []), ("e4", None, ["--ppo-epochs", "4"]), ("rm", ["--epochs", "8", "--early-stop", "0.1"], []),
+        ("both", ["--lr", "1e-4"], ["--iterations", "3"])]
+    for bad in ("a b=", "=--lr 1", "x", "a=;a=--lr 1", "../up="):
+        with pytest.raises(ValueError, match="not NAME=FLAGS"):
+            parse_settings(bad)
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "round1.py"), "--runs", str(tmp_path), "--seeds", "0",
+                           "--settings", "base="], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and f"{tmp_path / 'seed-0' / 'world' / 'world.json'} is missing" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def _stage(gold: float, golds: dict[str, float]) -> dict:
@@ -95,3 +110,28 @@ def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
     assert cells[0] == "| 1" and cells[1] == "round-2/ppo"
     assert cells[2] == f"{own['stages_dev']['round-2/ppo']['gold_score']:.3f}"
     assert cells[5] == f"{big['stages_dev']['sft']['gold_score']:.3f}"
+    # round 1 again with other settings (experiments/round1.py), paired against the run's SFT on dev: with no
+    # flags it is the main job's round 1 to the last bit, with the run's reward model or with one trained again
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "round1.py"), "--runs", str(tmp_path),
+                           "--seeds", "1", "--preset", "micro", "--settings", "base=;again=->;short=--epochs 1 -> --iterations 1"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    def weights(folder, stage):
+        return load_file(folder / "round-1" / stage / "model.safetensors")
+
+    base, again, short = (tmp_path / f"seed-1-r1-{n}" for n in ("base", "again", "short"))
+    assert (base / "round-1" / "reward").is_symlink() and not (again / "round-1" / "reward").is_symlink()
+    for stage in ("reward", "ppo"):
+        main_job = weights(run, stage)
+        assert all(torch.equal(main_job[k], weights(again, stage)[k]) for k in main_job)
+        assert any(not torch.equal(main_job[k], weights(short, stage)[k]) for k in main_job)
+    assert all(torch.equal(v, weights(base, "ppo")[k]) for k, v in weights(run, "ppo").items())
+    lines = (tmp_path / "round1.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in lines[4:]] == ["| base ``", "| again ` -> `", "| short `--epochs 1 -> --iterations 1`"]
+    rm = json.loads((short / "round-1" / "reward" / "eval.json").read_text())
+    assert lines[6].split(" | ")[1] == f"{rm['gold_accuracy']:.3f}"
+    b = json.loads((base / "eval.json").read_text())["stages_dev"]["round-1/ppo"]
+    gain = b["gold_score"] - own["stages_dev"]["sft"]["gold_score"]  # paired on the same 400 prompts: the means' difference
+    assert abs(float(lines[4].split(" | ")[2].split(" [")[0]) - gain) <= 0.0005 + 1e-9

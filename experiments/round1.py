@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             for c in CATEGORIES:
                 per_cat[c].append(pol["categories"][c]["gold_score"] - sft["categories"][c]["gold_score"])
         cells = [f"{g:+.3f} [{g - h:+.3f}, {g + h:+.3f}]" for g, h, _ in gains]
-        shown = ("" if rm_flags is None else " ".join(rm_flags) + " -> ") + " ".join(flags)
+        shown = " ".join(flags if rm_flags is None else [*rm_flags, "->", *flags])
         rows.append(f"| {name} `{shown}` | {sum(rm_acc) / len(rm_acc):.3f} | " + " | ".join(cells)
                     + f" | {sum(g for g, _, _ in gains) / len(gains):+.3f} | "
                     + " | ".join(f"{sum(v) / len(v):+.3f}" for v in per_cat.values()) + " |")

@@ -129,7 +129,7 @@ def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
         assert any(not torch.equal(main_job[k], weights(short, stage)[k]) for k in main_job)
     assert all(torch.equal(v, weights(base, "ppo")[k]) for k, v in weights(run, "ppo").items())
     lines = (tmp_path / "round1.md").read_text().splitlines()
-    assert [line.split(" | ")[0] for line in lines[4:]] == ["| base ``", "| again ` -> `", "| short `--epochs 1 -> --iterations 1`"]
+    assert [line.split(" | ")[0] for line in lines[4:]] == ["| base ``", "| again `->`", "| short `--epochs 1 -> --iterations 1`"]
     rm = json.loads((short / "round-1" / "reward" / "eval.json").read_text())
     assert lines[6].split(" | ")[1] == f"{rm['gold_accuracy']:.3f}"
     b = json.loads((base / "eval.json").read_text())["stages_dev"]["round-1/ppo"]

@@ -133,5 +133,5 @@ def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
     rm = json.loads((short / "round-1" / "reward" / "eval.json").read_text())
     assert lines[6].split(" | ")[1] == f"{rm['gold_accuracy']:.3f}"
     b = json.loads((base / "eval.json").read_text())["stages_dev"]["round-1/ppo"]
-    gain = b["gold_score"] - own["stages_dev"]["sft"]["gold_score"]  # paired on the same 400 prompts: the means' difference
+    gain = b["gold_score"] - own["stages_dev"]["sft"]["gold_score"]  # paired on the same dev prompts: the means' difference
     assert abs(float(lines[4].split(" | ")[2].split(" [")[0]) - gain) <= 0.0005 + 1e-9

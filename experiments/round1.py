@@ -11,7 +11,8 @@ rankings first. So `base=` is the main job's round 1 again, to the last bit. Eac
 world/, tokenizer/, sft/ and round-1/ (experiments/seeds.py makes them); each setting trains in
 RUNS/seed-N-r1-NAME/ (those linked, the run itself untouched) and is evaluated there with the main job's
 evaluation seed on `--split` (dev: tune here, report test once). The table: the reward model's accuracy
-against the gold order on its held-out prompts, the policy's gold gain over SFT per seed with its 95%
+against the gold order on its held-out prompts and on the round-1 policy's own answers (the run's round-2
+rankings, prompts round 1 did not rank), the policy's gold gain over SFT per seed with its 95%
 interval, paired on the same prompts, and the gain per category (both: the mean over the seeds).
 Resumable: a setting with a finished evaluation is not trained again. Results: docs/LOG.md.
 """
@@ -84,6 +85,29 @@ def setting_run(run: Path, name: str, rm_flags: list[str] | None, flags: list[st
     return scored(out, "round-1/ppo", seed, preset, split), rm
 
 
+def on_policy_accuracy(run: Path, rm_dir: Path) -> float | None:
+    """The reward model's accuracy against the gold order on the round-1 policy's own answers: RUN's round-2
+    rankings (the main job's round-1 PPO sampled them), on the prompts round 1 did not rank; None where the
+    run has no round 2. The held-out figure of `alignloop reward` scores SFT's answers, which PPO leaves."""
+    from alignloop.model import load_scalar_model
+    from alignloop.tokenizer import ChatTokenizer
+    from alignloop.train.pairs import read_comparisons
+    from alignloop.train.reward import evaluate, gold_scores
+    path = run / "round-2" / "rankings.jsonl"
+    if not path.exists():
+        return None
+    seen = {g.prompt_id for g in read_comparisons(run / "round-1" / "rankings.jsonl")}
+    groups = [g for g in read_comparisons(path) if g.prompt_id not in seen]
+    tok = ChatTokenizer.load(rm_dir)
+    for g in groups:  # as the reward stage renders them
+        g.ids = [tok.render(g.prompt + [{"role": "assistant", "content": c}])[0] for c in g.completions]
+        g.start = len(tok.render_prompt(g.prompt))
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_scalar_model(rm_dir, trained=True).to(device)
+    return evaluate(model, groups, tok.pad_id, device, gold=gold_scores(groups, run)).get("gold_accuracy")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="round-1 settings side by side, paired against SFT")
     ap.add_argument("--runs", default="runs", help="folder of the main-job runs: RUNS/seed-N")
@@ -101,21 +125,23 @@ def main(argv: list[str] | None = None) -> None:
     for seed in seeds:
         if missing := check_run(Path(args.runs).resolve() / f"seed-{seed}", any(r is None for _, r, _ in settings)):
             ap.error(missing)
-    rows = ["| setting | RM gold order | " + " | ".join(f"seed {s}: gain [95%]" for s in seeds) + " | mean | "
-            + " | ".join(CATEGORIES) + " |", "| --- " * (len(seeds) + 3 + len(CATEGORIES)) + "|"]
+    rows = ["| setting | RM gold order | on the policy's answers | " + " | ".join(f"seed {s}: gain [95%]" for s in seeds) + " | mean | "
+            + " | ".join(CATEGORIES) + " |", "| --- " * (len(seeds) + 4 + len(CATEGORIES)) + "|"]
     for name, rm_flags, flags in settings:
-        gains, rm_acc, per_cat = [], [], {c: [] for c in CATEGORIES}
+        gains, rm_acc, on_pol, per_cat = [], [], [], {c: [] for c in CATEGORIES}
         for seed in seeds:
             run = Path(args.runs).resolve() / f"seed-{seed}"
             sft = scored(run, "sft", seed, args.preset, args.split)
             pol, rm = setting_run(run, name, rm_flags, flags, seed, args.preset, args.split)
             gains.append(paired_gain(pol, sft))
             rm_acc.append(rm.get("gold_accuracy") or float("nan"))
+            on_pol.append(on_policy_accuracy(run, run.parent / f"{run.name}-r1-{name}" / "round-1" / "reward") or float("nan"))
             for c in CATEGORIES:
                 per_cat[c].append(pol["categories"][c]["gold_score"] - sft["categories"][c]["gold_score"])
         cells = [f"{g:+.3f} [{g - h:+.3f}, {g + h:+.3f}]" for g, h, _ in gains]
         shown = " ".join(flags if rm_flags is None else [*rm_flags, "->", *flags])
-        rows.append(f"| {name} `{shown}` | {sum(rm_acc) / len(rm_acc):.3f} | " + " | ".join(cells)
+        rows.append(f"| {name} `{shown}` | {sum(rm_acc) / len(rm_acc):.3f} | {sum(on_pol) / len(on_pol):.3f} | "
+                    + " | ".join(cells)
                     + f" | {sum(g for g, _, _ in gains) / len(gains):+.3f} | "
                     + " | ".join(f"{sum(v) / len(v):+.3f}" for v in per_cat.values()) + " |")
     table = "\n".join(rows) + "\n"

@@ -132,6 +132,9 @@ def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
     assert [line.split(" | ")[0] for line in lines[4:]] == ["| base ``", "| again `->`", "| short `--epochs 1 -> --iterations 1`"]
     rm = json.loads((short / "round-1" / "reward" / "eval.json").read_text())
     assert lines[6].split(" | ")[1] == f"{rm['gold_accuracy']:.3f}"
+    # on the round-1 policy's own answers (the run's round-2 rankings): a figure, the same for the same reward model
+    on_policy = [float(line.split(" | ")[2]) for line in lines[4:]]
+    assert all(0 <= x <= 1 for x in on_policy) and on_policy[0] == on_policy[1]
     b = json.loads((base / "eval.json").read_text())["stages_dev"]["round-1/ppo"]
     gain = b["gold_score"] - own["stages_dev"]["sft"]["gold_score"]  # paired on the same dev prompts: the means' difference
-    assert abs(float(lines[4].split(" | ")[2].split(" [")[0]) - gain) <= 0.0005 + 1e-9
+    assert abs(float(lines[4].split(" | ")[3].split(" [")[0]) - gain) <= 0.0005 + 1e-9

@@ -14,7 +14,8 @@ evaluation seed on `--split` (dev: tune here, report test once). The table: the 
 against the gold order on its held-out prompts and on the round-1 policy's own answers (the run's round-2
 rankings, prompts round 1 did not rank), the policy's gold gain over SFT per seed with its 95%
 interval, paired on the same prompts, and the gain per category (both: the mean over the seeds).
-Resumable: a setting with a finished evaluation is not trained again. Results: docs/LOG.md.
+Resumable: a setting with a finished evaluation is not trained again, unless its NAME now has other flags.
+Results: docs/LOG.md.
 """
 from __future__ import annotations
 
@@ -65,9 +66,11 @@ def setting_run(run: Path, name: str, rm_flags: list[str] | None, flags: list[st
     """Round 1 with these flags from RUN's SFT model and round-1 rankings, in RUN-r1-NAME/: the policy's entry
     on `split` and the reward model's eval.json (RUN's own reward model where `rm_flags` is None)."""
     out = run.parent / f"{run.name}-r1-{name}"
-    path = out / "eval.json"
+    path, said = out / "eval.json", out / "setting.json"
+    setting = {"reward": rm_flags, "ppo": flags}
     if not ((out / "round-1" / "ppo" / "config.json").exists() and path.exists()
-            and "round-1/ppo" in json.loads(path.read_text()).get(key_of(split), {})):
+            and "round-1/ppo" in json.loads(path.read_text()).get(key_of(split), {})
+            and said.exists() and json.loads(said.read_text()) == setting):  # a NAME used again with other flags: anew
         shutil.rmtree(out, ignore_errors=True)
         (out / "round-1").mkdir(parents=True)
         for sub in ("world", "tokenizer", "sft"):
@@ -81,6 +84,7 @@ def setting_run(run: Path, name: str, rm_flags: list[str] | None, flags: list[st
                 (out / "round-1" / f.name).symlink_to(f.resolve())
             alignloop("reward", "--out", out, *settings, *rm_flags)
         alignloop("ppo", "--out", out, *settings, *flags)
+        said.write_text(json.dumps(setting))
     rm = json.loads((out / "round-1" / "reward" / "eval.json").read_text())
     return scored(out, "round-1/ppo", seed, preset, split), rm
 

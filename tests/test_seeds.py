@@ -138,3 +138,9 @@ def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
     b = json.loads((base / "eval.json").read_text())["stages_dev"]["round-1/ppo"]
     gain = b["gold_score"] - own["stages_dev"]["sft"]["gold_score"]  # paired on the same dev prompts: the means' difference
     assert abs(float(lines[4].split(" | ")[3].split(" [")[0]) - gain) <= 0.0005 + 1e-9
+    # a NAME given other flags is trained anew, not taken from the folder of its old flags
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "round1.py"), "--runs", str(tmp_path),
+                           "--seeds", "1", "--preset", "micro", "--settings", "base=--iterations 1"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert any(not torch.equal(v, weights(base, "ppo")[k]) for k, v in weights(run, "ppo").items())

@@ -31,7 +31,11 @@ from alignloop.stats import paired_gain  # noqa: E402
 def alignloop(*args) -> None:
     cmd = [sys.executable, "-m", "alignloop", *map(str, args)]
     print(f"{Path(sys.argv[0]).stem}:", " ".join(cmd[1:]), flush=True)  # the experiment's name (bigger, round1)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    if rc == 2:  # bad input: alignloop named the file, line or flag above; no traceback of ours under it
+        sys.exit(2)
+    if rc != 0:
+        sys.exit(f"{Path(sys.argv[0]).stem}: `alignloop {args[0]}` stopped with exit code {rc}; its output is above")
 
 
 def n_params(folder: Path) -> int:

@@ -112,6 +112,12 @@ def on_policy_accuracy(run: Path, rm_dir: Path) -> float | None:
     return evaluate(model, groups, tok.pad_id, device, gold=gold_scores(groups, run)).get("gold_accuracy")
 
 
+def mean_cell(values: list[float | None]) -> str:
+    """The mean over the seeds that have the figure; a dash where none has (a run without a round 2)."""
+    have = [v for v in values if v is not None]
+    return f"{sum(have) / len(have):.3f}" if have else "—"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="round-1 settings side by side, paired against SFT")
     ap.add_argument("--runs", default="runs", help="folder of the main-job runs: RUNS/seed-N")
@@ -138,13 +144,13 @@ def main(argv: list[str] | None = None) -> None:
             sft = scored(run, "sft", seed, args.preset, args.split)
             pol, rm = setting_run(run, name, rm_flags, flags, seed, args.preset, args.split)
             gains.append(paired_gain(pol, sft))
-            rm_acc.append(rm.get("gold_accuracy") or float("nan"))
-            on_pol.append(on_policy_accuracy(run, run.parent / f"{run.name}-r1-{name}" / "round-1" / "reward") or float("nan"))
+            rm_acc.append(rm.get("gold_accuracy"))
+            on_pol.append(on_policy_accuracy(run, run.parent / f"{run.name}-r1-{name}" / "round-1" / "reward"))
             for c in CATEGORIES:
                 per_cat[c].append(pol["categories"][c]["gold_score"] - sft["categories"][c]["gold_score"])
         cells = [f"{g:+.3f} [{g - h:+.3f}, {g + h:+.3f}]" for g, h, _ in gains]
         shown = " ".join(flags if rm_flags is None else [*rm_flags, "->", *flags])
-        rows.append(f"| {name} `{shown}` | {sum(rm_acc) / len(rm_acc):.3f} | {sum(on_pol) / len(on_pol):.3f} | "
+        rows.append(f"| {name} `{shown}` | {mean_cell(rm_acc)} | {mean_cell(on_pol)} | "
                     + " | ".join(cells)
                     + f" | {sum(g for g, _, _ in gains) / len(gains):+.3f} | "
                     + " | ".join(f"{sum(v) / len(v):+.3f}" for v in per_cat.values()) + " |")

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bigger import alignloop  # noqa: E402  (one way to run a stage: its exit code, not a traceback)
 
 from alignloop.stats import gains_over_sft, mean_sd  # noqa: E402
 from alignloop.report import stage_order  # noqa: E402
@@ -87,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     evals = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = runs / f"seed-{seed}"
-        cmd = [sys.executable, "-m", "alignloop", "run", "--preset", args.preset, "--seed", str(seed), "--out", str(out)]
-        print(f"seeds: {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd + (["--config", args.config] if args.config else []), check=True, cwd=ROOT)
+        alignloop("run", "--preset", args.preset, "--seed", seed, "--out", out, *(["--config", args.config] if args.config else []))
         evals[seed] = json.loads((out / "eval.json").read_text())
     table = seeds_table(evals)
     md = Path(args.md) if args.md else runs / f"seeds-{args.preset}.md"

@@ -112,35 +112,38 @@ def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
     assert cells[5] == f"{big['stages_dev']['sft']['gold_score']:.3f}"
     # round 1 again with other settings (experiments/round1.py), paired against the run's SFT on dev: with no
     # flags it is the main job's round 1 to the last bit, with the run's reward model or with one trained again
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "round1.py"), "--runs", str(tmp_path),
-                           "--seeds", "1", "--preset", "micro", "--settings", "base=;again=->;short=--epochs 1 -> --iterations 1"],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    def round1(settings):
+        proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "round1.py"), "--runs", str(tmp_path),
+                               "--seeds", "1", "--preset", "micro", "--settings", settings],
+                              capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return (tmp_path / "round1.md").read_text().splitlines()
+
     from safetensors.torch import load_file
 
     def weights(folder, stage):
         return load_file(folder / "round-1" / stage / "model.safetensors")
 
-    base, again, short = (tmp_path / f"seed-1-r1-{n}" for n in ("base", "again", "short"))
+    lines = round1("base=;again=->")
+    base, again = tmp_path / "seed-1-r1-base", tmp_path / "seed-1-r1-again"
     assert (base / "round-1" / "reward").is_symlink() and not (again / "round-1" / "reward").is_symlink()
     for stage in ("reward", "ppo"):
         main_job = weights(run, stage)
         assert all(torch.equal(main_job[k], weights(again, stage)[k]) for k in main_job)
-        assert any(not torch.equal(main_job[k], weights(short, stage)[k]) for k in main_job)
     assert all(torch.equal(v, weights(base, "ppo")[k]) for k, v in weights(run, "ppo").items())
-    lines = (tmp_path / "round1.md").read_text().splitlines()
-    assert [line.split(" | ")[0] for line in lines[4:]] == ["| base ``", "| again `->`", "| short `--epochs 1 -> --iterations 1`"]
-    rm = json.loads((short / "round-1" / "reward" / "eval.json").read_text())
-    assert lines[6].split(" | ")[1] == f"{rm['gold_accuracy']:.3f}"
+    assert [line.split(" | ")[0] for line in lines[4:]] == ["| base ``", "| again `->`"]
+    rm = json.loads((again / "round-1" / "reward" / "eval.json").read_text())
+    assert lines[5].split(" | ")[1] == f"{rm['gold_accuracy']:.3f}"
     # on the round-1 policy's own answers (the run's round-2 rankings): a figure, the same for the same reward model
     on_policy = [float(line.split(" | ")[2]) for line in lines[4:]]
     assert all(0 <= x <= 1 for x in on_policy) and on_policy[0] == on_policy[1]
     b = json.loads((base / "eval.json").read_text())["stages_dev"]["round-1/ppo"]
     gain = b["gold_score"] - own["stages_dev"]["sft"]["gold_score"]  # paired on the same dev prompts: the means' difference
     assert abs(float(lines[4].split(" | ")[3].split(" [")[0]) - gain) <= 0.0005 + 1e-9
-    # a NAME given other flags is trained anew, not taken from the folder of its old flags
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "round1.py"), "--runs", str(tmp_path),
-                           "--seeds", "1", "--preset", "micro", "--settings", "base=--iterations 1"],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert any(not torch.equal(v, weights(base, "ppo")[k]) for k, v in weights(run, "ppo").items())
+    # a NAME given other flags is trained anew, not taken from the folder of its old flags; the flags reach
+    # both stages (each one's weights change) and the table names them
+    lines = round1("again=--epochs 1 -> --iterations 1")
+    for stage in ("reward", "ppo"):
+        main_job = weights(run, stage)
+        assert any(not torch.equal(main_job[k], weights(again, stage)[k]) for k in main_job)
+    assert lines[4].split(" | ")[0] == "| again `--epochs 1 -> --iterations 1`"

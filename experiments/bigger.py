@@ -30,7 +30,7 @@ from alignloop.stats import paired_gain  # noqa: E402
 
 def alignloop(*args) -> None:
     cmd = [sys.executable, "-m", "alignloop", *map(str, args)]
-    print(f"{Path(sys.argv[0]).stem}:", " ".join(cmd[1:]), flush=True)  # the experiment's name (bigger, round1)
+    print(f"{Path(sys.argv[0]).stem}:", " ".join(cmd[1:]), flush=True)  # the experiment's own name (seeds, round1, …)
     rc = subprocess.run(cmd, cwd=ROOT).returncode
     if rc == 2:  # bad input: alignloop named the file, line or flag above; no traceback of ours under it
         sys.exit(2)

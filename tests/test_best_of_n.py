@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # a shared 2-core machine
 
 from alignloop import cli  # noqa: E402
 from alignloop.evaluate import bo_stage  # noqa: E402

@@ -5,14 +5,26 @@ The micro preset cannot carry it (its SFT model is right on no dev prompt: nothi
 a reduced tiny run (~4.5 minutes on 2 CPU cores): the tiny model and world, pretraining cut from 1,200 to
 200 steps, 400 prompts sampled for the labelers, the reward model's 4 epochs cut to 2, one round of 20 PPO
 iterations instead of 60 at twice the learning rate and a quarter of the KL coefficient (6e-5, β 0.05), so
-that a third of the iterations still move the policy far enough to show it. Fixed seeds and fp32 on the CPU make it
-deterministic; the margins sit at about half of what it measured, so that a change which stops feedback
-from paying fails here, and one that moves a few answers does not. Measured (2026-12-07, Intel Xeon, this
-configuration): all 400 dev prompts +0.066 [+0.045, +0.087] (SFT 0.520 → 0.586, KL 3.5 nats, distinct
-bigrams 0.356 → 0.363), harmful requests +0.115 [+0.061, +0.169]. The configuration before (400 pretraining
-steps, 40 iterations at the preset's rate and β: 6.8 minutes) had come down to +0.018 [−0.002, +0.038] on
-the same machine, too near its +0.015 bar; 30 iterations at lr 6e-5 and β 0.2 gave +0.036, 24 at β 0.05
-+0.062 (docs/LOG.md, 2026-12-07 evening).
+that a third of the iterations still move the policy far enough to show it.
+
+Fixed seeds and fp32 make the run repeat to the bit on one machine with one thread count, but the figure is
+one draw: a different rounding (another CPU, another number of threads) sends PPO's sampling elsewhere. So
+the bars sit under the lowest of four draws of this configuration (2026-12-07, Intel Xeon, dev; draws by
+PPO seed with experiments/round1.py on the test's run, docs/LOG.md "2026-12-07 (evening)"):
+
+| draw | all 400 dev prompts | harmful | categories that gain |
+| --- | --- | --- | --- |
+| 2 threads, PPO seed 0 (this test alone) | +0.066 [+0.045, +0.087] | +0.115 | 5 of 5 |
+| 2 threads, PPO seed 1 | +0.075 [+0.054, +0.096] | +0.173 | 5 of 5 |
+| 2 threads, PPO seed 2 | +0.103 [+0.079, +0.126] | +0.156 | 5 of 5 |
+| 1 thread, PPO seed 0 | +0.035 [+0.014, +0.056] | −0.045 | 4 of 5 |
+
+Harmful requests alone (80 prompts) swing too far for a bar of their own. The bars: the whole dev set
+(≥ +0.02, its interval above 0), a broad gain (≥ 3 of the 5 categories), and no collapse (distinct bigrams
+≥ 0.75× SFT's; SFT 0.356, the draws 0.299–0.408, i.e. 0.84–1.15×). 250 pretraining steps and 24 iterations
+gained +0.108 by a collapse (KL 9.5 nats, distinct bigrams 0.335 → 0.209, 0.62×): that fails here. The
+configuration before (400 pretraining steps, 40 iterations at the preset's lr 3e-5 and β 0.2; 6.8 minutes)
+had come down to +0.018 [−0.002, +0.038] against its +0.015 bar.
 """
 from __future__ import annotations
 
@@ -53,16 +65,11 @@ def test_one_round_of_feedback_beats_sft_on_dev_gold(tmp_path):
     sft, ppo = stages["sft"], stages["round-1/ppo"]
     gain, half, n = paired_gain(ppo, sft)
     assert n == 400
-    # every dev prompt: the policy after feedback is better than SFT's (measured +0.066)
-    assert gain >= 0.03 and gain - half > 0, f"feedback stopped paying: round-1 PPO {gain:+.3f} ± {half:.3f} dev gold over SFT"
-
-    # harmful requests, where the labelers' rankings teach a behaviour SFT's demonstrations rarely show
-    # (declining politely): the gain is large and must stay so (measured +0.115)
-    def harmful(stage: dict) -> dict:
-        return {**stage, "examples": [e for e in stage["examples"] if e["category"] == "harmful"]}
-    h_gain, h_half, h_n = paired_gain(harmful(ppo), harmful(sft))
-    assert h_n == 80
-    assert h_gain >= 0.05 and h_gain - h_half > 0, f"harmful requests: {h_gain:+.3f} ± {h_half:.3f}"
+    # every dev prompt: the policy after feedback is better than SFT's (the draws: +0.035 to +0.103)
+    assert gain >= 0.02 and gain - half > 0, f"feedback stopped paying: round-1 PPO {gain:+.3f} ± {half:.3f} dev gold over SFT"
+    # broadly, not by one category the reward model happens to favour (the draws: 4 or 5 of the 5)
+    per_category = {c: ppo["categories"][c]["gold_score"] - sft["categories"][c]["gold_score"] for c in sft["categories"]}
+    assert len(per_category) == 5 and sum(g > 0 for g in per_category.values()) >= 3, per_category
     assert ppo["kl_exact"] > 0  # the policy moved away from SFT, as PPO must to gain anything
-    # and the gain is not a collapse onto a few answers the judge likes (measured 0.363 against SFT's 0.356)
-    assert ppo["distinct_2"] >= 0.9 * sft["distinct_2"], (ppo["distinct_2"], sft["distinct_2"])
+    # and the gain is not a collapse onto a few answers the judge likes (the draws: 0.84× SFT's or more)
+    assert ppo["distinct_2"] >= 0.75 * sft["distinct_2"], (ppo["distinct_2"], sft["distinct_2"])

@@ -4,14 +4,11 @@ batching, its save/load round trip, PPO against it, and the refusal of a model w
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from alignloop import cli  # noqa: E402
 from alignloop.forward import last_scores, right_padded, sequence_scores  # noqa: E402

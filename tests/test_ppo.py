@@ -7,7 +7,6 @@ runs for real, in this process (monkeypatching the checkpoint writer to interrup
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,8 +14,6 @@ import pytest
 
 from tests.conftest import run_interrupted
 import torch
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # for any subprocess: a shared 2-core machine
 
 from alignloop import cli  # noqa: E402
 from alignloop.config import resolve  # noqa: E402

@@ -2,9 +2,6 @@
 escaped page; a run that stopped after pretraining renders with "not run yet"; bad run directories exit 2."""
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json  # noqa: E402
 import re  # noqa: E402

@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # for any subprocess: a shared 2-core machine
-
 from alignloop import cli  # noqa: E402
 from alignloop.config import resolve  # noqa: E402
 from alignloop.errors import InputError  # noqa: E402

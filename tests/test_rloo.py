@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # a shared 2-core machine
 
 from alignloop import cli  # noqa: E402
 from alignloop.config import resolve  # noqa: E402

@@ -147,3 +147,8 @@ def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
         main_job = weights(run, stage)
         assert any(not torch.equal(main_job[k], weights(again, stage)[k]) for k in main_job)
     assert lines[4].split(" | ")[0] == "| again `--epochs 1 -> --iterations 1`"
+    # a flag the stage refuses: the stage's one message and its exit code 2, no traceback of the experiment's
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "round1.py"), "--runs", str(tmp_path),
+                           "--seeds", "1", "--preset", "micro", "--settings", "bad=--probe-every 0"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and "probe" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -7,15 +7,12 @@ with --early-stop the saved model is the best epoch's, not the last's.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from alignloop.config import resolve  # noqa: E402
 from alignloop.forward import sequence_scores  # noqa: E402

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import alignloop
+from tests.conftest import alignloop, alignloop_here
 
 
 def _pretrain(run, data, *extra):
-    return alignloop("pretrain", "--preset", "micro", "--out", run, "--data", data, *extra, check=False)
+    return alignloop_here("pretrain", "--preset", "micro", "--out", run, "--data", data, *extra)
 
 
 @pytest.mark.parametrize("name,content,expect", [
@@ -32,7 +32,7 @@ def test_bad_corpus(micro_copy, tmp_path, name, content, expect):
 @pytest.mark.parametrize("flag,value,field", [("--lr", "-1", "lr"), ("--batch-size", "0", "batch_size"),
                                               ("--max-steps", "abc", "max_steps"), ("--size", "huge", "size")])
 def test_flag_out_of_range(micro_copy, flag, value, field):
-    proc = alignloop("pretrain", "--preset", "micro", "--out", micro_copy, flag, value, check=False)
+    proc = alignloop_here("pretrain", "--preset", "micro", "--out", micro_copy, flag, value)
     assert proc.returncode == 2 and f"field '{field}'" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -61,8 +61,9 @@ def _jsonl(path, records):
 PAIRS = [{"prompt": f"What is {i} plus 5?", "chosen": f"It is {i + 5}.", "rejected": f"It is {i + 6}."} for i in range(8)]
 
 
-def _reward(run, *extra):
-    return alignloop("reward", "--preset", "micro", "--out", run, "--init", run / "pretrain", *extra, check=False)
+def _reward(run, *extra, here=True):
+    args = ("reward", "--preset", "micro", "--out", run, "--init", run / "pretrain", *extra)
+    return alignloop_here(*args) if here else alignloop(*args, check=False)
 
 
 def test_reward_demonstrations_are_checked_before_training(micro_copy, tmp_path):
@@ -70,7 +71,7 @@ def test_reward_demonstrations_are_checked_before_training(micro_copy, tmp_path)
     demos = _jsonl(tmp_path / "demos.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                             {"role": "assistant", "content": "hello"}]},
                                               {"completion": "an answer without its prompt"}])
-    proc = _reward(micro_copy, "--data", pairs, "--demonstrations", demos)
+    proc = _reward(micro_copy, "--data", pairs, "--demonstrations", demos, here=False)  # a real process
     assert proc.returncode == 2 and "demos.jsonl:2 field 'prompt'" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (micro_copy / "round-1").exists()
     proc = _reward(micro_copy, "--data", pairs, "--demonstrations", tmp_path / "nope.jsonl")
@@ -124,7 +125,7 @@ def _files(folder):
     (["pretrain", "--max-steps", "1e999"], ("field 'max_steps'", "'1e999'")),       # an int: no OverflowError
 ])
 def test_non_finite_config_numbers(tmp_path, args, says):
-    proc = alignloop(args[0], "--preset", "micro", "--out", tmp_path / "run", *args[1:], check=False)
+    proc = alignloop_here(args[0], "--preset", "micro", "--out", tmp_path / "run", *args[1:])
     _one_line(proc, *says)
     assert not (tmp_path / "run").exists()
 
@@ -148,7 +149,7 @@ def test_non_finite_number_in_toml(tmp_path):
 ])
 def test_server_and_chat_flags(micro_copy, command, flag, value, allowed):
     before = _files(micro_copy)
-    proc = alignloop(command, micro_copy, flag, value, check=False, timeout=120)
+    proc = alignloop_here(command, micro_copy, flag, value)
     line = _one_line(proc, f"field '{flag}'", f"allowed: {allowed}")
     assert value in line or str(float(value)) in line
     assert _files(micro_copy) == before, "nothing written (no database)"
@@ -165,7 +166,7 @@ def test_db_url_that_is_not_one(micro_copy, tmp_path, argv, url, says):
     pw = tmp_path / "pw"
     pw.write_text("a long enough password\n")
     before = _files(micro_copy)
-    proc = alignloop(*[a.format(run=micro_copy, pw=pw) for a in argv], "--db", url, check=False, timeout=120)
+    proc = alignloop_here(*[a.format(run=micro_copy, pw=pw) for a in argv], "--db", url)
     line = _one_line(proc, "field '--db'", says, "expected sqlite:///PATH or postgresql://")
     assert "hunter2" not in line
     assert _files(micro_copy) == before
@@ -185,7 +186,7 @@ def test_db_that_cannot_be_reached(micro_copy, argv):
                                       ("afile/run", "afile is a file, not a folder")])
 def test_out_is_a_file(tmp_path, out, says):
     (tmp_path / "afile").write_text("keep me\n")
-    proc = alignloop("world", "--preset", "micro", "--out", tmp_path / out, check=False)
+    proc = alignloop_here("world", "--preset", "micro", "--out", tmp_path / out)
     _one_line(proc, says)
     assert _files(tmp_path) == ["afile"] and (tmp_path / "afile").read_text() == "keep me\n"
 

@@ -153,7 +153,10 @@ def sft_one(micro_run, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+# FSDP2 only: SFT and the reward model under DDP are stages of the micro recipe that tests/test_distributed_run.py
+# runs with two processes (DDP) and compares with one (SFT's answers, the first reward model's figures); here
+# the two-process run of each stage against one process is measured where sharding the weights can go wrong.
+@pytest.mark.parametrize("fsdp", [True], ids=["fsdp"])
 def test_sft_two_processes_equal_one(sft_one, micro_run, tmp_path, fsdp):
     run = fresh(micro_run, tmp_path / "run", drop=())
     torchrun("sft", *SFT, *(["--fsdp"] if fsdp else []), "--out", run)
@@ -192,7 +195,7 @@ def reward_lora_one(ranked, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("fsdp,lora", [(False, False), (True, False), (True, True)], ids=["ddp", "fsdp", "fsdp-lora"])
+@pytest.mark.parametrize("fsdp,lora", [(True, False), (True, True)], ids=["fsdp", "fsdp-lora"])  # DDP: see SFT's
 def test_reward_two_processes_equal_one(ranked, tmp_path, request, fsdp, lora):
     one = request.getfixturevalue("reward_lora_one" if lora else "reward_one")
     run = tmp_path / "run"

@@ -40,12 +40,16 @@ def one(*args):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The whole micro recipe (2 rounds) with one process and with two."""
-    base = tmp_path_factory.mktemp("recipe")
-    one("run", "--preset", "micro", "--out", base / "one")
-    proc = torchrun("run", "--preset", "micro", "--out", base / "two")
-    return base / "one", base / "two", proc
+def runs(micro_recipe, gpu_check_dry_run):
+    """The whole micro recipe (2 rounds) with one process and with two, and the two processes' output. Both
+    are session fixtures (conftest.py) that other modules read too: one process is `alignloop run --preset
+    micro` with one thread; two are the micro-recipe check of `scripts/gpu-check.sh --dry-run`, which is
+    `torchrun --standalone --nproc_per_node 2 -m alignloop run --preset micro --device cpu` with one thread
+    a process (the command this module ran itself before)."""
+    one_run, _ = micro_recipe
+    out, proc = gpu_check_dry_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return one_run, out / "micro-recipe", (out / "logs" / "micro-recipe.log").read_text()
 
 
 def lines(path, run):
@@ -58,12 +62,12 @@ def evals(run):
 
 
 def test_micro_recipe_two_processes(runs, tmp_path):
-    a, b, proc = runs
+    a, b, output = runs
     ea, eb = evals(a), evals(b)
     assert set(eb["stages"]) == set(ea["stages"]) == {"base", "sft", "round-1/ppo", "round-2/ppo"}
     assert (b / "report.html").exists() and (b / "round-2" / "ppo" / "model.safetensors").exists()
-    assert proc.stdout.count("fact recall of the base model") == 1  # rank 0's steps print once
-    assert "2 processes (DDP)" in proc.stdout
+    assert output.count("fact recall of the base model") == 1  # rank 0's steps print once
+    assert "2 processes (DDP)" in output
     # the same up to round 1's rankings
     assert eb["fact_recall"] == ea["fact_recall"]
     # The base and SFT models agree to the summation order of two ranks' gradients, so their sampled test

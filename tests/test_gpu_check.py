@@ -68,10 +68,10 @@ def test_summary_figures_and_a_loss_that_drifts_fails(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_dry_run_on_the_cpu(tmp_path):
-    """Every check the CPU can run: one process, DDP and FSDP2 with 2 processes (gloo), the micro recipe."""
-    out = tmp_path / "gc"
-    proc = gpu_check("--dry-run", "--max-steps", "3", "--out", out, timeout=300)
+def test_dry_run_on_the_cpu(gpu_check_dry_run):
+    """Every check the CPU can run: one process, DDP and FSDP2 with 2 processes (gloo), the micro recipe
+    (conftest.py runs the script once a session: tests/test_distributed_run.py reads its micro recipe too)."""
+    out, proc = gpu_check_dry_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = {c["name"]: c for c in json.loads((out / "results.json").read_text())["checks"]}
     for name in ("bf16", "ddp", "fsdp", "micro-recipe"):

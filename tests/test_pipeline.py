@@ -14,10 +14,9 @@ M_KEYS = {"gold_score", "helpful", "truthful", "harmless", "ci95", "rm_score", "
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("pipeline") / "run"
-    proc = alignloop("run", "--preset", "micro", "--out", run)
-    return run, proc
+def full_run(micro_recipe):
+    """`alignloop run --preset micro` (conftest.py's, made once a session; tests copy it before writing)."""
+    return micro_recipe
 
 
 def test_micro_recipe_end_to_end(full_run):

@@ -9,7 +9,6 @@ import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
-from alignloop.cli import run_stage  # noqa: E402
 from alignloop.report import gao_section, overopt_sentence, write_report  # noqa: E402
 from tests.conftest import alignloop  # noqa: E402
 
@@ -17,18 +16,11 @@ IMG = re.compile(r'<img alt="[^"]*" src="data:image/png;base64,[A-Za-z0-9+/=]{20
 
 
 @pytest.fixture(scope="module")
-def full_run(micro_run, tmp_path_factory):
-    """micro: SFT → eval base/sft → sample → rank → reward → PPO round 1 → PPO round 2 (on round 1's
-    reward model) → eval of both PPO policies. Stages run in-process through the CLI's own dispatcher
-    (`run_stage`, as the micro_run fixture does) to keep the module well under two minutes."""
+def full_run(micro_recipe, tmp_path_factory):
+    """A copy of conftest.py's micro main job (SFT, two rounds of sample → rank → reward → PPO, every
+    evaluation, the headroom table), so that rendering its report again writes into a folder of this module's."""
     run = tmp_path_factory.mktemp("report") / "run"
-    shutil.copytree(micro_run, run)
-    steps = [["sft"], ["eval", "--stage", "base"], ["eval", "--stage", "sft"], ["sample"], ["rank"], ["reward"],
-             ["ppo"], ["ppo", "--round", "2", "--reward-model", str(run / "round-1" / "reward")],
-             ["eval", "--stage", "round-1/ppo", "--model", str(run / "round-1" / "ppo")],
-             ["eval", "--stage", "round-2/ppo", "--model", str(run / "round-2" / "ppo")]]
-    for cmd, *args in steps:
-        run_stage(cmd, [*args, "--preset", "micro", "--out", str(run)])
+    shutil.copytree(micro_recipe[0], run)
     return run
 
 

@@ -1,8 +1,10 @@
-"""Seeds and reproducibility: experiments/seeds.py's table by hand; on `micro`, two seeds run end to end
-into one table, and the same seed run twice on this machine gives identical eval.json figures."""
+"""Seeds and reproducibility: experiments/seeds.py's table by hand (two seeds); on `micro`, a seed run end to
+end into the table gives the figures of conftest.py's run of the same seed to the last bit (the same seed
+run twice on this machine), then experiments/bigger.py and experiments/round1.py on that run."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from alignloop.stats import mean_sd
-from tests.conftest import ROOT, alignloop
+from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "experiments"))
 from round1 import parse_settings  # noqa: E402
@@ -74,32 +76,33 @@ def figures(ev: dict) -> dict:
                              for r, m in ev["reward_model"].items()}}
 
 
+def experiment(script, *args, timeout=900):
+    """experiments/SCRIPT ARGS in a subprocess with one thread a process, as conftest.py's micro recipe was
+    made: a run it repeats must give the same bits."""
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 @pytest.mark.slow
-def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "seeds.py"), "--preset", "micro", "--seeds", "1,2",
-                           "--runs", str(tmp_path), "--md", str(tmp_path / "seeds.md")],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+def test_a_seed_into_a_table_run_twice_is_identical_then_bigger_and_round1(micro_recipe, tmp_path):
+    proc = experiment("seeds.py", "--preset", "micro", "--seeds", "0", "--runs", tmp_path, "--md", tmp_path / "seeds.md")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (tmp_path / "seeds.md").read_text()
     assert table.split("\n\n", 1)[1] in proc.stdout
     gains, behaviours = table.split("\n\n")[1:3]  # after the command line: the gains, then the behaviours
     rows = [line for line in gains.splitlines() if line.startswith("| ")]
-    assert [r.split(" | ")[0] for r in rows[2:]] == ["| 1", "| 2", "| mean ± sd (2 seeds)", "| seeds with the interval above 0"]
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| 0", "| mean ± sd (1 seeds)", "| seeds with the interval above 0"]
     assert [r.split(" | ")[0] for r in behaviours.splitlines()[2:]] == ["| base", "| sft", "| round-1/ppo", "| round-2/ppo"]
     assert "round-2/ppo gain over sft [95%]" in rows[0]
-    one, two = (json.loads((tmp_path / f"seed-{s}" / "eval.json").read_text()) for s in (1, 2))
-    assert figures(one) != figures(two)  # another seed, another draw (the world's included)
-    # the same seed again, on this machine: the same figures, to the last bit
-    alignloop("run", "--preset", "micro", "--seed", "1", "--out", tmp_path / "again", timeout=900)
-    again = json.loads((tmp_path / "again" / "eval.json").read_text())
-    assert figures(again) == figures(one)
+    # the same seed again, on this machine (conftest.py's run, another process): the same figures, to the last bit
+    run = tmp_path / "seed-0"
+    one = json.loads((run / "eval.json").read_text())
+    assert figures(one) == figures(json.loads((micro_recipe[0] / "eval.json").read_text()))
     # InstructGPT's headline in miniature (experiments/bigger.py), on dev with the bigger model's own SFT rate:
     # its SFT fine-tuned from its pretrained model in a folder of its own, every row's figures on dev
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bigger.py"), "--runs", str(tmp_path), "--seeds", "1",
-                           "--size", "tiny", "--preset", "micro", "--sft-lr", "2e-3", "--split", "dev"],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = experiment("bigger.py", "--runs", tmp_path, "--seeds", "0", "--size", "tiny", "--preset", "micro",
+                      "--sft-lr", "2e-3", "--split", "dev")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run = tmp_path / "seed-1"
     big = json.loads((run / "bigger-tiny-sft-lr0.002" / "eval.json").read_text())
     own = json.loads((run / "eval.json").read_text())
     assert set(big["stages_dev"]) == {"sft"} and not big.get("stages")  # scored on dev only
@@ -107,15 +110,13 @@ def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
     assert (run / "bigger-tiny" / "pretrain" / "config.json").exists() and not (run / "bigger-tiny" / "sft").exists()
     row = (tmp_path / "bigger-tiny.md").read_text().splitlines()[-1]
     cells = row.split(" | ")
-    assert cells[0] == "| 1" and cells[1] == "round-2/ppo"
+    assert cells[0] == "| 0" and cells[1] == "round-2/ppo"
     assert cells[2] == f"{own['stages_dev']['round-2/ppo']['gold_score']:.3f}"
     assert cells[5] == f"{big['stages_dev']['sft']['gold_score']:.3f}"
     # round 1 again with other settings (experiments/round1.py), paired against the run's SFT on dev: with no
     # flags it is the main job's round 1 to the last bit, with the run's reward model or with one trained again
     def round1(settings):
-        proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "round1.py"), "--runs", str(tmp_path),
-                               "--seeds", "1", "--preset", "micro", "--settings", settings],
-                              capture_output=True, text=True, timeout=900, cwd=ROOT)
+        proc = experiment("round1.py", "--runs", tmp_path, "--seeds", "0", "--preset", "micro", "--settings", settings)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return (tmp_path / "round1.md").read_text().splitlines()
 
@@ -125,7 +126,7 @@ def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
         return load_file(folder / "round-1" / stage / "model.safetensors")
 
     lines = round1("base=;again=->")
-    base, again = tmp_path / "seed-1-r1-base", tmp_path / "seed-1-r1-again"
+    base, again = tmp_path / "seed-0-r1-base", tmp_path / "seed-0-r1-again"
     assert (base / "round-1" / "reward").is_symlink() and not (again / "round-1" / "reward").is_symlink()
     for stage in ("reward", "ppo"):
         main_job = weights(run, stage)
@@ -148,7 +149,6 @@ def test_two_seeds_into_one_table_and_a_seed_run_twice_is_identical(tmp_path):
         assert any(not torch.equal(main_job[k], weights(again, stage)[k]) for k in main_job)
     assert lines[4].split(" | ")[0] == "| again `--epochs 1 -> --iterations 1`"
     # a flag the stage refuses: the stage's one message and its exit code 2, no traceback of the experiment's
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "round1.py"), "--runs", str(tmp_path),
-                           "--seeds", "1", "--preset", "micro", "--settings", "bad=--probe-every 0"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = experiment("round1.py", "--runs", tmp_path, "--seeds", "0", "--preset", "micro", "--settings",
+                      "bad=--probe-every 0", timeout=300)
     assert proc.returncode == 2 and "probe" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -31,10 +31,20 @@ def free_port() -> int:
     (["{run}", "--device", "gpu0"], "field 'device': unknown device 'gpu0'"),
     ([], "nothing to serve"),
 ])
-def test_bad_arguments_exit_2(micro_run, args, says):
+def test_bad_arguments_exit_2(micro_run, args, says, capsys):
+    """In this process (the command line's own entry point): one test below goes through a real process."""
+    from alignloop import cli
     args = [a.format(run=micro_run, world=micro_run / "world") for a in args]
-    proc = alignloop("serve", *args, check=False, timeout=120)
-    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["serve", *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and says in err, err
+
+
+def test_bad_arguments_exit_2_in_a_real_process(micro_run):
+    proc = alignloop("serve", micro_run, "--device", "gpu0", check=False, timeout=120)
+    assert proc.returncode == 2 and "field 'device': unknown device 'gpu0'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_serve_a_run_directory(micro_copy):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from alignloop.model import load_causal_lm
 from alignloop.tokenizer import ChatTokenizer
 from alignloop.train import sft as S
-from tests.conftest import alignloop, need_shared
+from tests.conftest import alignloop, alignloop_here, need_shared
 
 CONVS = [
     [{"role": "user", "content": "What is the capital of Valdoria?"}, {"role": "assistant", "content": "It is Mirenth."}],
@@ -84,7 +84,7 @@ def test_bad_demonstrations_exit_2_naming_line_and_field(micro_copy, record, fie
     bad = micro_copy / "bad.jsonl"
     good = json.dumps({"prompt": "hi", "completion": "hello"})
     bad.write_text(good + "\n" + json.dumps(record) + "\n")
-    proc = alignloop("sft", "--preset", "micro", "--out", micro_copy, "--data", bad, check=False)
+    proc = alignloop_here("sft", "--preset", "micro", "--out", micro_copy, "--data", bad)
     assert proc.returncode == 2
     assert "bad.jsonl:2" in proc.stderr and field in proc.stderr
     assert not (micro_copy / "sft").exists()

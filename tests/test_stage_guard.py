@@ -73,7 +73,7 @@ def test_another_configuration_is_refused_and_force_moves_aside(finished, tmp_pa
 
 def test_ctrl_c_then_the_same_command_resumes(micro_copy):
     cmd = [sys.executable, "-m", "alignloop", "sft", "--preset", "micro", "--out", str(micro_copy),
-           "--epochs", "40", "--patience", "0", "--checkpoint-every", "2"]
+           "--epochs", "16", "--patience", "0", "--checkpoint-every", "2"]
     env = {**os.environ, "ALIGNLOOP_QUIET": "1"}
     # Ctrl-C as at a terminal, also when the tests themselves run in the background (`cmd &` starts them
     # with SIGINT ignored, which Python and every child would inherit and keep: the run would not stop)

@@ -3,8 +3,8 @@
 # when it is absent, each with its reason in the summary (-rs), and fail under CI=true. Extra arguments
 # go to pytest (test files to run only those).
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
-# Two workers (pytest-xdist, --dist loadgroup): a module runs whole on one worker, and tests/conftest.py puts
-# the modules that share session fixtures on the same one. Much of the suite waits with a core idle (an
-# interpreter and torch starting, a server, a browser, one-thread runs); ALIGNLOOP_TEST_WORKERS=0 runs it all
-# in this one process.
-exec "$PY" -m pytest -q -rs -n "${ALIGNLOOP_TEST_WORKERS:-2}" --dist loadgroup "$@"
+# Two workers (pytest-xdist, --dist loadfile): a module runs whole on one worker, so its module fixtures are
+# made once; the session fixtures several modules read are made once for both (tests/conftest.py,
+# once_per_session). Much of the suite waits with a core idle (an interpreter and torch starting, a server, a
+# browser, one-thread runs); ALIGNLOOP_TEST_WORKERS=0 runs it all in this one process.
+exec "$PY" -m pytest -q -rs -n "${ALIGNLOOP_TEST_WORKERS:-2}" --dist loadfile "$@"

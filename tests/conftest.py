@@ -25,22 +25,6 @@ def alignloop(*args, cwd=None, check=True, timeout=600):
     return proc
 
 
-# scripts/test.sh runs the suite on two pytest-xdist workers (--dist loadgroup): a module runs whole on one
-# worker, so its module fixtures are made once; these modules share one worker because they read the same
-# session fixtures (micro_recipe, gpu_check_dry_run: made once per worker, ~2 minutes) or the same converted
-# SmolLM2 files (made on first use: two workers must not write them at the same time).
-SHARED_WORKER = {"test_pipeline": "micro-recipe", "test_report": "micro-recipe", "test_distributed_run": "micro-recipe",
-                 "test_seeds": "micro-recipe", "test_gpu_check": "micro-recipe",
-                 "test_smollm2": "smollm2", "test_smollm2_lora_ppo": "smollm2", "test_chat_contract": "smollm2"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the marks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else item.nodeid
-        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(module, module)))
-
-
 def alignloop_here(*args) -> subprocess.CompletedProcess:
     """`alignloop ARGS` through the command line's own entry point (cli.main) in this process, its exit code
     and output as a CompletedProcess: for the many checks of what a command refuses and says, without an
@@ -79,17 +63,40 @@ def micro_run(tmp_path_factory) -> Path:
     return run
 
 
+def once_per_session(tmp_path_factory, name: str, command: list[str], env: dict) -> tuple[Path, subprocess.CompletedProcess]:
+    """Run `command` (its output folder `{out}` in it) once for the whole test session, also when
+    scripts/test.sh spreads the suite over pytest-xdist workers (--dist loadfile: each module whole on one):
+    the first worker to need it runs it into a folder every worker sees (beside the workers' own temporary
+    folders) under a file lock, the others wait for it and read the same folder and output. Tests copy the
+    folder before writing into it."""
+    import fcntl
+    import json
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out, record = root / name / "out", root / name / "process.json"
+    (root / name).mkdir(exist_ok=True)
+    with open(root / name / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            proc = subprocess.run([a.format(out=out) for a in command], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=900, env=env)
+            record.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout,
+                                          "stderr": proc.stderr}))
+    done = json.loads(record.read_text())
+    return out, subprocess.CompletedProcess(done["args"], done["returncode"], done["stdout"], done["stderr"])
+
+
 @pytest.fixture(scope="session")
 def micro_recipe(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The main job on micro (`alignloop run --preset micro`: every stage, two rounds, seed 0) as one process
-    with one thread, the run directory and the finished process. One thread because tests/test_distributed_run.py
+    with one thread: the run directory and the finished process. One thread because tests/test_distributed_run.py
     compares it with two processes of one thread each; made once per session because five modules read it
-    (each test copies it before writing into it): the run and its report, resuming, two processes against
-    one, a seed run twice. Eight micro runs were 5 minutes of CI."""
-    run = tmp_path_factory.mktemp("recipe") / "run"
-    proc = subprocess.run([sys.executable, "-m", "alignloop", "run", "--preset", "micro", "--out", str(run)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "ALIGNLOOP_QUIET": "1", "OMP_NUM_THREADS": "1"})
+    (the pipeline and its report, resuming, two processes against one, a seed run twice), where each made its
+    own before."""
+    run, proc = once_per_session(tmp_path_factory, "micro-recipe",
+                                 [sys.executable, "-m", "alignloop", "run", "--preset", "micro", "--out", "{out}"],
+                                 {**os.environ, "ALIGNLOOP_QUIET": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, f"alignloop run --preset micro failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return run, proc
 
@@ -97,14 +104,12 @@ def micro_recipe(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 @pytest.fixture(scope="session")
 def gpu_check_dry_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """`scripts/gpu-check.sh --dry-run --max-steps 3` on the CPU (one process, DDP and FSDP2 with two gloo
-    processes, then the micro recipe under torchrun): its output folder and the finished process. Session-wide
-    because its micro-recipe check is the very two-process run tests/test_distributed_run.py compares with one
-    process (OUT/micro-recipe, its output in OUT/logs/micro-recipe.log): the same run made twice cost a minute."""
-    out = tmp_path_factory.mktemp("gpu-check") / "gc"
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--dry-run", "--max-steps", "3", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
-    return out, proc
+    processes, then the micro recipe under torchrun): its output folder and the finished process. Made once
+    per session because its micro-recipe check is the very two-process run tests/test_distributed_run.py
+    compares with one process (OUT/micro-recipe, its output in OUT/logs/micro-recipe.log)."""
+    return once_per_session(tmp_path_factory, "gpu-check",
+                            ["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--dry-run", "--max-steps", "3", "--out", "{out}"],
+                            {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture

@@ -25,19 +25,6 @@ def alignloop(*args, cwd=None, check=True, timeout=600):
     return proc
 
 
-# The modules that take longest, started first. On scripts/test.sh's two workers the suite ends when its last
-# module does; in collection (alphabetical) order the two longest began last and ran side by side with the
-# other worker idle for minutes (docs/LOG.md, 2026-12-07 night). Within a module the order is unchanged.
-LONGEST_FIRST = ("test_seeds", "test_feedback_pays", "test_smollm2_lora_ppo", "test_gpu_check", "test_distributed",
-                 "test_distributed_run", "test_stage_guard", "test_label_keyboard", "test_pipeline", "test_ppo")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(getattr(item, "module", None) and item.module.__name__.rsplit(".", 1)[-1],
-                                         len(rank)))
-
-
 def alignloop_here(*args) -> subprocess.CompletedProcess:
     """`alignloop ARGS` through the command line's own entry point (cli.main) in this process, its exit code
     and output as a CompletedProcess: for the many checks of what a command refuses and says, without an

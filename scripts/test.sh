@@ -7,4 +7,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 # made once; the session fixtures several modules read are made once for both (tests/conftest.py,
 # once_per_session). Much of the suite waits with a core idle (an interpreter and torch starting, a server, a
 # browser, one-thread runs); ALIGNLOOP_TEST_WORKERS=0 runs it all in this one process.
-exec "$PY" -m pytest -q -rs -n "${ALIGNLOOP_TEST_WORKERS:-2}" --dist loadfile "$@"
+exec "$PY" -m pytest -q -rs -n "${ALIGNLOOP_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

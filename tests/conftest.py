@@ -25,6 +25,23 @@ def alignloop(*args, cwd=None, check=True, timeout=600):
     return proc
 
 
+# The modules that take longest, started first (longest-processing-time first): on scripts/test.sh's two
+# workers the suite ends when its last module does, and in collection (alphabetical) order the two longest
+# began last and ran side by side with the other worker idle for minutes. pytest-xdist keeps this order
+# under `--no-loadscope-reorder` (its default sorts modules by their number of tests). A worker whose
+# module has two tests or fewer left is sent the next module at once, so the two longest (one test each)
+# come first, one to each worker, and are followed by the next longest. Figures: docs/LOG.md (2026-12-08).
+LONGEST_FIRST = ("test_seeds", "test_feedback_pays", "test_distributed", "test_smollm2_lora_ppo", "test_gpu_check",
+                 "test_stage_guard", "test_label_keyboard", "test_ppo", "test_chat_contract", "test_pipeline",
+                 "test_distributed_run", "test_dpo", "test_serve_cli", "test_chat", "test_report", "test_smollm2")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py"),
+                                         len(rank)))  # a stable sort: within a module, and after the list, as collected
+
+
 def alignloop_here(*args) -> subprocess.CompletedProcess:
     """`alignloop ARGS` through the command line's own entry point (cli.main) in this process, its exit code
     and output as a CompletedProcess: for the many checks of what a command refuses and says, without an

@@ -10,6 +10,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 # OpenMP threads that wait for work sleep instead of spinning (the results are the same to the bit). With two
 # workers, and tests that start subprocesses of two threads each, the machine's two cores hold more threads
 # than cores; spinning ones then burn the cores others need: two micro recipes side by side took 215 s with
-# the default policy and 48 s with PASSIVE, one alone 33-38 s either way (docs/LOG.md, 2026-12-08).
+# the default policy and 48 s with PASSIVE. (One alone is ~1.2x slower passive, which is why the product
+# keeps the default: docs/LOG.md, 2026-12-08.)
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec "$PY" -m pytest -q -rs -n "${ALIGNLOOP_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

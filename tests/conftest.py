@@ -28,9 +28,10 @@ def alignloop(*args, cwd=None, check=True, timeout=600):
 # The modules that take longest, started first (longest-processing-time first): on scripts/test.sh's two
 # workers the suite ends when its last module does, and in collection (alphabetical) order the two longest
 # began last and ran side by side with the other worker idle for minutes. pytest-xdist keeps this order
-# under `--no-loadscope-reorder` (its default sorts modules by their number of tests). A worker whose
-# module has two tests or fewer left is sent the next module at once, so the two longest (one test each)
-# come first, one to each worker, and are followed by the next longest. Figures: docs/LOG.md (2026-12-08).
+# under `--no-loadscope-reorder` (its default sorts modules by their number of tests). The first module
+# goes to one worker and the second to the other; a worker whose module has two tests or fewer left is sent
+# the next module at once, so the two longest must be the first two, or both would end up on one worker.
+# Figures: docs/LOG.md (2026-12-08).
 LONGEST_FIRST = ("test_seeds", "test_feedback_pays", "test_distributed", "test_smollm2_lora_ppo", "test_gpu_check",
                  "test_stage_guard", "test_label_keyboard", "test_ppo", "test_chat_contract", "test_pipeline",
                  "test_distributed_run", "test_dpo", "test_serve_cli", "test_chat", "test_report", "test_smollm2")
